@@ -1,0 +1,174 @@
+"""Model checkpoints: an Orbax parameter tree plus everything needed to use it alone.
+
+  CKPT/params/             Orbax (StandardCheckpointer) tree, layer indices as string keys
+  CKPT/llava_config.json   our LlavaConfig, exactly
+  CKPT/assets/             tokenizer and image-processor files (and generation_config.json), as HF wrote them
+
+Writes go to a temporary sibling directory renamed into place at the end, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llava_jax.config import LlavaConfig
+from llava_jax.models.llava import Llava
+
+CONFIG_NAME = "llava_config.json"
+PARAMS_DIR = "params"
+ASSETS_DIR = "assets"
+ASSET_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+               "added_tokens.json", "preprocessor_config.json", "processor_config.json", "chat_template.json",
+               "chat_template.jinja", "generation_config.json")
+
+
+class CheckpointError(ValueError):
+  """A checkpoint directory that is incomplete or does not fit its config."""
+
+
+def model_from_params(cfg: LlavaConfig, params: dict, attention_impl: str = "xla") -> Llava:
+  """Builds the model around existing parameters (nested dict, int layer keys) without initialising any."""
+  model = nnx.eval_shape(lambda: Llava(cfg, attention_impl=attention_impl))
+  state = nnx.state(model, nnx.Param)
+  expected = {path: v.get_value().shape for path, v in nnx.to_flat_state(state)}
+  got = dict(_flatten(params))
+  problems = [f"missing {'.'.join(map(str, p))}" for p in expected if p not in got]
+  problems += [f"unexpected {'.'.join(map(str, p))}" for p in got if p not in expected]
+  problems += [f"wrong shape {'.'.join(map(str, p))}: {tuple(got[p].shape)} != {s}"
+               for p, s in expected.items() if p in got and tuple(got[p].shape) != tuple(s)]
+  if problems:
+    raise CheckpointError("parameters do not match the config:\n  " + "\n  ".join(problems[:40]))
+  dtype = jnp.dtype(cfg.param_dtype)
+  nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: jnp.asarray(x, dtype), params))
+  nnx.update(model, state)
+  return model
+
+
+def params_of(model: Llava) -> dict:
+  """The parameters as a nested dict of arrays (int keys for layers)."""
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def _flatten(tree, prefix=()):
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      yield from _flatten(v, prefix + (k,))
+    else:
+      yield prefix + (k,), v
+
+
+def _keys_to_str(tree):
+  return {str(k): _keys_to_str(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
+
+
+def _keys_to_int(tree):
+  if not isinstance(tree, dict):
+    return tree
+  return {(int(k) if k.isdigit() else k): _keys_to_int(v) for k, v in tree.items()}
+
+
+@contextlib.contextmanager
+def atomic_directory(path: str, overwrite: bool = False):
+  """Yields a temporary directory that becomes `path` only if the block succeeds."""
+  path = os.path.abspath(path)
+  if os.path.exists(path) and not overwrite:
+    raise FileExistsError(f"{path} already exists; remove it or pass overwrite=True")
+  parent = os.path.dirname(path)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(path) + ".partial-", dir=parent)
+  try:
+    yield tmp
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  if os.path.exists(path):
+    shutil.rmtree(path)
+  os.replace(tmp, path)
+
+
+def copy_assets(src_dirs, dst: str):
+  """Copies the tokenizer / processor files found in `src_dirs` (first one wins) into `dst`."""
+  os.makedirs(dst, exist_ok=True)
+  for name in ASSET_FILES:
+    for src in src_dirs:
+      if src and os.path.exists(os.path.join(src, name)):
+        shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+        break
+
+
+def write_checkpoint(directory: str, cfg: LlavaConfig, params: dict, asset_dirs=(), overwrite: bool = False):
+  """Saves raw params (numpy or jax arrays) atomically; the conversion CLI calls this with numpy arrays."""
+  import orbax.checkpoint as ocp
+
+  with atomic_directory(directory, overwrite) as tmp:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(tmp, PARAMS_DIR), _keys_to_str(params))
+    checkpointer.wait_until_finished()
+    with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
+      json.dump(cfg.to_dict(), f, indent=2)
+    copy_assets(asset_dirs, os.path.join(tmp, ASSETS_DIR))
+
+
+def save_checkpoint(model: Llava, directory: str, asset_dirs=None, overwrite: bool = False):
+  """Saves a model (params, config, and the assets it was loaded with) as an Orbax checkpoint directory."""
+  asset_dirs = asset_dirs if asset_dirs is not None else [getattr(model, "assets_dir", None)]
+  write_checkpoint(directory, model.config, params_of(model), asset_dirs, overwrite)
+
+
+def read_config(directory: str) -> LlavaConfig:
+  path = os.path.join(directory, CONFIG_NAME)
+  if not os.path.exists(path):
+    raise CheckpointError(f"{directory} is not a llava-jax checkpoint: no {CONFIG_NAME}")
+  with open(path) as f:
+    return LlavaConfig.from_dict(json.load(f))
+
+
+def load_checkpoint(directory: str, dtype=None, attention_impl: str = "xla") -> Llava:
+  """Loads a checkpoint written by `save_checkpoint` / `llava-jax convert`. `dtype` sets compute and storage dtype."""
+  import orbax.checkpoint as ocp
+
+  directory = os.path.abspath(directory)
+  cfg = read_config(directory)
+  if dtype is not None:
+    cfg = cfg.replace(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
+  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Llava(cfg)), nnx.Param))
+  stored = ocp.StandardCheckpointer().metadata(os.path.join(directory, PARAMS_DIR))
+  stored = dict(_flatten(_keys_to_int(_tree_of(stored))))
+  expected = dict(_flatten(abstract))
+  problems = [f"missing {_dotted(p)}" for p in expected if p not in stored]
+  problems += [f"unexpected {_dotted(p)}" for p in stored if p not in expected]
+  problems += [f"wrong shape {_dotted(p)}: stored {tuple(stored[p].shape)}, config expects {tuple(v.shape)}"
+               for p, v in expected.items() if p in stored and tuple(stored[p].shape) != tuple(v.shape)]
+  if problems:
+    raise CheckpointError(f"{directory}: parameters do not match {CONFIG_NAME}:\n  " + "\n  ".join(problems[:40]))
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(cfg.param_dtype), sharding=sharding),
+                        _keys_to_str(abstract))
+  params = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_DIR), target)
+  model = model_from_params(cfg, _keys_to_int(params), attention_impl)
+  assets = os.path.join(directory, ASSETS_DIR)
+  model.assets_dir = assets if os.path.isdir(assets) else None
+  return model
+
+
+def _tree_of(metadata):
+  """Orbax returns a metadata object (or a plain tree, by version); we want the tree of array metadata."""
+  tree = getattr(metadata, "item_metadata", None) or getattr(metadata, "tree", None) or metadata
+  return dict(tree)
+
+
+def _dotted(path) -> str:
+  return ".".join(map(str, path))
+
+
+def as_numpy(tree):
+  return jax.tree.map(np.asarray, tree)

@@ -1,0 +1,296 @@
+"""Model configuration: small frozen dataclasses, read from and written to Hugging Face `config.json`.
+
+Hugging Face configs are parsed through transformers' own config classes, so fields a hub config omits get
+HF's defaults and both rope spellings (`rope_theta`/`rope_scaling` and `rope_parameters`) are normalised.
+The original LLaVA format (`LlavaLlamaForCausalLM` with `mm_*` keys) is read too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+IGNORE_INDEX = -100
+
+
+class ConfigError(ValueError):
+  """A config that cannot describe a model we can build."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+  """CLIP ViT vision tower."""
+
+  hidden_size: int = 1024
+  intermediate_size: int = 4096
+  num_hidden_layers: int = 24
+  num_attention_heads: int = 16
+  image_size: int = 336
+  patch_size: int = 14
+  num_channels: int = 3
+  layer_norm_eps: float = 1e-5
+  hidden_act: str = "quick_gelu"
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_attention_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+  """LLaMA-family decoder. `rope_parameters` follows transformers 5 (`rope_type`, `rope_theta`, `factor`, ...)."""
+
+  vocab_size: int = 32000
+  hidden_size: int = 4096
+  intermediate_size: int = 11008
+  num_hidden_layers: int = 32
+  num_attention_heads: int = 32
+  num_key_value_heads: int = 32
+  head_dim: int = 128
+  rms_norm_eps: float = 1e-5
+  max_position_embeddings: int = 4096
+  rope_parameters: tuple[tuple[str, Any], ...] = (("rope_theta", 10000.0), ("rope_type", "default"))
+  tie_word_embeddings: bool = False
+  attention_bias: bool = False
+  mlp_bias: bool = False
+  hidden_act: str = "silu"
+  bos_token_id: int | None = 1
+  eos_token_id: int | tuple[int, ...] | None = 2
+  pad_token_id: int | None = None
+
+  @property
+  def rope(self) -> dict[str, Any]:
+    return dict(self.rope_parameters)
+
+
+PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
+SELECT_STRATEGIES = ("default", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaConfig:
+  """The composed model. `dtype` is the compute dtype, `param_dtype` the storage dtype of parameters."""
+
+  vision: VisionConfig = VisionConfig()
+  text: TextConfig = TextConfig()
+  image_token_index: int = 32000
+  projector_type: str = "mlp2x_gelu"
+  projector_hidden_act: str = "gelu"
+  projector_bias: bool = True
+  vision_feature_layer: int | tuple[int, ...] = -2
+  vision_feature_select_strategy: str = "default"
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.projector_type not in PROJECTOR_TYPES:
+      raise ConfigError(f"projector_type {self.projector_type!r} is not one of {PROJECTOR_TYPES}")
+    if self.vision_feature_select_strategy not in SELECT_STRATEGIES:
+      raise ConfigError(
+          f"vision_feature_select_strategy {self.vision_feature_select_strategy!r} is not one of {SELECT_STRATEGIES}")
+    if isinstance(self.vision_feature_layer, list):
+      object.__setattr__(self, "vision_feature_layer", tuple(self.vision_feature_layer))
+    n = self.vision.num_hidden_layers
+    for layer in self.feature_layers:
+      if not -(n + 1) <= layer <= n:
+        raise ConfigError(f"vision_feature_layer {layer} is outside the {n + 1} hidden states of the vision tower")
+
+  @property
+  def feature_layers(self) -> tuple[int, ...]:
+    layer = self.vision_feature_layer
+    return (layer,) if isinstance(layer, int) else tuple(layer)
+
+  @property
+  def num_image_tokens(self) -> int:
+    """Image tokens one image turns into: its patches, plus CLS for the `full` strategy."""
+    return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
+
+  def replace(self, **changes) -> "LlavaConfig":
+    return dataclasses.replace(self, **changes)
+
+  # -- Hugging Face ---------------------------------------------------------------------------------------------
+
+  @classmethod
+  def from_hf(cls, path_or_dict: str | os.PathLike | dict, **overrides) -> "LlavaConfig":
+    """Reads a `llava` config.json (llava-hf layout) or an original LLaVA one (`LlavaLlamaForCausalLM`).
+
+    For the original format the vision tower is named by `mm_vision_tower`; pass `vision=` (a VisionConfig, e.g.
+    from `vision_config_from_hf(clip_dir)`) since that name usually points at the hub.
+    """
+    raw = _read_json(path_or_dict)
+    if is_original_llava(raw):
+      return _from_original_llava(raw, **overrides)
+    if raw.get("model_type") != "llava":
+      raise ConfigError(
+          f"unknown architecture: model_type={raw.get('model_type')!r}, architectures={raw.get('architectures')}; "
+          "expected a llava-hf `llava` config or an original `LlavaLlamaForCausalLM` one")
+    import transformers  # heavy import, only when reading HF files
+
+    hf = transformers.LlavaConfig.from_dict(raw)
+    layer = hf.vision_feature_layer
+    fields = dict(
+        vision=_vision_from_hf(hf.vision_config),
+        text=_text_from_hf(hf.text_config),
+        image_token_index=int(hf.image_token_id),
+        projector_type="mlp2x_gelu",
+        projector_hidden_act=hf.projector_hidden_act,
+        projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
+        vision_feature_layer=layer if isinstance(layer, int) else tuple(layer),
+        vision_feature_select_strategy=hf.vision_feature_select_strategy,
+    )
+    fields.update(overrides)
+    return cls(**fields)
+
+  def to_hf_dict(self) -> dict:
+    """The transformers `LlavaConfig` dict that `LlavaForConditionalGeneration` loads."""
+    if self.projector_type != "mlp2x_gelu":
+      raise ConfigError(
+          "transformers' LlavaForConditionalGeneration only has the two-layer MLP projector; a "
+          f"{self.projector_type!r} projector (LLaVA-1.0) cannot be exported to it")
+    if not 0 <= self.image_token_index < self.text.vocab_size:
+      raise ConfigError(
+          f"image_token_index {self.image_token_index} is outside the vocabulary ({self.text.vocab_size}); "
+          "transformers needs the image token inside it: add an <image> token to the vocabulary first")
+    import transformers
+
+    v, t = self.vision, self.text
+    vision = transformers.CLIPVisionConfig(
+        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
+        num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
+        num_channels=v.num_channels, layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act)
+    text = transformers.LlamaConfig(
+        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+        num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps,
+        max_position_embeddings=t.max_position_embeddings, rope_parameters=t.rope,
+        tie_word_embeddings=t.tie_word_embeddings, attention_bias=t.attention_bias, mlp_bias=t.mlp_bias,
+        hidden_act=t.hidden_act, bos_token_id=t.bos_token_id, eos_token_id=_listify(t.eos_token_id),
+        pad_token_id=t.pad_token_id)
+    layer = self.vision_feature_layer
+    hf = transformers.LlavaConfig(
+        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=self.image_token_index,
+        projector_hidden_act=self.projector_hidden_act, multimodal_projector_bias=self.projector_bias,
+        vision_feature_layer=layer if isinstance(layer, int) else list(layer),
+        vision_feature_select_strategy=self.vision_feature_select_strategy,
+        image_seq_length=self.num_image_tokens, tie_word_embeddings=t.tie_word_embeddings)
+    out = hf.to_dict()
+    out["architectures"] = ["LlavaForConditionalGeneration"]
+    return out
+
+  # -- our own serialisation (the exact dataclass, dtype included) ------------------------------------------------
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> "LlavaConfig":
+    d = dict(d)
+    text = dict(d.pop("text"))
+    text["rope_parameters"] = tuple(tuple(kv) for kv in text["rope_parameters"])
+    if isinstance(text.get("eos_token_id"), list):
+      text["eos_token_id"] = tuple(text["eos_token_id"])
+    return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**text), **d)
+
+
+def vision_config_from_hf(path_or_dict) -> VisionConfig:
+  """Reads a CLIP (`clip`) or CLIP vision (`clip_vision_model`) config.json."""
+  raw = _read_json(path_or_dict)
+  import transformers
+
+  if raw.get("model_type") == "clip":
+    return _vision_from_hf(transformers.CLIPConfig.from_dict(raw).vision_config)
+  if raw.get("model_type") == "clip_vision_model":
+    return _vision_from_hf(transformers.CLIPVisionConfig.from_dict(raw))
+  raise ConfigError(f"unknown architecture for a vision tower: model_type={raw.get('model_type')!r}; "
+                    "expected `clip` or `clip_vision_model`")
+
+
+def text_config_from_hf(path_or_dict) -> TextConfig:
+  """Reads a LLaMA-family (`llama`) config.json."""
+  raw = _read_json(path_or_dict)
+  if raw.get("model_type") not in ("llama", "llava", "llava_llama"):
+    raise ConfigError(f"unknown architecture for the language model: model_type={raw.get('model_type')!r}; "
+                      "expected `llama`")
+  import transformers
+
+  raw = {k: v for k, v in raw.items() if not k.startswith("mm_")}
+  raw["model_type"] = "llama"
+  return _text_from_hf(transformers.LlamaConfig.from_dict(raw))
+
+
+def _vision_from_hf(hf) -> VisionConfig:
+  return VisionConfig(
+      hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size, num_hidden_layers=hf.num_hidden_layers,
+      num_attention_heads=hf.num_attention_heads, image_size=hf.image_size, patch_size=hf.patch_size,
+      num_channels=hf.num_channels, layer_norm_eps=hf.layer_norm_eps, hidden_act=hf.hidden_act)
+
+
+def _text_from_hf(hf) -> TextConfig:
+  if getattr(hf, "model_type", "llama") not in ("llama",):
+    raise ConfigError(f"unknown architecture for the language model: model_type={hf.model_type!r}")
+  rope = dict(hf.rope_parameters)
+  rope.pop("type", None)  # legacy alias of rope_type
+  if rope.get("rope_type", "default") not in ("default", "linear", "dynamic", "llama3"):
+    raise ConfigError(f"rope_type {rope['rope_type']!r} is not supported (default, linear, dynamic, llama3)")
+  head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
+  eos = hf.eos_token_id
+  return TextConfig(
+      vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
+      num_hidden_layers=hf.num_hidden_layers, num_attention_heads=hf.num_attention_heads,
+      num_key_value_heads=hf.num_key_value_heads or hf.num_attention_heads, head_dim=head_dim,
+      rms_norm_eps=hf.rms_norm_eps, max_position_embeddings=hf.max_position_embeddings,
+      rope_parameters=tuple(sorted(rope.items())), tie_word_embeddings=bool(hf.tie_word_embeddings),
+      attention_bias=bool(hf.attention_bias), mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+      hidden_act=hf.hidden_act, bos_token_id=hf.bos_token_id,
+      eos_token_id=tuple(eos) if isinstance(eos, list) else eos, pad_token_id=hf.pad_token_id)
+
+
+def is_original_llava(raw: dict) -> bool:
+  return "LlavaLlamaForCausalLM" in (raw.get("architectures") or []) or "mm_vision_tower" in raw
+
+
+def _from_original_llava(raw: dict, vision: VisionConfig | None = None, **overrides) -> LlavaConfig:
+  """Original LLaVA: a LLaMA config plus `mm_*` keys; the image token is spliced, so it gets the id one past the
+  vocabulary (it never reaches the embedding table)."""
+  if vision is None:
+    raise ConfigError(
+        f"an original LLaVA config names its vision tower as {raw.get('mm_vision_tower')!r}; pass the CLIP "
+        "checkpoint directory (--clip DIR) so its config can be read")
+  projector = raw.get("mm_projector_type", "linear")
+  if projector not in PROJECTOR_TYPES:
+    raise ConfigError(f"mm_projector_type {projector!r} is not one of {PROJECTOR_TYPES}")
+  if raw.get("mm_hidden_size", vision.hidden_size) != vision.hidden_size:
+    raise ConfigError(f"mm_hidden_size {raw['mm_hidden_size']} does not match the CLIP hidden size "
+                      f"{vision.hidden_size}")
+  select = {"patch": "default", "cls_patch": "full"}.get(raw.get("mm_vision_select_feature", "patch"))
+  if select is None:
+    raise ConfigError(f"mm_vision_select_feature {raw['mm_vision_select_feature']!r} is not `patch` or `cls_patch`")
+  text = text_config_from_hf(raw)
+  fields = dict(vision=vision, text=text, image_token_index=text.vocab_size, projector_type=projector,
+                projector_hidden_act="gelu", projector_bias=True,
+                vision_feature_layer=int(raw.get("mm_vision_select_layer", -2)),
+                vision_feature_select_strategy=select)
+  fields.update(overrides)
+  return LlavaConfig(**fields)
+
+
+def _read_json(path_or_dict) -> dict:
+  if isinstance(path_or_dict, dict):
+    return dict(path_or_dict)
+  path = os.fspath(path_or_dict)
+  if os.path.isdir(path):
+    path = os.path.join(path, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"no config.json at {path}")
+  with open(path) as f:
+    return json.load(f)
+
+
+def _listify(x):
+  return list(x) if isinstance(x, tuple) else x

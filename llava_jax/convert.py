@@ -1,0 +1,271 @@
+"""Hugging Face safetensors <-> our parameters: one name table, used in both directions.
+
+The table is derived from the model itself: each parameter path (e.g. `language_model.layers.3.mlp.up_proj.kernel`)
+maps to the key transformers 5 writes (`language_model.model.layers.3.mlp.up_proj.weight`) and a layout change
+(`linear`: transpose; `conv`: OIHW -> HWIO). Other layouts are read by renaming their keys to that canonical one:
+
+  llava_hf   transformers 5 `save_pretrained`, in-memory (`model.language_model.*`) and hub (`vision_tower.vision_model.*`,
+             `language_model.model.*`, `language_model.lm_head.*`) spellings
+  clip       a CLIPModel / CLIPVisionModel checkpoint (`vision_model.*`; the text tower is ignored)
+  llm        a LlamaForCausalLM checkpoint (`model.*`, `lm_head.*`)
+  original   original LLaVA (`model.mm_projector.*`, `model.layers.*`, `lm_head.*`), vision tower from a CLIP dir
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm import tqdm
+
+from llava_jax.config import LlavaConfig, is_original_llava, text_config_from_hf, vision_config_from_hf
+from llava_jax.models.llava import Llava, MultiModalProjector
+from llava_jax.checkpoint import atomic_directory, copy_assets, model_from_params, params_of, write_checkpoint
+from llava_jax.safetensors_io import SafetensorsReader, write_safetensors
+
+
+class ConversionError(ValueError):
+  """A checkpoint that does not fit the model: the message names every offending key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  path: tuple  # our parameter path, ints for layer indices
+  hf_key: str  # canonical transformers key
+  kind: str  # "linear" | "conv" | "plain"
+  shape: tuple  # our shape
+
+
+def _hf_key(path: tuple) -> tuple[str, str]:
+  *module, leaf = (str(p) for p in path)
+  kind = "conv" if module[-1:] == ["patch_embedding"] else "linear" if leaf == "kernel" else "plain"
+  name = ".".join(module) + "." + {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+  if name.startswith("language_model."):
+    name = "language_model.model." + name[len("language_model."):]
+  elif name.startswith("lm_head."):
+    name = "language_model." + name
+  return name, kind
+
+
+def abstract_state(cfg: LlavaConfig):
+  """Shapes and logical axes of every parameter, without allocating."""
+  return nnx.state(nnx.eval_shape(lambda: Llava(cfg)), nnx.Param)
+
+
+def name_table(cfg: LlavaConfig) -> list[Entry]:
+  table = []
+  for path, var in nnx.to_flat_state(abstract_state(cfg)):
+    key, kind = _hf_key(path)
+    table.append(Entry(tuple(path), key, kind, tuple(var.get_value().shape)))
+  return table
+
+
+def to_ours(array: np.ndarray, kind: str) -> np.ndarray:
+  if kind == "linear":
+    return np.ascontiguousarray(array.T)
+  if kind == "conv":  # torch OIHW -> HWIO
+    return np.ascontiguousarray(array.transpose(2, 3, 1, 0))
+  return array
+
+
+def to_hf(array: np.ndarray, kind: str) -> np.ndarray:
+  if kind == "linear":
+    return np.ascontiguousarray(array.T)
+  if kind == "conv":  # HWIO -> OIHW
+    return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
+  return array
+
+
+def hf_shape(entry: Entry) -> tuple:
+  return tuple(to_hf(np.empty(entry.shape, np.bool_), entry.kind).shape)
+
+
+# -- key layouts -----------------------------------------------------------------------------------------------
+
+_IGNORED = re.compile(r"(^|\.)(position_ids|rotary_emb\.inv_freq)$")
+_LLM_RULES = [(r"^model\.", "language_model.model."), (r"^lm_head\.", "language_model.lm_head.")]
+RULES = {
+    "llava_hf": [
+        (r"^model\.language_model\.", "language_model.model."),
+        (r"^model\.vision_tower\.", "vision_tower."),
+        (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+        (r"^lm_head\.", "language_model.lm_head."),
+        (r"^vision_tower\.vision_model\.", "vision_tower."),
+        (r"^(vision_tower|multi_modal_projector|language_model)\.", r"\1."),
+    ],
+    "clip": [
+        (r"^(text_model|text_projection|visual_projection|logit_scale)\b", None),
+        (r"^vision_model\.", "vision_tower."),
+    ],
+    "llm": _LLM_RULES,
+    "original": [
+        (r"^model\.mm_projector\.0\.", "multi_modal_projector.linear_1."),
+        (r"^model\.mm_projector\.2\.", "multi_modal_projector.linear_2."),
+        (r"^model\.mm_projector\.(weight|bias)$", r"multi_modal_projector.linear_1.\1"),
+        (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision_tower."),
+        *_LLM_RULES,
+    ],
+}
+
+
+def canonical_key(key: str, layout: str) -> str | None:
+  """The canonical name of `key` in `layout`; None for keys that carry no parameter (buffers, a text tower)."""
+  if _IGNORED.search(key):
+    return None
+  for pattern, repl in RULES[layout]:
+    if re.search(pattern, key):
+      return None if repl is None else re.sub(pattern, repl, key, count=1)
+  return "?" + key  # matches no rule: unexpected
+
+
+# -- conversion ------------------------------------------------------------------------------------------------
+
+
+def _set(tree: dict, path: tuple, value):
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+def fresh_projector(cfg: LlavaConfig, seed: int = 0) -> dict:
+  """A newly initialised projector (torch nn.Linear's init, as the reference's stage 1 starts from)."""
+  proj = MultiModalProjector(cfg, rngs=nnx.Rngs(seed), param_dtype=jnp.float32, dtype=jnp.float32)
+  return {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(proj, nnx.Param))}
+
+
+def convert_to_params(cfg: LlavaConfig, sources: list[tuple[str, str]], dtype=None, fresh_projector_seed=None,
+                      progress: bool = False) -> dict:
+  """Reads `sources` [(dir, layout)] (earlier ones win for a key found twice) into our nested params dict.
+
+  All shapes are checked, and every missing, unexpected or mis-shaped key reported, before any tensor is read;
+  then tensors are read, transposed and cast one at a time.
+  """
+  table = name_table(cfg)
+  by_key = {e.hf_key: e for e in table}
+  found, unexpected = {}, []
+  for path, layout in sources:
+    reader = SafetensorsReader(path)
+    for key in reader.keys():
+      canon = canonical_key(key, layout)
+      if canon is None:
+        continue
+      if canon not in by_key:
+        unexpected.append(f"{key} (in {path})")
+      elif canon not in found:
+        found[canon] = (reader, key)
+  fresh = set()
+  if fresh_projector_seed is not None:
+    fresh = {e.hf_key for e in table if e.path[0] == "multi_modal_projector"}
+  missing = [k for k in by_key if k not in found and k not in fresh]
+  wrong = [f"{key}: checkpoint {reader.shape(key)}, model expects {hf_shape(by_key[canon])}"
+           for canon, (reader, key) in found.items() if reader.shape(key) != hf_shape(by_key[canon])]
+  problems = []
+  for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+    if keys:
+      shown = "\n    ".join(keys[:20]) + (f"\n    ... and {len(keys) - 20} more" if len(keys) > 20 else "")
+      problems.append(f"  {title} ({len(keys)}):\n    {shown}")
+  if problems:
+    raise ConversionError("checkpoint does not match the model config:\n" + "\n".join(problems))
+
+  target = np.dtype(jnp.dtype(dtype)) if dtype is not None else None
+  params: dict = {}
+  entries = [e for e in table if e.hf_key in found]
+  if progress:
+    entries = tqdm(entries, desc="converting", unit="tensor")
+  for e in entries:
+    reader, key = found[e.hf_key]
+    array = to_ours(reader.get(key), e.kind)
+    _set(params, e.path, array.astype(target) if target is not None else array)
+  if fresh:
+    new = fresh_projector(cfg, fresh_projector_seed)
+    ref_dtype = target or next(iter(_leaves(params))).dtype
+    for path, array in new.items():
+      _set(params, ("multi_modal_projector",) + tuple(path), array.astype(ref_dtype))
+  return params
+
+
+def _leaves(tree):
+  for v in tree.values():
+    yield from (_leaves(v) if isinstance(v, dict) else (v,))
+
+
+def iter_hf_tensors(cfg: LlavaConfig, params: dict):
+  """(canonical HF key, array) for every parameter, in the table's order: the export stream."""
+  for e in name_table(cfg):
+    value = params
+    for p in e.path:
+      value = value[p]
+    yield e.hf_key, to_hf(np.asarray(value), e.kind)
+
+
+# -- the user-facing entry points ------------------------------------------------------------------------------
+
+
+def plan_conversion(hf: str | None = None, clip: str | None = None, llm: str | None = None,
+                    projector_type: str = "mlp2x_gelu", dtype=None):
+  """Works out (config, sources, fresh projector?, asset dirs) for the supported inputs:
+
+  hf alone: a llava-hf directory; hf + clip: an original LLaVA checkpoint with its CLIP tower;
+  clip + llm: a fresh stage-1 start (projector initialised).
+  """
+  dtype_fields = {} if dtype is None else dict(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
+  if hf is not None and llm is None:
+    with open(os.path.join(hf, "config.json")) as f:
+      raw = json.load(f)
+    if is_original_llava(raw):
+      vision = vision_config_from_hf(clip) if clip else None
+      cfg = LlavaConfig.from_hf(raw, vision=vision, **dtype_fields)
+      sources = [(hf, "original")] + ([(clip, "clip")] if clip else [])
+      return cfg, sources, False, [hf, clip]
+    if clip is not None:
+      raise ValueError(f"{hf} is a llava-hf checkpoint with its own vision tower; --clip is only for original "
+                       "LLaVA checkpoints or with --llm")
+    return LlavaConfig.from_hf(raw, **dtype_fields), [(hf, "llava_hf")], False, [hf]
+  if clip is not None and llm is not None and hf is None:
+    text = text_config_from_hf(llm)
+    cfg = LlavaConfig(vision=vision_config_from_hf(clip), text=text, image_token_index=text.vocab_size,
+                      projector_type=projector_type, **dtype_fields)
+    return cfg, [(clip, "clip"), (llm, "llm")], True, [llm, clip]
+  raise ValueError("give --hf DIR (llava-hf, or original LLaVA with --clip DIR), or --clip DIR --llm DIR")
+
+
+def load_hf_checkpoint(hf: str | None = None, dtype=None, *, clip: str | None = None, llm: str | None = None,
+                       projector_type: str = "mlp2x_gelu", seed: int = 0, attention_impl: str = "xla"):
+  """Loads Hugging Face weights straight into a model (float32 unless `dtype` is given)."""
+  cfg, sources, fresh, assets = plan_conversion(hf, clip, llm, projector_type, dtype)
+  params = convert_to_params(cfg, sources, dtype or "float32", seed if fresh else None)
+  model = model_from_params(cfg, params, attention_impl)
+  model.assets_dir = next((a for a in assets if a), None)
+  return model
+
+
+def convert_checkpoint(out: str, hf: str | None = None, clip: str | None = None, llm: str | None = None,
+                       projector_type: str = "mlp2x_gelu", dtype=None, seed: int = 0, overwrite: bool = False,
+                       progress: bool = True) -> LlavaConfig:
+  """HF weights -> an Orbax checkpoint directory (params, config, tokenizer and processor files)."""
+  cfg, sources, fresh, assets = plan_conversion(hf, clip, llm, projector_type, dtype)
+  params = convert_to_params(cfg, sources, dtype, seed if fresh else None, progress=progress)
+  if dtype is None:  # keep the checkpoint's own dtype, and say so in the config
+    stored = np.dtype(next(_leaves(params)).dtype).name
+    cfg = cfg.replace(dtype=stored, param_dtype=stored)
+  write_checkpoint(out, cfg, params, assets, overwrite)
+  return cfg
+
+
+def export_hf(model, out_dir: str, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False):
+  """Writes a directory that transformers' LlavaForConditionalGeneration loads (config, sharded safetensors, and
+  the tokenizer / processor files the model came with)."""
+  hf_config = model.config.to_hf_dict()  # raises early for what transformers cannot represent
+  hf_config["dtype"] = np.dtype(model.config.param_dtype).name
+  with atomic_directory(out_dir, overwrite) as tmp:
+    write_safetensors(iter_hf_tensors(model.config, params_of(model)), tmp, max_shard_bytes)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(hf_config, f, indent=2)
+    assets = getattr(model, "assets_dir", None)
+    if assets:
+      copy_assets([assets], tmp)

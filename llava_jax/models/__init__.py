@@ -1,0 +1,3 @@
+from llava_jax.models.clip import CLIPVisionTower
+from llava_jax.models.llama import LlamaModel
+from llava_jax.models.llava import Llava, MultiModalProjector

@@ -1,0 +1,122 @@
+"""CLIP ViT vision tower (pre-LayerNorm, quick_gelu), attribute names mirroring transformers' CLIPVisionTransformer.
+
+`pixel_values` are NHWC. `num_layers` runs only the first layers, which is all LLaVA needs (features come from
+the second-to-last layer); the remaining layers keep their weights so checkpoints round-trip unchanged.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from flax import nnx
+
+from llava_jax.config import VisionConfig
+from llava_jax.models.attention import dot_product_attention
+from llava_jax.models.layers import Dense, LayerNorm, activation, normal_init, param
+
+
+class CLIPEmbeddings(nnx.Module):
+
+  def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype):
+    d = cfg.hidden_size
+    self.patch_size, self.dtype = cfg.patch_size, dtype
+    self.class_embedding = param(rngs, normal_init(), (d,), ("embed",), param_dtype)
+    # A conv with stride == kernel == patch, stored HWIO like flax convs.
+    self.patch_embedding = nnx.Dict(kernel=param(
+        rngs, normal_init(), (cfg.patch_size, cfg.patch_size, cfg.num_channels, d), (None, None, None, "embed"),
+        param_dtype))
+    self.position_embedding = nnx.Dict(embedding=param(
+        rngs, normal_init(), (cfg.num_patches + 1, d), (None, "embed"), param_dtype))
+
+  def __call__(self, pixel_values):
+    n, h, w, c = pixel_values.shape
+    p = self.patch_size
+    if h % p or w % p or (h // p) * (w // p) + 1 != self.position_embedding["embedding"].shape[0]:
+      raise ValueError(f"pixel_values of {h}x{w} do not match this tower's "
+                       f"{self.position_embedding['embedding'].shape[0] - 1} patches of {p}px")
+    # Patchify then one matmul: identical to the strided conv, and a plain GEMM for the compiler.
+    patches = pixel_values.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+    patches = patches.reshape(n, (h // p) * (w // p), p * p * c).astype(self.dtype)
+    kernel = self.patch_embedding["kernel"][...].astype(self.dtype).reshape(p * p * c, -1)
+    x = patches @ kernel
+    cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (n, 1, x.shape[-1]))
+    x = jnp.concatenate([cls, x], axis=1)
+    return x + self.position_embedding["embedding"][...].astype(self.dtype)[None]
+
+
+class CLIPAttention(nnx.Module):
+
+  def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, attention_impl="xla"):
+    d = cfg.hidden_size
+    kw = dict(use_bias=True, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+    self.q_proj = Dense(d, d, ("embed", "heads"), **kw)
+    self.k_proj = Dense(d, d, ("embed", "heads"), **kw)
+    self.v_proj = Dense(d, d, ("embed", "heads"), **kw)
+    self.out_proj = Dense(d, d, ("heads", "embed"), **kw)
+    self.num_heads, self.head_dim, self.attention_impl = cfg.num_attention_heads, cfg.head_dim, attention_impl
+
+  def __call__(self, x):
+    b, t, _ = x.shape
+    split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)
+    out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
+                                scale=self.head_dim ** -0.5, impl=self.attention_impl)
+    return self.out_proj(out.reshape(b, t, -1))
+
+
+class CLIPMLP(nnx.Module):
+
+  def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype):
+    kw = dict(use_bias=True, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+    self.fc1 = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
+    self.fc2 = Dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
+    self.act = activation(cfg.hidden_act)
+
+  def __call__(self, x):
+    return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nnx.Module):
+
+  def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, attention_impl="xla"):
+    kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+    self.layer_norm1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+    self.self_attn = CLIPAttention(cfg, attention_impl=attention_impl, **kw)
+    self.layer_norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+    self.mlp = CLIPMLP(cfg, **kw)
+
+  def __call__(self, x):
+    x = x + self.self_attn(self.layer_norm1(x))
+    return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nnx.Module):
+
+  def __init__(self, cfg: VisionConfig, **kw):
+    self.layers = nnx.List([CLIPEncoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
+
+
+class CLIPVisionTower(nnx.Module):
+  """Returns every hidden state up to `num_layers`: index 0 is the (pre-LayerNormed) embedding output, index i the
+  output of layer i, as in transformers' `hidden_states`."""
+
+  def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32,
+               attention_impl="xla"):
+    kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+    self.config = cfg
+    self.embeddings = CLIPEmbeddings(cfg, **kw)
+    self.pre_layrnorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)  # sic: HF's name
+    self.encoder = CLIPEncoder(cfg, attention_impl=attention_impl, **kw)
+    self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
+
+  def __call__(self, pixel_values, num_layers: int | None = None) -> list:
+    """pixel_values [N, H, W, C] -> list of hidden states [N, 1 + patches, D], `num_layers + 1` long."""
+    num_layers = self.config.num_hidden_layers if num_layers is None else num_layers
+    x = self.pre_layrnorm(self.embeddings(pixel_values))
+    hidden = [x]
+    for layer in self.encoder.layers[:num_layers]:
+      x = layer(x)
+      hidden.append(x)
+    return hidden
+
+  def pooled(self, last_hidden):
+    """CLIP's pooled output: post-LayerNorm of the CLS token (unused by LLaVA, kept for parity tests)."""
+    return self.post_layernorm(last_hidden[:, 0])

@@ -1,0 +1,35 @@
+"""llava-jax: LLaVA in JAX/Flax. The fast-moving JAX-ecosystem libraries are pinned to the versions tested."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="llava-jax",
+    version="0.1.0",
+    description="LLaVA (Large Language-and-Vision Assistant) in JAX/Flax: convert, train, serve on TPU and GPU",
+    long_description=open("README.md").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["llava_jax", "llava_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax==0.10.2",
+        "jaxlib==0.10.2",
+        "flax==0.12.8",
+        "optax==0.2.8",
+        "orbax-checkpoint==0.12.8",
+        "ml_collections==1.1.0",
+        "grain==0.2.18",
+        "transformers==5.23.0",
+        "sentencepiece>=0.2",
+        "protobuf",
+        "safetensors>=0.4",
+        "ml_dtypes>=0.5",
+        "numpy>=1.26",
+        "pillow>=10",
+        "tqdm",
+    ],
+    extras_require={
+        # torch is the reference implementation in tests; 2.13.0 is the CPU build (a plain `torch` pulls CUDA).
+        "test": ["pytest>=8", "torch==2.13.0", "scikit-image>=0.24"],
+    },
+    entry_points={"console_scripts": ["llava-jax=llava_jax.cli:main"]},
+)

@@ -1,0 +1,60 @@
+"""Tiny random-weight transformers models, built and saved inside the tests: the reference we compare against."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import transformers
+
+IMAGE_TOKEN = 60  # inside the tiny vocabulary, as llava-hf's <image> is
+
+
+def vision_config(**kw):
+  base = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=28,
+              patch_size=7, projection_dim=16, hidden_act="quick_gelu")
+  base.update(kw)
+  return transformers.CLIPVisionConfig(**base)
+
+
+def text_config(**kw):
+  base = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=4, vocab_size=64, max_position_embeddings=128, rms_norm_eps=1e-5)
+  base.update(kw)
+  return transformers.LlamaConfig(**base)
+
+
+def llava_model(vision=None, text=None, seed=0, **kw) -> transformers.LlavaForConditionalGeneration:
+  """A random LlavaForConditionalGeneration whose weights are spread out enough to make differences visible."""
+  cfg = transformers.LlavaConfig(vision_config=(vision or vision_config()).to_dict(),
+                                 text_config=(text or text_config()).to_dict(), image_token_index=IMAGE_TOKEN,
+                                 **kw)
+  torch.manual_seed(seed)
+  model = transformers.LlavaForConditionalGeneration(cfg).eval()
+  with torch.no_grad():  # HF's init (std 0.02, zero biases, unit norms) makes every layer nearly the identity
+    for name, p in model.named_parameters():
+      if p.ndim == 1 and ("norm" in name or "layrnorm" in name):
+        p.copy_(1 + 0.1 * torch.randn_like(p))
+      else:
+        p.copy_(torch.randn_like(p) * (0.1 if p.ndim == 1 else 1.0 / np.sqrt(p.shape[-1])))
+  return model
+
+
+def pixels(n, size=28, seed=0) -> np.ndarray:
+  """NHWC float32 images, normalised-looking."""
+  return np.random.default_rng(seed).standard_normal((n, size, size, 3)).astype(np.float32)
+
+
+def to_torch_pixels(pixel_values: np.ndarray) -> torch.Tensor:
+  return torch.from_numpy(np.ascontiguousarray(pixel_values.transpose(0, 3, 1, 2)))
+
+
+def reference_logits(model, input_ids, pixel_values=None, attention_mask=None) -> np.ndarray:
+  """HF logits with positions from the attention mask (what HF's generate does for padded batches)."""
+  ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+  mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(np.asarray(attention_mask))
+  positions = (mask.cumsum(-1) - 1).clamp(min=0)
+  kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions)
+  if pixel_values is not None:
+    kwargs["pixel_values"] = to_torch_pixels(pixel_values).to(model.dtype)
+  with torch.no_grad():
+    return model(**kwargs).logits.float().numpy()

@@ -1,6 +1,8 @@
 """Model checkpoints: an Orbax parameter tree plus everything needed to use it alone.
 
-  CKPT/params/             Orbax (StandardCheckpointer) tree, layer indices as string keys
+  CKPT/params/part-NNNNN/  Orbax (StandardCheckpointer) trees, each a slice of the nested params dict (layer
+                           indices as string keys) of at most ~256 MiB: the writer holds one slice at a time, so
+                           converting a 13B model needs a few hundred MiB beyond the process, not two copies
   CKPT/llava_config.json   our LlavaConfig, exactly
   CKPT/assets/             tokenizer and image-processor files (and generation_config.json), as HF wrote them
 
@@ -17,7 +19,6 @@ import tempfile
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from llava_jax.config import LlavaConfig
@@ -66,6 +67,12 @@ def _flatten(tree, prefix=()):
       yield prefix + (k,), v
 
 
+def set_path(tree: dict, path: tuple, value):
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
 def _keys_to_str(tree):
   return {str(k): _keys_to_str(v) for k, v in tree.items()} if isinstance(tree, dict) else tree
 
@@ -105,21 +112,37 @@ def copy_assets(src_dirs, dst: str):
         break
 
 
-def write_checkpoint(directory: str, cfg: LlavaConfig, params: dict, asset_dirs=(), overwrite: bool = False):
-  """Saves raw params (numpy or jax arrays) atomically; the conversion CLI calls this with numpy arrays."""
+PART_BYTES = 256 * 2**20
+
+
+def write_checkpoint(directory: str, cfg: LlavaConfig, params, asset_dirs=(), overwrite: bool = False,
+                     part_bytes: int = PART_BYTES):
+  """Saves params atomically. `params` is a nested dict or a stream of (path, array), consumed part by part."""
   import orbax.checkpoint as ocp
 
+  stream = _flatten(params) if isinstance(params, dict) else params
   with atomic_directory(directory, overwrite) as tmp:
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(tmp, PARAMS_DIR), _keys_to_str(params))
-    checkpointer.wait_until_finished()
+    checkpointer, part, size, n = ocp.StandardCheckpointer(), {}, 0, 0
+
+    def flush():
+      checkpointer.save(os.path.join(tmp, PARAMS_DIR, f"part-{n:05d}"), _keys_to_str(part))
+      checkpointer.wait_until_finished()
+
+    for path, array in stream:
+      set_path(part, path, array)
+      size += array.nbytes
+      if size >= part_bytes:
+        flush()
+        part, size, n = {}, 0, n + 1
+    if part:
+      flush()
     with open(os.path.join(tmp, CONFIG_NAME), "w") as f:
       json.dump(cfg.to_dict(), f, indent=2)
     copy_assets(asset_dirs, os.path.join(tmp, ASSETS_DIR))
 
 
 def save_checkpoint(model: Llava, directory: str, asset_dirs=None, overwrite: bool = False):
-  """Saves a model (params, config, and the assets it was loaded with) as an Orbax checkpoint directory."""
+  """Saves a model (params, config, and the assets it was loaded with) as a checkpoint directory."""
   asset_dirs = asset_dirs if asset_dirs is not None else [getattr(model, "assets_dir", None)]
   write_checkpoint(directory, model.config, params_of(model), asset_dirs, overwrite)
 
@@ -140,21 +163,33 @@ def load_checkpoint(directory: str, dtype=None, attention_impl: str = "xla") -> 
   cfg = read_config(directory)
   if dtype is not None:
     cfg = cfg.replace(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
-  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Llava(cfg)), nnx.Param))
-  stored = ocp.StandardCheckpointer().metadata(os.path.join(directory, PARAMS_DIR))
-  stored = dict(_flatten(_keys_to_int(_tree_of(stored))))
-  expected = dict(_flatten(abstract))
+  params_dir = os.path.join(directory, PARAMS_DIR)
+  parts = sorted(os.listdir(params_dir)) if os.path.isdir(params_dir) else []
+  if not parts:
+    raise CheckpointError(f"{directory} has no parameters ({PARAMS_DIR}/ is missing or empty)")
+  checkpointer = ocp.StandardCheckpointer()
+  stored = {}
+  for part in parts:
+    tree = _keys_to_int(_tree_of(checkpointer.metadata(os.path.join(params_dir, part))))
+    stored.update({p: (part, m) for p, m in _flatten(tree)})
+  expected = dict(_flatten(nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Llava(cfg)), nnx.Param))))
   problems = [f"missing {_dotted(p)}" for p in expected if p not in stored]
   problems += [f"unexpected {_dotted(p)}" for p in stored if p not in expected]
-  problems += [f"wrong shape {_dotted(p)}: stored {tuple(stored[p].shape)}, config expects {tuple(v.shape)}"
-               for p, v in expected.items() if p in stored and tuple(stored[p].shape) != tuple(v.shape)]
+  problems += [f"wrong shape {_dotted(p)}: stored {tuple(stored[p][1].shape)}, config expects {tuple(v.shape)}"
+               for p, v in expected.items() if p in stored and tuple(stored[p][1].shape) != tuple(v.shape)]
   if problems:
     raise CheckpointError(f"{directory}: parameters do not match {CONFIG_NAME}:\n  " + "\n  ".join(problems[:40]))
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(cfg.param_dtype), sharding=sharding),
-                        _keys_to_str(abstract))
-  params = ocp.StandardCheckpointer().restore(os.path.join(directory, PARAMS_DIR), target)
-  model = model_from_params(cfg, _keys_to_int(params), attention_impl)
+  params: dict = {}
+  for part in parts:
+    target = {}
+    for path, (p, meta) in stored.items():
+      if p == part:
+        set_path(target, path, jax.ShapeDtypeStruct(meta.shape, jnp.dtype(cfg.param_dtype), sharding=sharding))
+    restored = checkpointer.restore(os.path.join(params_dir, part), _keys_to_str(target))
+    for path, array in _flatten(_keys_to_int(restored)):
+      set_path(params, path, array)
+  model = model_from_params(cfg, params, attention_impl)
   assets = os.path.join(directory, ASSETS_DIR)
   model.assets_dir = assets if os.path.isdir(assets) else None
   return model
@@ -168,7 +203,3 @@ def _tree_of(metadata):
 
 def _dotted(path) -> str:
   return ".".join(map(str, path))
-
-
-def as_numpy(tree):
-  return jax.tree.map(np.asarray, tree)

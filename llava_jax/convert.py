@@ -6,7 +6,8 @@ maps to the key transformers 5 writes (`language_model.model.layers.3.mlp.up_pro
 
   llava_hf   transformers 5 `save_pretrained`, in-memory (`model.language_model.*`) and hub (`vision_tower.vision_model.*`,
              `language_model.model.*`, `language_model.lm_head.*`) spellings
-  clip       a CLIPModel / CLIPVisionModel checkpoint (`vision_model.*`; the text tower is ignored)
+  clip       a CLIPModel / CLIPVisionModel checkpoint (`vision_model.*`, or bare `encoder.*` as transformers 5
+             saves a CLIPVisionModel; the text tower is ignored)
   llm        a LlamaForCausalLM checkpoint (`model.*`, `lm_head.*`)
   original   original LLaVA (`model.mm_projector.*`, `model.layers.*`, `lm_head.*`), vision tower from a CLIP dir
 """
@@ -25,7 +26,8 @@ from tqdm import tqdm
 
 from llava_jax.config import LlavaConfig, is_original_llava, text_config_from_hf, vision_config_from_hf
 from llava_jax.models.llava import Llava, MultiModalProjector
-from llava_jax.checkpoint import atomic_directory, copy_assets, model_from_params, params_of, write_checkpoint
+from llava_jax.checkpoint import (atomic_directory, copy_assets, model_from_params, params_of, set_path,
+                                  write_checkpoint)
 from llava_jax.safetensors_io import SafetensorsReader, write_safetensors
 
 
@@ -101,6 +103,7 @@ RULES = {
     "clip": [
         (r"^(text_model|text_projection|visual_projection|logit_scale)\b", None),
         (r"^vision_model\.", "vision_tower."),
+        (r"^(embeddings|encoder|pre_layrnorm|post_layernorm)\.", r"vision_tower.\1."),  # CLIPVisionModel, v5
     ],
     "llm": _LLM_RULES,
     "original": [
@@ -126,24 +129,19 @@ def canonical_key(key: str, layout: str) -> str | None:
 # -- conversion ------------------------------------------------------------------------------------------------
 
 
-def _set(tree: dict, path: tuple, value):
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
-
-
 def fresh_projector(cfg: LlavaConfig, seed: int = 0) -> dict:
   """A newly initialised projector (torch nn.Linear's init, as the reference's stage 1 starts from)."""
   proj = MultiModalProjector(cfg, rngs=nnx.Rngs(seed), param_dtype=jnp.float32, dtype=jnp.float32)
   return {path: np.asarray(v.get_value()) for path, v in nnx.to_flat_state(nnx.state(proj, nnx.Param))}
 
 
-def convert_to_params(cfg: LlavaConfig, sources: list[tuple[str, str]], dtype=None, fresh_projector_seed=None,
-                      progress: bool = False) -> dict:
-  """Reads `sources` [(dir, layout)] (earlier ones win for a key found twice) into our nested params dict.
+def iter_params(cfg: LlavaConfig, sources: list[tuple[str, str]], dtype=None, fresh_projector_seed=None,
+                progress: bool = False):
+  """Reads `sources` [(dir, layout)] (earlier ones win for a key found twice) as a stream of (our path, array).
 
   All shapes are checked, and every missing, unexpected or mis-shaped key reported, before any tensor is read;
-  then tensors are read, transposed and cast one at a time.
+  then tensors are read, transposed and cast one at a time, so the caller decides how many are held at once.
+  `dtype` None keeps each tensor's stored dtype.
   """
   table = name_table(cfg)
   by_key = {e.hf_key: e for e in table}
@@ -173,25 +171,25 @@ def convert_to_params(cfg: LlavaConfig, sources: list[tuple[str, str]], dtype=No
     raise ConversionError("checkpoint does not match the model config:\n" + "\n".join(problems))
 
   target = np.dtype(jnp.dtype(dtype)) if dtype is not None else None
-  params: dict = {}
-  entries = [e for e in table if e.hf_key in found]
-  if progress:
-    entries = tqdm(entries, desc="converting", unit="tensor")
+  new = fresh_projector(cfg, fresh_projector_seed) if fresh else {}
+  first_reader, first_key = next(iter(found.values()))
+  fresh_dtype = target or first_reader.dtype(first_key)
+  entries = tqdm(table, desc="converting", unit="tensor") if progress else table
   for e in entries:
-    reader, key = found[e.hf_key]
-    array = to_ours(reader.get(key), e.kind)
-    _set(params, e.path, array.astype(target) if target is not None else array)
-  if fresh:
-    new = fresh_projector(cfg, fresh_projector_seed)
-    ref_dtype = target or next(iter(_leaves(params))).dtype
-    for path, array in new.items():
-      _set(params, ("multi_modal_projector",) + tuple(path), array.astype(ref_dtype))
+    if e.hf_key in found:
+      reader, key = found[e.hf_key]
+      array = to_ours(reader.get(key), e.kind)
+    else:  # a fresh projector leaf, in the dtype of the checkpoint's own weights
+      array = new[e.path[1:]].astype(fresh_dtype)
+    yield e.path, array.astype(target) if target is not None else array
+
+
+def convert_to_params(cfg: LlavaConfig, sources, dtype=None, fresh_projector_seed=None) -> dict:
+  """`iter_params` gathered into our nested params dict."""
+  params: dict = {}
+  for path, array in iter_params(cfg, sources, dtype, fresh_projector_seed):
+    set_path(params, path, array)
   return params
-
-
-def _leaves(tree):
-  for v in tree.values():
-    yield from (_leaves(v) if isinstance(v, dict) else (v,))
 
 
 def iter_hf_tensors(cfg: LlavaConfig, params: dict):
@@ -249,11 +247,12 @@ def convert_checkpoint(out: str, hf: str | None = None, clip: str | None = None,
                        progress: bool = True) -> LlavaConfig:
   """HF weights -> an Orbax checkpoint directory (params, config, tokenizer and processor files)."""
   cfg, sources, fresh, assets = plan_conversion(hf, clip, llm, projector_type, dtype)
-  params = convert_to_params(cfg, sources, dtype, seed if fresh else None, progress=progress)
-  if dtype is None:  # keep the checkpoint's own dtype, and say so in the config
-    stored = np.dtype(next(_leaves(params)).dtype).name
-    cfg = cfg.replace(dtype=stored, param_dtype=stored)
-  write_checkpoint(out, cfg, params, assets, overwrite)
+  if dtype is None:  # keep the (language model's) stored dtype, and say so in the config
+    reader = SafetensorsReader(sources[-1][0])
+    dtype = reader.dtype(reader.keys()[0]).name
+    cfg = cfg.replace(dtype=dtype, param_dtype=dtype)
+  stream = iter_params(cfg, sources, dtype, seed if fresh else None, progress=progress)
+  write_checkpoint(out, cfg, stream, assets, overwrite)
   return cfg
 
 

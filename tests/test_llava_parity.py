@@ -176,3 +176,17 @@ def test_linear_projector_matches_reference_with_linear_connector(tmp_path):
   n = image_tokens(hf)
   ids, mask = batch([[1, 2] + [IMAGE_TOKEN] * n + [3, 4, 5]])
   assert_same_logits(hf, ours, ids, mask, hf_tiny.pixels(1))
+
+
+def test_image_mask_skips_blank_slots(tmp_path):
+  """Fixed-shape batches carry a blank image slot for a row without an image; image_mask drops it."""
+  hf = hf_tiny.llava_model()
+  ours = convert(hf, tmp_path)
+  n = image_tokens(hf)
+  ids, mask = batch([[1, 2] + [IMAGE_TOKEN] * n + [3], [1, 5, 6, 7], [1] + [IMAGE_TOKEN] * n + [8, 9]], "left")
+  real = hf_tiny.pixels(2, seed=5)
+  slots = np.stack([real[0], np.zeros_like(real[0]), real[1]])
+  ref = hf_tiny.reference_logits(hf, ids, real, mask)
+  got = np.asarray(ours(jnp.asarray(ids), jnp.asarray(slots), jnp.asarray(mask),
+                        image_mask=jnp.asarray([True, False, True])))
+  assert np.abs(ref - got)[mask.astype(bool)].max() <= TOL

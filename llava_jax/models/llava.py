@@ -87,10 +87,9 @@ class Llava(nnx.Module):
     if image_mask is not None:  # move the real images to the front, keeping their order
       order = jnp.argsort(~image_mask.astype(bool), stable=True)
       features = features[order]
-    n_real = n_images if image_mask is None else image_mask
+    n_real = n_images if image_mask is None else jnp.sum(image_mask)
     if _is_concrete(input_ids) and _is_concrete(n_real):
-      n_tokens, n_features = int(is_image.sum()), int(jnp.sum(n_real) if image_mask is not None else n_real)
-      n_features *= per_image
+      n_tokens, n_features = int(is_image.sum()), int(n_real) * per_image
       if n_tokens != n_features:
         raise ValueError(f"Image features and image tokens do not match: {n_tokens} image tokens "
                          f"(id {image_token}) in input_ids, {n_features} features "

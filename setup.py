@@ -26,10 +26,13 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "tqdm",
+        "absl-py",
     ],
     extras_require={
         # torch is the reference implementation in tests; 2.13.0 is the CPU build (a plain `torch` pulls CUDA).
-        "test": ["pytest>=8", "torch==2.13.0", "scikit-image>=0.24"],
+        "test": ["pytest>=8", "torch==2.13.0", "scikit-image>=0.24", "scipy", "tensorflow-datasets==4.9.10"],
+        # TFDS builders writing ArrayRecord (no TensorFlow needed).
+        "tfds": ["tensorflow-datasets==4.9.10"],
     },
     entry_points={"console_scripts": ["llava-jax=llava_jax.cli:main"]},
 )

@@ -190,3 +190,29 @@ def test_image_mask_skips_blank_slots(tmp_path):
   got = np.asarray(ours(jnp.asarray(ids), jnp.asarray(slots), jnp.asarray(mask),
                         image_mask=jnp.asarray([True, False, True])))
   assert np.abs(ref - got)[mask.astype(bool)].max() <= TOL
+
+
+def test_packed_row_equals_its_samples_alone(tmp_path):
+  """Sequence packing: segment_ids keep attention within a sample and positions restart, so each packed sample
+  gives the logits it gives alone (the data pipeline's packed batch contract)."""
+  hf = hf_tiny.llava_model(text=hf_tiny.text_config(num_key_value_heads=2))
+  ours = convert(hf, tmp_path)
+  n = image_tokens(hf)
+  a = [1, 4] + [IMAGE_TOKEN] * n + [5, 6]
+  b = [1, 7, 8, 9]
+  c = [1] + [IMAGE_TOKEN] * n + [10]
+  pad = 3
+  ids = np.array([a + b + [0] * pad, c + [0] * (len(a) + len(b) + pad - len(c))])
+  seg = np.array([[1] * len(a) + [2] * len(b) + [0] * pad, [1] * len(c) + [0] * (ids.shape[1] - len(c))])
+  pos = np.array([list(range(len(a))) + list(range(len(b))) + [0] * pad,
+                  list(range(len(c))) + [0] * (ids.shape[1] - len(c))])
+  px = hf_tiny.pixels(4, seed=6)  # [B, M=2, H, W, 3]: row 0 has one image, row 1 one image
+  slots = np.stack([np.stack([px[0], np.zeros_like(px[0])]), np.stack([px[1], np.zeros_like(px[1])])])
+  image_mask = np.array([[True, False], [True, False]])
+  got = np.asarray(ours(jnp.asarray(ids), jnp.asarray(slots), jnp.asarray(seg > 0), image_mask=jnp.asarray(image_mask),
+                        positions=jnp.asarray(pos), segment_ids=jnp.asarray(seg)))
+  alone = lambda row, pixels: np.asarray(ours(jnp.asarray([row]), None if pixels is None else jnp.asarray(pixels)))[0]
+  np.testing.assert_allclose(got[0, :len(a)], alone(a, px[:1]), atol=1e-5)
+  np.testing.assert_allclose(got[0, len(a):len(a) + len(b)], alone(b, None), atol=1e-5)
+  np.testing.assert_allclose(got[1, :len(c)], alone(c, px[1:2]), atol=1e-5)
+  assert np.isfinite(got).all()  # padding rows and positions give no NaN

@@ -1,0 +1,17 @@
+"""LLaVA data: conversation templates, tokenization with the reference's label masks,
+CLIP image preprocessing, and the grain input pipeline (TFDS builders in `tfds_llava`,
+imported on demand)."""
+
+from llava_jax.data.conversation import TEMPLATES, SeparatorStyle, Template, get_template
+from llava_jax.data.image import ImageProcessorConfig, preprocess_image
+from llava_jax.data.pipeline import DataConfig, DataIterator, make_dataset, make_iterator
+from llava_jax.data.synthetic import build_tokenizer, write_shapes_corpus
+from llava_jax.data.text import (IGNORE_INDEX, DataError, SkipReason, TokenizationMismatchError,
+                                 encode_prompt, preprocess_conversation, tokenizer_image_token)
+
+__all__ = [
+    "IGNORE_INDEX", "TEMPLATES", "DataConfig", "DataError", "DataIterator", "ImageProcessorConfig",
+    "SeparatorStyle", "SkipReason", "Template", "TokenizationMismatchError", "build_tokenizer", "encode_prompt",
+    "get_template", "make_dataset", "make_iterator", "preprocess_conversation", "preprocess_image",
+    "tokenizer_image_token", "write_shapes_corpus",
+]

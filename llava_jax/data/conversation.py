@@ -1,0 +1,152 @@
+"""Conversation templates, with the strings of LLaVA's `llava/conversation.py`.
+
+Each template turns a list of (role, message) pairs into one prompt string exactly
+as the reference `Conversation.get_prompt()` does, because the model was trained on
+those strings byte for byte: a different space or separator is a different prompt.
+
+Only the templates LLaVA-1.5 / 1.6 were trained with are kept:
+
+  plain            stage 1 (feature alignment): "<image>" + caption + "\\n"
+  vicuna_v1        LLaVA-1.5 on Vicuna (the default of the reference)
+  llava_v1         same separators as vicuna_v1, "human" in the system prompt
+  llava_llama_2    LLaMA-2 chat wrapping with LLaVA's system prompt
+  mistral_instruct LLaVA-1.6 Mistral: [INST] wrapping, no system prompt
+  chatml_direct    LLaVA-1.6 34B (Nous-Hermes-2-Yi): ChatML markers
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Sequence
+
+DEFAULT_IMAGE_TOKEN = "<image>"
+
+
+class SeparatorStyle(enum.Enum):
+  """How turns are joined; also selects the label-masking rule in `text.py`."""
+  TWO = "two"          # system sep role: msg sep role: msg sep2 ...
+  LLAMA_2 = "llama_2"  # [INST] <<SYS>>..<</SYS>> msg [/INST] reply </s>
+  MPT = "mpt"          # system sep role msg sep role msg sep ...  (ChatML)
+  PLAIN = "plain"      # msg sep msg sep2 ... with no system and no roles
+
+
+@dataclasses.dataclass(frozen=True)
+class Template:
+  """One conversation format (the reference's `Conversation` without its state)."""
+  name: str
+  system: str
+  roles: tuple[str, str]
+  style: SeparatorStyle
+  sep: str
+  sep2: str | None = None
+  version: str = ""
+
+  def render(self, messages: Sequence[tuple[str, str | None]]) -> str:
+    """Joins (role, message) pairs into the prompt, as `get_prompt()` does.
+
+    A message of None (or "") adds only the role header: that is how the reference
+    builds a generation prompt ending with the assistant's turn.
+    """
+    if self.style == SeparatorStyle.TWO:
+      seps = (self.sep, self.sep2)
+      out = self.system + seps[0]
+      for i, (role, message) in enumerate(messages):
+        if message:
+          out += role + ": " + message + seps[i % 2]
+        else:
+          out += role + ":"
+      return out
+    if self.style == SeparatorStyle.MPT:
+      out = self.system + self.sep
+      for role, message in messages:
+        out += role + message + self.sep if message else role
+      return out
+    if self.style == SeparatorStyle.LLAMA_2:
+      out = ""
+      for i, (role, message) in enumerate(messages):
+        if i == 0 and (not message or role != self.roles[0]):
+          raise ValueError("a LLaMA-2 prompt starts with a non-empty user message")
+        if not message:
+          continue
+        if i == 0 and self.system:
+          message = f"<<SYS>>\n{self.system}\n<</SYS>>\n\n" + message
+        if i % 2 == 0:
+          out += self.sep + f"[INST] {message} [/INST]"
+        else:
+          out += " " + message + " " + self.sep2
+      # The reference strips with str.lstrip, i.e. a character set, not a prefix.
+      return out.lstrip(self.sep)
+    if self.style == SeparatorStyle.PLAIN:
+      seps = (self.sep, self.sep2)
+      out = self.system
+      for i, (_, message) in enumerate(messages):
+        if message:
+          out += message + (seps[i % 2] or "")
+      return out
+    raise ValueError(f"unknown separator style {self.style}")
+
+  @property
+  def stop_str(self) -> str | None:
+    """Text that ends a reply, by the reference's rule (`sep2` for TWO, else `sep`).
+
+    Generation also stops at the EOS token, which is what ends replies in practice.
+    """
+    stop = self.sep2 if self.style == SeparatorStyle.TWO else self.sep
+    return stop or None
+
+  def generation_prompt(self, turns: Sequence[str], image: bool = False) -> str:
+    """Prompt for generation: alternating user/assistant texts, ending with a user turn.
+
+    The assistant header is appended with no message, so the model writes the reply.
+    With `image=True` the first user turn gets the reference's "<image>\\n" prefix
+    (any "<image>" tag already in it is moved there). `plain` gives just "<image>",
+    the context its stage-1 training saw before a caption.
+    """
+    if len(turns) % 2 != 1:
+      raise ValueError("turns must alternate user/assistant and end with a user turn")
+    if self.style == SeparatorStyle.PLAIN:
+      # Stage-1 training drops the user text and sees "<image>" + caption.
+      return DEFAULT_IMAGE_TOKEN if image else ""
+    turns = list(turns)
+    if image:
+      turns[0] = DEFAULT_IMAGE_TOKEN + "\n" + turns[0].replace(DEFAULT_IMAGE_TOKEN, "").strip()
+    messages = [(self.roles[i % 2], t) for i, t in enumerate(turns)]
+    messages.append((self.roles[1], None))
+    return self.render(messages)
+
+
+_VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+_LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
+                    "The assistant gives helpful, detailed, and polite answers to the human's questions.")
+_LLAVA_LLAMA_2_SYSTEM = ("You are a helpful language and vision assistant. "
+                         "You are able to understand the visual content that the user provides, "
+                         "and assist the user with a variety of tasks using natural language.")
+
+TEMPLATES: dict[str, Template] = {
+    "plain": Template("plain", system="", roles=("", ""), style=SeparatorStyle.PLAIN, sep="\n"),
+    "vicuna_v1": Template("vicuna_v1", system=_VICUNA_SYSTEM, roles=("USER", "ASSISTANT"),
+                          style=SeparatorStyle.TWO, sep=" ", sep2="</s>", version="v1"),
+    "llava_v1": Template("llava_v1", system=_LLAVA_V1_SYSTEM, roles=("USER", "ASSISTANT"),
+                         style=SeparatorStyle.TWO, sep=" ", sep2="</s>", version="v1"),
+    "llava_llama_2": Template("llava_llama_2", system=_LLAVA_LLAMA_2_SYSTEM, roles=("USER", "ASSISTANT"),
+                              style=SeparatorStyle.LLAMA_2, sep="<s>", sep2="</s>", version="llama_v2"),
+    "mistral_instruct": Template("mistral_instruct", system="", roles=("USER", "ASSISTANT"),
+                                 style=SeparatorStyle.LLAMA_2, sep="", sep2="</s>", version="llama_v2"),
+    "chatml_direct": Template("chatml_direct", system="<|im_start|>system\nAnswer the questions.",
+                              roles=("<|im_start|>user\n", "<|im_start|>assistant\n"),
+                              style=SeparatorStyle.MPT, sep="<|im_end|>", version="mpt"),
+}
+# The reference's other names for the same templates.
+_ALIASES = {"v1": "vicuna_v1", "v0_plain": "plain", "mistral_direct": "chatml_direct"}
+
+
+def get_template(name: str | Template) -> Template:
+  """Looks a template up by name (the reference's `--version` values work too)."""
+  if isinstance(name, Template):
+    return name
+  key = _ALIASES.get(name, name)
+  if key not in TEMPLATES:
+    raise KeyError(f"unknown conversation template {name!r}; known: {sorted(TEMPLATES)}")
+  return TEMPLATES[key]

@@ -27,6 +27,7 @@ setup(
         "pillow>=10",
         "tqdm",
         "absl-py",
+        "tensorboardX==2.6.5",
     ],
     extras_require={
         # torch is the reference implementation in tests; 2.13.0 is the CPU build (a plain `torch` pulls CUDA).

@@ -156,10 +156,15 @@ def read_config(directory: str) -> LlavaConfig:
 
 
 def load_checkpoint(directory: str, dtype=None, attention_impl: str = "xla") -> Llava:
-  """Loads a checkpoint written by `save_checkpoint` / `llava-jax convert`. `dtype` sets compute and storage dtype."""
+  """Loads a checkpoint written by `save_checkpoint` / `llava-jax convert`, or the latest params of a training
+  WORKDIR (LoRA merged). `dtype` sets compute and storage dtype."""
   import orbax.checkpoint as ocp
 
   directory = os.path.abspath(directory)
+  from llava_jax.train import checkpointing  # a training workdir: the params of its latest checkpoint
+
+  if checkpointing.is_workdir(directory):
+    return checkpointing.load_latest_model(directory, dtype, attention_impl)
   cfg = read_config(directory)
   if dtype is not None:
     cfg = cfg.replace(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)

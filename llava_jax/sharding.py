@@ -9,6 +9,7 @@ import math
 from typing import Sequence
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -57,3 +58,79 @@ def param_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules=DEFAULT_RUL
     return var.replace(NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh, rules)))
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# -- meshes, rules and batches from the config ----------------------------------------------------------------
+
+
+class MeshError(ValueError):
+  """A mesh shape that does not fit the devices."""
+
+
+def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) with one -1 replaced by the devices left; checks the product is `num_devices`."""
+  shape = tuple(int(s) for s in shape)
+  if len(shape) != len(MESH_AXES) or any(s == 0 or s < -1 for s in shape) or shape.count(-1) > 1:
+    raise MeshError(f"mesh {shape}: give {len(MESH_AXES)} sizes for {MESH_AXES}, each positive or one of them -1 "
+                    f"(takes the remaining devices), e.g. --config.mesh='(-1, 1, 1)'")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    if num_devices % known:
+      raise MeshError(f"mesh {shape}: the fixed axes ({known} devices) do not divide the {num_devices} devices; "
+                      f"change --config.mesh so that their product divides {num_devices}")
+    shape = tuple(num_devices // known if s == -1 else s for s in shape)
+  if math.prod(shape) != num_devices:
+    raise MeshError(f"mesh {shape} of {MESH_AXES} needs {math.prod(shape)} devices but there are {num_devices}; "
+                    f"change --config.mesh so that the sizes multiply to {num_devices} (or set one to -1)")
+  return shape
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> jax.sharding.Mesh:
+  """A (data, fsdp, tensor) mesh over `devices` (default: all), with Auto axes (see docs/DESIGN_NOTES.md)."""
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_mesh_shape(shape, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def rules_from_config(rules) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
+  """Normalises rules given as [(logical name, mesh axis | [mesh axes] | None), ...] and checks the names."""
+  out = []
+  for rule in rules:
+    if len(rule) != 2:
+      raise ValueError(f"sharding rule {rule!r}: expected (logical name, mesh axes)")
+    name, axes = rule
+    axes = None if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    unknown = [a for a in axes or () if a not in MESH_AXES]
+    if unknown:
+      raise ValueError(f"sharding rule for {name!r} names mesh axes {unknown}; the mesh axes are {MESH_AXES}")
+    out.append((str(name), axes))
+  return tuple(out)
+
+
+def batch_axes(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
+  """The mesh axes the batch dimension is split over (the logical name `batch`)."""
+  axes = dict(rules).get("batch") or ()
+  return tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a in mesh.shape)
+
+
+def batch_shards(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> int:
+  """How many pieces the batch is cut into: every per-step batch must be a multiple of this."""
+  return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+
+
+def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
+  """Leading (batch) dimension split by the `batch` rule, the rest replicated."""
+  axes = batch_axes(mesh, rules)
+  return NamedSharding(mesh, PartitionSpec(axes or None, *([None] * (ndim - 1))))
+
+
+def shard_batch(batch: dict, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> dict:
+  """Host-local numpy batch (this host's rows) -> global arrays; every host passes its own, equal-sized share."""
+  out = {}
+  for key, local in batch.items():
+    local = np.asarray(local)
+    global_shape = (local.shape[0] * jax.process_count(),) + local.shape[1:]
+    out[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, local.ndim, rules), local,
+                                                      global_shape)
+  return out

@@ -12,6 +12,7 @@ from flax import nnx
 from llava_jax.config import VisionConfig
 from llava_jax.models.attention import dot_product_attention
 from llava_jax.models.layers import Dense, LayerNorm, activation, normal_init, param
+from llava_jax.models.stack import run_layers
 
 
 class CLIPEmbeddings(nnx.Module):
@@ -111,11 +112,8 @@ class CLIPVisionTower(nnx.Module):
     """pixel_values [N, H, W, C] -> list of hidden states [N, 1 + patches, D], `num_layers + 1` long."""
     num_layers = self.config.num_hidden_layers if num_layers is None else num_layers
     x = self.pre_layrnorm(self.embeddings(pixel_values))
-    hidden = [x]
-    for layer in self.encoder.layers[:num_layers]:
-      x = layer(x)
-      hidden.append(x)
-    return hidden
+    _, outputs = run_layers(self, list(self.encoder.layers)[:num_layers], x, lambda layer, x: layer(x), True)
+    return [x] + outputs
 
   def pooled(self, last_hidden):
     """CLIP's pooled output: post-LayerNorm of the CLS token (unused by LLaVA, kept for parity tests)."""

@@ -50,11 +50,14 @@ class Dense(nnx.Module):
     self.kernel = param(rngs, kernel_init, (in_features, out_features), axes, param_dtype)
     self.bias = param(rngs, zeros_init, (out_features,), axes[1:], param_dtype) if use_bias else None
     self.dtype = dtype
+    self.adapter = None  # optional module added to the output, adapter(x); LoRA attaches one in training
 
   def __call__(self, x):
     y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
+    if self.adapter is not None:
+      y = y + self.adapter(x).astype(self.dtype)
     return y
 
 

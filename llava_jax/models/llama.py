@@ -17,6 +17,7 @@ from flax import nnx
 from llava_jax.config import TextConfig
 from llava_jax.models.attention import dot_product_attention
 from llava_jax.models.layers import Dense, Embed, RMSNorm, activation
+from llava_jax.models.stack import run_layers
 
 # -- rotary embeddings -----------------------------------------------------------------------------------------
 
@@ -152,10 +153,14 @@ class LlamaModel(nnx.Module):
     cos, sin = rope_cos_sin(self.config, positions, self.dtype)
     x = inputs_embeds.astype(self.dtype)
     hidden, new_caches = [x], []
-    for i, layer in enumerate(self.layers):
-      x, cache = layer(x, cos, sin, mask, None if caches is None else caches[i], cache_index)
-      new_caches.append(cache)
-      hidden.append(x)
+    if caches is None:  # training / plain forward: scan and remat knobs apply (models/stack.py)
+      x, outputs = run_layers(self, self.layers, x, lambda layer, x: layer(x, cos, sin, mask)[0], return_hidden)
+      hidden += outputs or []
+    else:
+      for i, layer in enumerate(self.layers):
+        x, cache = layer(x, cos, sin, mask, caches[i], cache_index)
+        new_caches.append(cache)
+        hidden.append(x)
     x = self.norm(x)
     hidden[-1] = x
     return x, (new_caches if caches is not None else None), (hidden if return_hidden else None)

@@ -1,0 +1,64 @@
+"""`llava-jax train --config configs/tiny.py:stage1 --workdir W [--config.key=value ...]`.
+
+The config is an ml_collections file (`path.py:arg` calls `get_config(arg)`); `--config.a.b=value` overrides a
+field, and a key the config does not have is an error. Reruns with the same workdir resume.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+USAGE = ("usage: llava-jax train --config CONFIG.py[:ARG] --workdir DIR [--config.KEY=VALUE ...]\n"
+         "  e.g. llava-jax train --config configs/tiny.py:stage1 --workdir runs/tiny --config.total_steps=20")
+
+
+def parse(argv: list[str]):
+  """(config, workdir) from the command line; raises ValueError with what to change."""
+  argv = ["llava-jax train"] + list(argv)
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "the training config, PATH.py[:ARG]", flag_values=fv,
+                                  lock_config=True, sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "checkpoints, logs and TensorBoard events; rerun to resume",
+                      flag_values=fv)
+  try:
+    rest = fv(argv)
+  except AttributeError as e:  # an override of a key the config lacks
+    key = next((a.split("=")[0] for a in argv if a.startswith("--config.") and str(e).strip("'\"") in a), str(e))
+    raise ValueError(f"{key}: the config has no such key ({e}); check the spelling against the config file") \
+        from None
+  except flags.Error as e:
+    lines = [l for l in str(e).splitlines() if l.strip()]
+    if any(l.startswith("Traceback") for l in lines):  # an error raised by get_config: keep its last line
+      lines = [lines[0].split(":")[0] + ": " + lines[-1]]
+    raise ValueError("\n".join(lines + [USAGE])) from None
+  if len(rest) > 1:
+    raise ValueError(f"unexpected arguments {rest[1:]}\n{USAGE}")
+  if fv.config is None or not fv.workdir:
+    raise ValueError(f"--config and --workdir are required\n{USAGE}")
+  return fv.config, fv.workdir
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Console entry: returns the exit status (0 done, 2 bad config, 143 preempted after saving)."""
+  from llava_jax.train import loop  # pylint: disable=import-outside-toplevel  (jax is slow to import)
+
+  logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  argv = sys.argv[1:] if argv is None else argv
+  if "-h" in argv or "--help" in argv:
+    print(__doc__.strip() + "\n\n" + USAGE)
+    return 0
+  try:
+    config, workdir = parse(argv)
+    result = loop.train(config, workdir)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"llava-jax train: error: {e}", file=sys.stderr)
+    return 2
+  return loop.PREEMPTED_EXIT_CODE if result["preempted"] else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

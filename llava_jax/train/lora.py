@@ -1,0 +1,125 @@
+"""LoRA for the language model, kept outside the model's parameters.
+
+The adapters are their own tree, mirroring the paths of the kernels they adapt:
+`{"language_model": {"layers": {0: {"self_attn": {"q_proj": {"lora_a": [in, r], "lora_b": [r, out]}}}}}}`.
+Every linear layer of the LLM gets one (LLaVA's `find_all_linear_names`: not lm_head, not the projector, not the
+vision tower). In the train step the adapters are attached to the model built there (`Dense.adapter`), which adds
+`scale * dropout(x) @ A @ B` to the layer's output, as PEFT does; `merge` folds them into the kernels for export.
+Init as PEFT: A ~ U(+-1/sqrt(in)) (kaiming_uniform with a=sqrt(5)), B = 0, so training starts at the base model.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llava_jax.sharding import logical_to_spec
+
+TARGET_ROOT = "language_model"
+
+
+class LoraAdapter(nnx.Module):
+  """scale * dropout(x) @ A @ B. A, B and the dropout key are Variables so layer stacks can scan over them."""
+
+  def __init__(self, lora_a, lora_b, scale: float, dropout: float, key=None):
+    self.lora_a, self.lora_b = nnx.Param(lora_a), nnx.Param(lora_b)
+    self.key = nnx.Variable(key) if dropout > 0 and key is not None else None
+    self.scale, self.dropout = scale, dropout
+
+  def __call__(self, x):
+    a, b = self.lora_a[...], self.lora_b[...]
+    if self.key is not None:
+      keep = jax.random.bernoulli(self.key[...], 1.0 - self.dropout, x.shape)
+      x = jnp.where(keep, x / (1.0 - self.dropout), 0).astype(x.dtype)
+    return jnp.dot(jnp.dot(x, a.astype(x.dtype)), b.astype(x.dtype)) * self.scale
+
+
+def target_paths(params: dict) -> list[tuple]:
+  """Paths (into the model's params) of the modules LoRA adapts: every 2-D `kernel` under the language model."""
+  paths = []
+
+  def walk(tree, prefix):
+    for k, v in tree.items():
+      if isinstance(v, dict):
+        walk(v, prefix + (k,))
+      elif k == "kernel" and len(v.shape) == 2:
+        paths.append(prefix)
+
+  walk(params.get(TARGET_ROOT, {}), (TARGET_ROOT,))
+  return sorted(paths, key=lambda p: tuple(str(x) for x in p))
+
+
+def _get(tree, path):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def _set(tree: dict, path: tuple, value):
+  for p in path[:-1]:
+    tree = tree.setdefault(p, {})
+  tree[path[-1]] = value
+
+
+def init(params: dict, r: int, key, dtype=jnp.float32) -> dict:
+  """Fresh adapters for `params` (arrays or ShapeDtypeStructs); works under jit and eval_shape."""
+  adapters = {}
+  for i, path in enumerate(target_paths(params)):
+    d_in, d_out = _get(params, path)["kernel"].shape
+    bound = 1.0 / d_in ** 0.5
+    a = jax.random.uniform(jax.random.fold_in(key, i), (d_in, r), dtype, -bound, bound)
+    _set(adapters, path, {"lora_a": a, "lora_b": jnp.zeros((r, d_out), dtype)})
+  return adapters
+
+
+def shardings(adapters: dict, kernel_axes: dict, mesh, rules) -> dict:
+  """A takes the kernel's input axis, B its output axis; the rank dimension stays whole."""
+
+  def one(path, leaf_name, leaf):
+    ax_in, ax_out = _get(kernel_axes, path)["kernel"]
+    axes = (ax_in, None) if leaf_name == "lora_a" else (None, ax_out)
+    return jax.sharding.NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, rules))
+
+  out = {}
+  for path in _adapter_paths(adapters):
+    node = _get(adapters, path)
+    _set(out, path, {name: one(path, name, node[name]) for name in ("lora_a", "lora_b")})
+  return out
+
+
+def _adapter_paths(adapters: dict) -> list[tuple]:
+  paths = []
+
+  def walk(tree, prefix):
+    if "lora_a" in tree:
+      paths.append(prefix)
+      return
+    for k, v in tree.items():
+      walk(v, prefix + (k,))
+
+  walk(adapters, ())
+  return sorted(paths, key=lambda p: tuple(str(x) for x in p))
+
+
+def attach(model: nnx.Module, adapters: dict, scale: float, dropout: float = 0.0, key=None) -> None:
+  """Attaches an adapter to each adapted Dense of `model` (built inside the train step, never saved)."""
+  for i, path in enumerate(_adapter_paths(adapters)):
+    module = model
+    for p in path:
+      module = module[p] if isinstance(p, int) else getattr(module, p)
+    node = _get(adapters, path)
+    layer_key = None if key is None else jax.random.fold_in(key, i)
+    module.adapter = nnx.data(LoraAdapter(node["lora_a"], node["lora_b"], scale, dropout, layer_key))
+
+
+def merge(params: dict, adapters: dict, scale: float) -> dict:
+  """Base params with every adapter folded in: kernel + scale * A @ B (in fp32, stored in the kernel's dtype)."""
+  params = jax.tree.map(lambda x: x, params)  # a copy of the dict structure; leaves are shared
+  for path in _adapter_paths(adapters):
+    node, module = _get(adapters, path), _get(params, path)
+    kernel = module["kernel"]
+    delta = jnp.dot(jnp.asarray(node["lora_a"], jnp.float32), jnp.asarray(node["lora_b"], jnp.float32),
+                    precision=jax.lax.Precision.HIGHEST)
+    module["kernel"] = (jnp.asarray(kernel, jnp.float32) + scale * delta).astype(kernel.dtype)
+  return params

@@ -1,0 +1,268 @@
+"""The loss and the jitted, sharded train step.
+
+The train state is a plain pytree, `{"step": int32, "params": {"model": ..., "lora": ...}, "opt_state": ...}`,
+with `params["model"]` the model's nested params dict (int keys for layers, as `nnx.to_pure_dict`). Inside the
+step the model is rebuilt with `nnx.merge` (and LoRA adapters attached); gradients are taken only with respect to
+the trainable leaves of the stage, so frozen towers cost no weight gradients and keep no optimizer buffers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from llava_jax.config import IGNORE_INDEX, LlavaConfig
+from llava_jax.models.llava import Llava
+from llava_jax.models.stack import configure_layers
+from llava_jax.sharding import DEFAULT_RULES, batch_sharding, param_shardings, shard_batch
+from llava_jax.train import lora as lora_lib
+from llava_jax.train.optim import FROZEN, OptimConfig, make_optimizer, stage_labels
+
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "image_mask", "segment_ids", "positions")
+
+
+def cross_entropy_sum(logits, labels):
+  """Next-token cross-entropy summed over supervised positions, and their count.
+
+  `labels` sit at the same positions as the inputs (HF's convention): logits at t predict labels at t + 1.
+  Computed in fp32 whatever the logits' dtype.
+  """
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets = labels[:, 1:]
+  mask = targets != IGNORE_INDEX
+  safe = jnp.where(mask, targets, 0)
+  log_z = jax.nn.logsumexp(logits, axis=-1)
+  picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+  return jnp.sum(jnp.where(mask, log_z - picked, 0.0)), jnp.sum(mask, dtype=jnp.int32)
+
+
+def count_supervised(labels):
+  return jnp.sum(labels[:, 1:] != IGNORE_INDEX, dtype=jnp.int32)
+
+
+def partition(tree, labels):
+  """(trainable, frozen): two trees like `tree`, each with None where the other has the leaf."""
+  trainable = jax.tree.map(lambda x, l: None if l == FROZEN else x, tree, labels)
+  frozen = jax.tree.map(lambda x, l: x if l == FROZEN else None, tree, labels)
+  return trainable, frozen
+
+
+def combine(a, b):
+  """Inverse of `partition`."""
+  return jax.tree.map(lambda x, y: y if x is None else x, a, b, is_leaf=lambda x: x is None)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  r: int = 128
+  alpha: float = 256.0
+  dropout: float = 0.05
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.r
+
+
+class Trainer:
+  """Everything static about a run: model graph, stage labels, optimizer, shardings, the jitted step.
+
+  `init_state` places a fresh state on the mesh; `step(state, batch)` takes a host-local numpy batch (this host's
+  rows) and returns the new state and metrics (replicated scalars).
+  """
+
+  def __init__(self, model_cfg: LlavaConfig, stage: str, optim: OptimConfig, total_steps: int,
+               mesh: jax.sharding.Mesh, rules=DEFAULT_RULES, *, grad_accum_steps: int = 1,
+               lora: LoraConfig | None = None, remat: str = "none", scan_layers: bool = False, seed: int = 0,
+               attention_impl: str = "xla"):
+    self.model_cfg, self.stage, self.mesh, self.rules = model_cfg, stage, mesh, rules
+    self.grad_accum_steps, self.seed = grad_accum_steps, seed
+    self.lora = (lora or LoraConfig()) if stage == "lora" else None
+
+    model = nnx.eval_shape(lambda: Llava(model_cfg, attention_impl=attention_impl))
+    configure_layers(model.language_model, scan=scan_layers, remat=remat)
+    configure_layers(model.vision_tower, scan=scan_layers)  # no backward through it: remat would buy nothing
+    head = model.lm_head if model.lm_head is not None else model.language_model.embed_tokens
+    head.dtype = jnp.float32  # logits (and so the softmax) in fp32 under bf16 compute
+    self.graphdef, abstract = nnx.split(model, nnx.Param)
+    self._abstract_vars = list(nnx.to_flat_state(abstract))
+    abstract_model = nnx.to_pure_dict(abstract)
+    model_shardings = nnx.to_pure_dict(param_shardings(abstract, mesh, rules))
+    lora_abstract, lora_shardings = {}, {}
+    if self.lora is not None:
+      lora_abstract = jax.eval_shape(lambda: lora_lib.init(abstract_model, self.lora.r, jax.random.key(0),
+                                                           jnp.dtype(model_cfg.param_dtype)))
+      kernel_axes = _axes_tree(abstract)
+      lora_shardings = lora_lib.shardings(lora_abstract, kernel_axes, mesh, rules)
+
+    params_abstract = {"model": abstract_model, "lora": lora_abstract}
+    self.labels = stage_labels(params_abstract, stage)
+    self.tx, self.lr_schedule = make_optimizer(optim, self.labels, total_steps)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    param_sh = {"model": model_shardings, "lora": lora_shardings}
+    opt_abstract = jax.eval_shape(self.tx.init, params_abstract)
+    masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen leaves' (absent) buffers
+    opt_sh = optax.tree_utils.tree_map_params(self.tx, lambda v, s: v if masked(v) else s, opt_abstract, param_sh,
+                                              transform_non_params=lambda _: replicated, is_leaf=masked)
+    self.state_shardings = {"step": replicated, "params": param_sh, "opt_state": opt_sh}
+    abstract_state = {"step": jax.ShapeDtypeStruct((), jnp.int32), "params": params_abstract,
+                      "opt_state": opt_abstract}
+    self.abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                       abstract_state, self.state_shardings)
+    self._compiled: dict[Any, Any] = {}
+    self.flops_per_step: float | None = None
+    self.compile_seconds: float | None = None
+
+  # -- state -------------------------------------------------------------------------------------------------
+
+  def init_state(self, model_params: dict | None = None):
+    """A step-0 state on the mesh: from `model_params` (nested dict, int layer keys) or freshly initialised."""
+    dtype = jnp.dtype(self.model_cfg.param_dtype)
+
+    def init(model_params):
+      if model_params is None:
+        model = Llava(self.model_cfg, rngs=nnx.Rngs(self.seed))
+        model_params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+      model_params = jax.tree.map(lambda x: x.astype(dtype), model_params)
+      adapters = ({} if self.lora is None else
+                  lora_lib.init(model_params, self.lora.r, jax.random.key(self.seed + 1), dtype))
+      params = {"model": model_params, "lora": adapters}
+      return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": self.tx.init(params)}
+
+    with jax.set_mesh(self.mesh):
+      if model_params is None:
+        return jax.jit(lambda: init(None), out_shardings=self.state_shardings)()
+      model_params = jax.device_put(model_params, self.state_shardings["params"]["model"])
+      return jax.jit(init, out_shardings=self.state_shardings)(model_params)
+
+  def export_params(self, state) -> dict:
+    """The model's params with LoRA merged in (what a checkpoint for inference holds)."""
+    params = state["params"]
+    if self.lora is None or not params["lora"]:
+      return params["model"]
+    return lora_lib.merge(params["model"], params["lora"], self.lora.scale)
+
+  # -- the step ----------------------------------------------------------------------------------------------
+
+  def build_model(self, model_params: dict) -> Llava:
+    """The model around a params dict, matched by path (inside the step; the graph carries the run's knobs)."""
+    state = nnx.from_flat_state([(path, var.replace(_get(model_params, path)))
+                                 for path, var in self._abstract_vars])
+    return nnx.merge(self.graphdef, state)
+
+  def _loss_sum(self, params, batch, key):
+    model = self.build_model(params["model"])
+    if self.lora is not None:
+      lora_lib.attach(model, params["lora"], self.lora.scale, self.lora.dropout, key)
+    logits = model(batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"],
+                   image_mask=batch.get("image_mask"), positions=batch.get("positions"),
+                   segment_ids=batch.get("segment_ids"))
+    return cross_entropy_sum(logits, batch["labels"])
+
+  def _train_step(self, state, batch, batch_shardings):
+    params = state["params"]
+    trainable, frozen = partition(params, self.labels)
+    frozen_const = jax.lax.stop_gradient(frozen)  # the vision tower (and any frozen LLM) under stop_gradient
+    step_key = jax.random.fold_in(jax.random.key(self.seed + 2), state["step"])
+    total = count_supervised(batch["labels"])
+    denom = jnp.maximum(total, 1).astype(jnp.float32)  # mean over the global batch's supervised tokens
+
+    def loss_fn(trainable, micro, key):
+      ce_sum, _ = self._loss_sum(combine(trainable, frozen_const), micro, key)
+      return ce_sum / denom
+
+    grad_fn = jax.value_and_grad(loss_fn)
+    n = self.grad_accum_steps
+    if n == 1:
+      loss, grads = grad_fn(trainable, batch, step_key)
+    else:
+      # Micro-batch k holds rows k, k + n, ...: every micro-batch stays spread over all batch shards.
+      micro = jax.tree.map(lambda x: jnp.moveaxis(x.reshape(x.shape[0] // n, n, *x.shape[1:]), 1, 0), batch)
+
+      def body(carry, xs):
+        grads_acc, loss_acc = carry
+        mb, i = xs
+        mb = jax.lax.with_sharding_constraint(mb, batch_shardings)
+        loss, grads = grad_fn(trainable, mb, jax.random.fold_in(step_key, i))
+        return (jax.tree.map(jnp.add, grads_acc, grads), loss_acc + loss), None
+
+      zeros = jax.tree.map(jnp.zeros_like, trainable)
+      (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), (micro, jnp.arange(n)))
+
+    grad_norm = optax.tree.norm(grads)
+    full_grads = combine(grads, jax.tree.map(jnp.zeros_like, frozen))
+    updates, opt_state = self.tx.update(full_grads, state["opt_state"], params)
+    new_trainable = optax.apply_updates(trainable, partition(updates, self.labels)[0])
+    new_state = {"step": state["step"] + 1, "params": combine(new_trainable, frozen), "opt_state": opt_state}
+    metrics = {"loss": loss, "grad_norm": grad_norm, "supervised_tokens": total,
+               "lr": jnp.asarray(self.lr_schedule(state["step"]), jnp.float32)}
+    return new_state, metrics
+
+  def check_batch(self, batch: dict) -> None:
+    missing = [k for k in ("input_ids", "labels", "attention_mask") if k not in batch]
+    if missing:
+      raise ValueError(f"batch lacks {missing}")
+    rows = batch["input_ids"].shape[0]
+    if "pixel_values" in batch and batch["pixel_values"].shape[0] != rows:
+      raise ValueError(f"pixel_values has {batch['pixel_values'].shape[0]} images for {rows} rows; the train step "
+                       "needs one image slot per row ([B, H, W, 3] with image_mask [B]) or [B, M, H, W, 3]")
+
+  def compile(self, state, batch: dict):
+    """The compiled step for this batch layout (AOT, so its FLOP count is known for the MFU estimate)."""
+    key = tuple((k, batch[k].shape, str(batch[k].dtype)) for k in sorted(batch))
+    if key not in self._compiled:
+      batch_sh = {k: batch_sharding(self.mesh, batch[k].ndim, self.rules) for k in batch}
+      replicated = NamedSharding(self.mesh, PartitionSpec())
+      fn = jax.jit(lambda s, b: self._train_step(s, b, batch_sh), in_shardings=(self.state_shardings, batch_sh),
+                   out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+      t0 = time.perf_counter()
+      with jax.set_mesh(self.mesh):
+        compiled = fn.lower(state, batch).compile()
+      self.compile_seconds = time.perf_counter() - t0
+      self.flops_per_step = _flops(compiled)
+      self._compiled[key] = compiled
+    return self._compiled[key]
+
+  def step(self, state, host_batch: dict):
+    """One optimizer step on this host's rows of the global batch (numpy); returns (state, metrics)."""
+    host_batch = {k: v for k, v in host_batch.items() if k in BATCH_KEYS}
+    self.check_batch(host_batch)
+    batch = shard_batch(host_batch, self.mesh, self.rules)
+    compiled = self.compile(state, batch)
+    with jax.set_mesh(self.mesh):
+      return compiled(state, batch)
+
+
+def _get(tree: dict, path: tuple):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+def _axes_tree(abstract: nnx.State) -> dict:
+  """Logical axis names of every parameter, as a nested dict like the params."""
+  axes = {}
+  for path, var in nnx.to_flat_state(abstract):
+    node = axes
+    for p in path[:-1]:
+      node = node.setdefault(p, {})
+    node[path[-1]] = tuple(var.get_metadata().get("out_sharding") or (None,) * len(var.get_value().shape))
+  return axes
+
+
+def _flops(compiled) -> float | None:
+  """FLOPs of one step per device, from XLA's cost analysis (None where the backend has none)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  flops = (cost or {}).get("flops")
+  return float(flops) if flops and flops > 0 else None

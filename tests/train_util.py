@@ -1,0 +1,81 @@
+"""Shared pieces of the training tests: the tiny config, a trainer on a chosen mesh, leaves by path."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import jax
+import numpy as np
+
+from llava_jax.sharding import make_mesh
+from llava_jax.train import loop
+from llava_jax.train.data import SyntheticIterator
+from llava_jax.train.step import LoraConfig, Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "tiny.py")
+
+
+def tiny_config(stage: str = "stage2", **overrides):
+  """configs/tiny.py:stage with dotted overrides, e.g. tiny_config("lora", **{"lora.r": 4})."""
+  spec = importlib.util.spec_from_file_location("tiny_config", TINY)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config(stage)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config
+
+
+def mesh_of(shape):
+  n = int(np.prod([s for s in shape if s > 0]))
+  return make_mesh(shape, jax.devices()[:n])
+
+
+def make_trainer(config, mesh_shape=(1, 1, 1)) -> Trainer:
+  return Trainer(loop.model_config(config), config.stage, loop.optim_config(config), config.total_steps,
+                 mesh_of(mesh_shape), grad_accum_steps=config.grad_accum_steps,
+                 lora=LoraConfig(config.lora.r, config.lora.alpha, config.lora.dropout), remat=config.remat,
+                 scan_layers=config.scan_layers, seed=config.seed)
+
+
+def batches(config, n: int, batch_size: int | None = None, num_distinct: int = 0) -> list[dict]:
+  it = SyntheticIterator(batch_size or config.batch_size, config.data.seq_len, loop.model_config(config),
+                         seed=config.seed, num_distinct=num_distinct)
+  return [next(it) for _ in range(n)]
+
+
+@functools.lru_cache(maxsize=None)
+def _initial_params():
+  config = tiny_config("stage2")
+  return jax.device_get(make_trainer(config).init_state()["params"]["model"])
+
+
+def initial_params() -> dict:
+  """The tiny model's seeded initial params (host arrays), made once: initialising compiles slowly on CPU."""
+  return jax.tree.map(np.copy, _initial_params())
+
+
+def run(trainer: Trainer, batch_list, params=None):
+  """(losses, final state) of one step per batch from `params` (default: `initial_params()`)."""
+  state = trainer.init_state(initial_params() if params is None else params)
+  losses = []
+  for b in batch_list:
+    state, metrics = trainer.step(state, b)
+    losses.append(float(metrics["loss"]))
+  return losses, state
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+  """{"a.b.0.kernel": host array} for every leaf."""
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    out[".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)] = \
+        np.asarray(jax.device_get(leaf))
+  return out

@@ -31,7 +31,8 @@ setup(
     ],
     extras_require={
         # torch is the reference implementation in tests; 2.13.0 is the CPU build (a plain `torch` pulls CUDA).
-        "test": ["pytest>=8", "torch==2.13.0", "scikit-image>=0.24", "scipy", "tensorflow-datasets==4.9.10"],
+        "test": ["pytest>=8", "torch==2.13.0", "scikit-image>=0.24", "scipy", "tensorflow-datasets==4.9.10",
+                 "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
         # TFDS builders writing ArrayRecord (no TensorFlow needed).
         "tfds": ["tensorflow-datasets==4.9.10"],
     },

@@ -1,8 +1,9 @@
 """Hardware presets: device count, hosts, and the (data, fsdp, tensor) mesh we train 7B/13B with on each.
 
-Used by configs (`--config.mesh`) and by `launch/` (accelerator type, TPU runtime, host count). The meshes keep
-tensor parallelism at 1: FSDP over all chips fits 7B/13B stage 2 and has the fewest collectives per layer; data
-parallelism appears only where FSDP would shard below a useful size (v5e-256).
+Used by configs (`--config.mesh`) and by `launch/` (accelerator type, TPU runtime, host count). FSDP over all
+chips fits 7B/13B stage 2 and has the fewest collectives per layer, so tensor parallelism stays at 1 until the
+global batch (128 sequences in stage 2) no longer covers the batch axes: on v5e-256 a 4-way tensor axis takes
+the rest.
 """
 
 PRESETS = {
@@ -14,7 +15,7 @@ PRESETS = {
                    mesh=(1, 32, 1)),
     # TPU v5e: the name counts chips, 1 TensorCore each, 4 per host; 16 GiB HBM per chip.
     "v5e-256": dict(kind="tpu", accelerator_type="v5litepod-256", runtime="v2-alpha-tpuv5-lite", devices=256,
-                    hosts=64, mesh=(4, 64, 1)),
+                    hosts=64, mesh=(1, 64, 4)),
     # One node of 8 GPUs (e.g. 8x A100/H100 80 GB).
     "gpu-8": dict(kind="gpu", accelerator_type="8xGPU", runtime="", devices=8, hosts=1, mesh=(1, 8, 1)),
 }

@@ -155,19 +155,22 @@ def read_config(directory: str) -> LlavaConfig:
     return LlavaConfig.from_dict(json.load(f))
 
 
-def load_checkpoint(directory: str, dtype=None, attention_impl: str = "xla") -> Llava:
-  """Loads a checkpoint written by `save_checkpoint` / `llava-jax convert`, or the latest params of a training
-  WORKDIR (LoRA merged). `dtype` sets compute and storage dtype."""
+def restore_params(directory: str, cfg: LlavaConfig, shardings: dict | None = None) -> dict:
+  """The params of a checkpoint directory, or of a training workdir's latest step (LoRA merged), restored
+  straight into `shardings` (nested like the params; default: the first device) at `cfg.param_dtype`.
+
+  Every stored shape is checked against `cfg` before anything is read; problems are named.
+  """
   import orbax.checkpoint as ocp
 
-  directory = os.path.abspath(directory)
-  from llava_jax.train import checkpointing  # a training workdir: the params of its latest checkpoint
+  from llava_jax.train import checkpointing  # a training workdir keeps its params with the optimizer state
 
+  directory = os.path.abspath(directory)
+  expected = dict(_flatten(nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Llava(cfg)), nnx.Param))))
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  flat_shardings = dict(_flatten(shardings)) if shardings is not None else {p: device for p in expected}
   if checkpointing.is_workdir(directory):
-    return checkpointing.load_latest_model(directory, dtype, attention_impl)
-  cfg = read_config(directory)
-  if dtype is not None:
-    cfg = cfg.replace(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
+    return checkpointing.restore_latest_params(directory, cfg, flat_shardings)
   params_dir = os.path.join(directory, PARAMS_DIR)
   parts = sorted(os.listdir(params_dir)) if os.path.isdir(params_dir) else []
   if not parts:
@@ -177,24 +180,32 @@ def load_checkpoint(directory: str, dtype=None, attention_impl: str = "xla") -> 
   for part in parts:
     tree = _keys_to_int(_tree_of(checkpointer.metadata(os.path.join(params_dir, part))))
     stored.update({p: (part, m) for p, m in _flatten(tree)})
-  expected = dict(_flatten(nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Llava(cfg)), nnx.Param))))
   problems = [f"missing {_dotted(p)}" for p in expected if p not in stored]
   problems += [f"unexpected {_dotted(p)}" for p in stored if p not in expected]
   problems += [f"wrong shape {_dotted(p)}: stored {tuple(stored[p][1].shape)}, config expects {tuple(v.shape)}"
                for p, v in expected.items() if p in stored and tuple(stored[p][1].shape) != tuple(v.shape)]
   if problems:
     raise CheckpointError(f"{directory}: parameters do not match {CONFIG_NAME}:\n  " + "\n  ".join(problems[:40]))
-  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  dtype = jnp.dtype(cfg.param_dtype)
   params: dict = {}
   for part in parts:
     target = {}
     for path, (p, meta) in stored.items():
       if p == part:
-        set_path(target, path, jax.ShapeDtypeStruct(meta.shape, jnp.dtype(cfg.param_dtype), sharding=sharding))
+        set_path(target, path, jax.ShapeDtypeStruct(meta.shape, dtype, sharding=flat_shardings[path]))
     restored = checkpointer.restore(os.path.join(params_dir, part), _keys_to_str(target))
     for path, array in _flatten(_keys_to_int(restored)):
       set_path(params, path, array)
-  model = model_from_params(cfg, params, attention_impl)
+  return params
+
+
+def load_checkpoint(directory: str, dtype=None, attention_impl: str = "xla") -> Llava:
+  """Loads a checkpoint written by `save_checkpoint` / `llava-jax convert`, or the latest params of a training
+  workdir (LoRA merged). `dtype` sets compute and storage dtype."""
+  cfg = read_config(directory)
+  if dtype is not None:
+    cfg = cfg.replace(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
+  model = model_from_params(cfg, restore_params(directory, cfg), attention_impl)
   assets = os.path.join(directory, ASSETS_DIR)
   model.assets_dir = assets if os.path.isdir(assets) else None
   return model

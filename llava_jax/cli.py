@@ -109,7 +109,7 @@ def _add_generation_flags(p):
 def _demo(args):
   from llava_jax import demo
 
-  demo.run(args.workdir)
+  demo.run(args.workdir, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,8 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
   sub.add_parser("train", help="train from a config: llava-jax train --config configs/tiny.py:stage1 --workdir W "
                  "[--config.key=value ...]; rerun to resume")
 
-  p = sub.add_parser("demo", help="the tiny end-to-end job on locally made weights")
+  p = sub.add_parser("demo", help="the main job on the tiny default: make data and weights, convert, train "
+                     "stage 1 and 2, answer held-out questions")
   p.add_argument("--workdir", default="runs/demo")
+  p.add_argument("--stage1-steps", type=int, default=300)
+  p.add_argument("--stage2-steps", type=int, default=1200)
   p.set_defaults(func=_demo)
   return parser
 

@@ -1,66 +1,172 @@
-"""The tiny end-to-end job behind README's first command, on weights it makes locally (no downloads).
+"""The main job on the tiny built-in default, on weights and data it makes locally (no downloads):
 
-Today: make a tiny random llava-hf checkpoint -> `convert` -> Orbax checkpoint -> load -> forward on an image ->
-`export-hf` -> check the export is bit-identical to the source. Training and generation join as they land.
+  1. a synthetic "shapes and colours" corpus (captions, questions, a held-out split) and a SentencePiece tokenizer
+  2. a tiny random CLIP and a tiny random LLaMA, written as Hugging Face checkpoints
+  3. `convert --clip --llm`: the stage-1 start, projector freshly initialised
+  4. stage 1 (projector only, `plain` captions), then stage 2 (projector + LLM, `vicuna_v1` Q&A)
+  5. greedy answers to the held-out questions, scored: the fraction naming the asked colour / shape / background
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.checkpoint import load_checkpoint
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
-from llava_jax.convert import convert_checkpoint, export_hf
+from llava_jax.convert import convert_checkpoint, iter_hf_tensors
 from llava_jax.models.llava import Llava
-from llava_jax.safetensors_io import SafetensorsReader
+from llava_jax.safetensors_io import write_safetensors
 
-TINY = LlavaConfig(
-    vision=VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-                        image_size=56, patch_size=14),
-    text=TextConfig(vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512),
-    image_token_index=255)
+TINY_VISION = VisionConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=56, patch_size=7)
+TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=32, max_position_embeddings=512)
+OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-def run(workdir: str) -> dict:
+def write_tiny_hf_parts(root: str, tokenizer_dir: str, seed: int = 0) -> tuple[str, str]:
+  """A random CLIP vision tower and a random LLaMA (vocabulary from the tokenizer) as HF checkpoint directories,
+  in the layouts the hub uses (`vision_model.*`; `model.*` + `lm_head.*`)."""
+  import transformers
+
+  vocab = len(transformers.AutoTokenizer.from_pretrained(tokenizer_dir))
+  text = TextConfig(vocab_size=vocab, **TINY_TEXT)
+  cfg = LlavaConfig(vision=TINY_VISION, text=text, image_token_index=vocab)
+  params = nnx.to_pure_dict(nnx.state(Llava(cfg, rngs=nnx.Rngs(seed)), nnx.Param))
+  clip_dir, llm_dir = os.path.join(root, "clip"), os.path.join(root, "llm")
+  os.makedirs(clip_dir), os.makedirs(llm_dir)
+  clip, llm = {}, {}
+  for key, array in iter_hf_tensors(cfg, params):
+    if key.startswith("vision_tower."):
+      clip["vision_model." + key[len("vision_tower."):]] = array
+    elif key.startswith("language_model.model."):
+      llm["model." + key[len("language_model.model."):]] = array
+    elif key.startswith("language_model.lm_head."):
+      llm[key[len("language_model."):]] = array
+  write_safetensors(clip, clip_dir)
+  write_safetensors(llm, llm_dir)
+  v = TINY_VISION
+  vision_json = transformers.CLIPVisionConfig(
+      hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
+      num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size).to_dict()
+  llm_json = transformers.LlamaConfig(vocab_size=vocab, rms_norm_eps=text.rms_norm_eps, bos_token_id=1,
+                                      eos_token_id=2, **TINY_TEXT).to_dict()
+  llm_json["architectures"] = ["LlamaForCausalLM"]
+  processor = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": v.image_size},
+               "crop_size": {"height": v.image_size, "width": v.image_size}, "do_resize": True,
+               "do_center_crop": True, "do_rescale": True, "do_normalize": True, "resample": 3,
+               "rescale_factor": 1 / 255, "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD}
+  for folder, name, content in ((clip_dir, "config.json", vision_json), (llm_dir, "config.json", llm_json),
+                                (clip_dir, "preprocessor_config.json", processor)):
+    with open(os.path.join(folder, name), "w") as f:
+      json.dump(content, f, indent=1)
+  for name in os.listdir(tokenizer_dir):
+    shutil.copy2(os.path.join(tokenizer_dir, name), llm_dir)
+  return clip_dir, llm_dir
+
+
+def tiny_config_path() -> str:
+  """configs/tiny.py of this checkout (the package is installed editable, as README says)."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "tiny.py")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path} not found: run the demo from a checkout installed with `pip install -e .`")
+  return path
+
+
+def train_stage(stage: str, workdir: str, init: str, json_path: str, image_dir: str, steps: int, lr: float,
+                batch: int = 16, seq_len: int = 160) -> None:
+  """One `llava-jax train` run, exactly as a user would start it."""
+  from llava_jax.train.cli import main as train_main
+
+  code = train_main([
+      "--config", f"{tiny_config_path()}:{stage}", "--workdir", workdir, f"--config.init_checkpoint={init}",
+      "--config.data.kind=llava", f"--config.data.json_path={json_path}", f"--config.data.image_dir={image_dir}",
+      f"--config.data.seq_len={seq_len}", f"--config.batch_size={batch}", f"--config.total_steps={steps}",
+      f"--config.optimizer.lr={lr}", f"--config.checkpoint.every_steps={steps}", "--config.log.every_steps=50",
+      "--config.log.tensorboard=False"])
+  if code:
+    raise SystemExit(f"{stage} training failed (exit {code})")
+
+
+def evaluate(ckpt: str, eval_json: str, image_dir: str, template: str = "vicuna_v1") -> tuple[float, list]:
+  """Greedy answers to the held-out questions; an answer counts when its first word is the expected one."""
+  import jax.numpy as jnp
+
+  from llava_jax.checkpoint import load_checkpoint
+  from llava_jax.generate import generate
+  from llava_jax.processor import Processor
+
+  model = load_checkpoint(ckpt)
+  proc = Processor.from_model(model, template=template)
+  with open(eval_json) as f:
+    samples = json.load(f)
+  results = []
+  for start in range(0, len(samples), 16):
+    chunk = samples[start:start + 16]
+    prompts = [proc.prompt([s["conversations"][0]["value"]], image=True) for s in chunk]
+    inputs = proc(prompts, [os.path.join(image_dir, s["image"]) for s in chunk])
+    out = generate(model, inputs["input_ids"], jnp.asarray(inputs["pixel_values"]), inputs["attention_mask"],
+                   max_new_tokens=6, eos_token_id=proc.tokenizer.eos_token_id,
+                   pad_token_id=proc.tokenizer.eos_token_id)
+    for s, tokens in zip(chunk, out):
+      answer = proc.decode(tokens).strip()
+      expected = s["conversations"][1]["value"]
+      results.append((s["conversations"][0]["value"].split("\n")[-1], expected, answer))
+  correct = [_first_word(a) == _first_word(e) for _, e, a in results]
+  return float(np.mean(correct)), results
+
+
+def _first_word(text: str) -> str:
+  words = text.lower().replace(".", " ").split()
+  return words[0] if words else ""
+
+
+def run(workdir: str, num_train: int = 2000, num_eval: int = 100, stage1_steps: int = 300,
+        stage2_steps: int = 1200, seed: int = 0) -> float:
+  from llava_jax.data.synthetic import build_tokenizer, tokenizer_training_text, write_shapes_corpus
+
   t0 = time.time()
   if os.path.exists(workdir):
     shutil.rmtree(workdir)
   os.makedirs(workdir)
-  hf_dir, ckpt, out = (os.path.join(workdir, n) for n in ("hf_tiny", "ckpt", "hf_export"))
-
-  export_hf(Llava(TINY, rngs=nnx.Rngs(0)), hf_dir)
-  print(f"[1/4] made a tiny random llava-hf checkpoint in {hf_dir}")
-  convert_checkpoint(ckpt, hf=hf_dir, progress=False)
-  print(f"[2/4] converted it to an Orbax checkpoint in {ckpt}")
-
-  model = load_checkpoint(ckpt)
-  n = TINY.num_image_tokens
-  ids = jnp.asarray([[1, 10, 11] + [TINY.image_token_index] * n + [12, 13]])
-  pixels = jax.random.normal(jax.random.key(0), (1, 56, 56, 3))
-  logits = nnx.jit(lambda m, i, p: m(i, p))(model, ids, pixels)
-  print(f"[3/4] forward: input_ids {tuple(ids.shape)} + pixel_values {tuple(pixels.shape)} -> logits "
-        f"{tuple(logits.shape)}, next token {int(jnp.argmax(logits[0, -1]))}")
-
-  export_hf(model, out)
-  src, dst = SafetensorsReader(hf_dir), SafetensorsReader(out)
-  identical = src.keys() == dst.keys() and all(np.array_equal(src.get(k), dst.get(k)) for k in src.keys())
-  print(f"[4/4] exported back to {out}: {len(dst.keys())} tensors, bit-identical to the source: {identical}")
-  print(f"done in {time.time() - t0:.1f}s")
-  if not identical:
-    raise SystemExit("export differs from the source checkpoint")
-  return {"identical": identical, "logits_shape": tuple(logits.shape)}
+  data = write_shapes_corpus(os.path.join(workdir, "data"), num_train=num_train, num_eval=num_eval, seed=seed)
+  tokenizer = build_tokenizer(os.path.join(workdir, "tokenizer"), tokenizer_training_text(seed))
+  print(f"[1/5] wrote {num_train} training and {num_eval} held-out images with captions and questions, and a "
+        f"tokenizer ({time.time() - t0:.0f}s)")
+  clip_dir, llm_dir = write_tiny_hf_parts(os.path.join(workdir, "hf"), tokenizer, seed)
+  print(f"[2/5] made a tiny random CLIP ({clip_dir}) and LLaMA ({llm_dir}) as Hugging Face checkpoints")
+  ckpt = os.path.join(workdir, "ckpt")
+  convert_checkpoint(ckpt, clip=clip_dir, llm=llm_dir, progress=False)
+  print(f"[3/5] converted them into {ckpt}: the stage-1 start, projector freshly initialised")
+  stage1, stage2 = os.path.join(workdir, "stage1"), os.path.join(workdir, "stage2")
+  train_stage("stage1", stage1, ckpt, data["stage1"], data["image_dir"], stage1_steps, lr=1e-3)
+  print(f"[4/5] stage 1 (projector) and ...  ({time.time() - t0:.0f}s)")
+  train_stage("stage2", stage2, stage1, data["stage2"], data["image_dir"], stage2_steps, lr=1e-3)
+  print(f"      ... stage 2 (projector + LLM) trained ({time.time() - t0:.0f}s)")
+  accuracy, results = evaluate(stage2, data["eval"], data["image_dir"])
+  for question, expected, answer in results[:5]:
+    print(f"      Q: {question!r}  expected {expected!r}  model: {answer!r}")
+  by_kind = {}
+  for question, expected, answer in results:
+    kind = "background" if "background" in question else "colour" if "colour" in question else "shape"
+    by_kind.setdefault(kind, []).append(_first_word(answer) == _first_word(expected))
+  detail = ", ".join(f"{k} {np.mean(v):.0%} of {len(v)}" for k, v in sorted(by_kind.items()))
+  print(f"[5/5] held-out accuracy: {accuracy:.1%} of {len(results)} questions ({detail})")
+  print(f"done in {time.time() - t0:.0f}s")
+  return accuracy
 
 
 def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__)
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", default="runs/demo")
-  run(parser.parse_args(argv).workdir)
+  parser.add_argument("--stage1-steps", type=int, default=300)
+  parser.add_argument("--stage2-steps", type=int, default=1200)
+  args = parser.parse_args(argv)
+  run(args.workdir, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps)

@@ -1,6 +1,8 @@
 """Generation: greedy tokens equal transformers' generate; sampling is reproducible and draws from the right
 distribution; the decode step compiles once."""
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,8 +14,9 @@ from transformers.generation import logits_process as hf_lp
 import hf_tiny
 from hf_tiny import IMAGE_TOKEN
 from llava_jax import load_hf_checkpoint
-from llava_jax import generate as gen
+import llava_jax.generate  # noqa: F401,E402
 
+gen = sys.modules["llava_jax.generate"]  # the module: `llava_jax.generate` is the public function
 N_IMG = 16
 PAD = 0
 

@@ -119,40 +119,6 @@ def restore(manager: ocp.CheckpointManager, abstract_state: dict, data_iterator,
 # -- weights from a converted checkpoint, placed straight onto the mesh -----------------------------------------
 
 
-def load_params(directory: str, model_cfg: LlavaConfig, shardings: dict) -> dict:
-  """A `llava-jax convert` checkpoint's params (nested dict, int keys) restored directly into `shardings`:
-  each host reads only its shards, at `model_cfg.param_dtype`."""
-  directory = os.path.abspath(directory)
-  params_dir = os.path.join(directory, ckpt_lib.PARAMS_DIR)
-  parts = sorted(os.listdir(params_dir)) if os.path.isdir(params_dir) else []
-  if not parts:
-    raise ckpt_lib.CheckpointError(f"{directory} has no parameters ({ckpt_lib.PARAMS_DIR}/ is missing or empty)")
-  expected = dict(ckpt_lib._flatten(nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Llava(model_cfg)),
-                                                                  nnx.Param))))
-  flat_shardings = dict(ckpt_lib._flatten(shardings))
-  checkpointer = ocp.StandardCheckpointer()
-  dtype = jnp.dtype(model_cfg.param_dtype)
-  params, seen = {}, set()
-  for part in parts:
-    path_dir = os.path.join(params_dir, part)
-    stored = ckpt_lib._keys_to_int(ckpt_lib._tree_of(checkpointer.metadata(path_dir)))
-    target = {}
-    for path, meta in ckpt_lib._flatten(stored):
-      if path not in expected or tuple(meta.shape) != tuple(expected[path].shape):
-        raise ckpt_lib.CheckpointError(
-            f"{directory}: {'.'.join(map(str, path))} {tuple(meta.shape)} does not fit the model config "
-            f"({tuple(expected[path].shape) if path in expected else 'no such parameter'})")
-      ckpt_lib.set_path(target, path, jax.ShapeDtypeStruct(meta.shape, dtype, sharding=flat_shardings[path]))
-      seen.add(path)
-    restored = checkpointer.restore(path_dir, ckpt_lib._keys_to_str(target))
-    for path, array in ckpt_lib._flatten(ckpt_lib._keys_to_int(restored)):
-      ckpt_lib.set_path(params, path, array)
-  missing = [".".join(map(str, p)) for p in expected if p not in seen]
-  if missing:
-    raise ckpt_lib.CheckpointError(f"{directory}: missing parameters {missing[:20]}")
-  return params
-
-
 def write_run_files(workdir: str, model_cfg: LlavaConfig, config_json: str, assets_from: str | None) -> None:
   """The model config (so the workdir loads as a checkpoint), the run config, and the init checkpoint's assets."""
   os.makedirs(workdir, exist_ok=True)
@@ -169,28 +135,28 @@ def write_run_files(workdir: str, model_cfg: LlavaConfig, config_json: str, asse
 # -- `llava_jax.load_checkpoint(WORKDIR)` -------------------------------------------------------------------------
 
 
-def load_latest_model(workdir: str, dtype=None, attention_impl: str = "xla") -> Llava:
-  """The model at the workdir's latest checkpoint, LoRA adapters merged into the kernels."""
-  cfg = ckpt_lib.read_config(workdir)
-  if dtype is not None:
-    cfg = cfg.replace(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
+def restore_latest_params(workdir: str, cfg: LlavaConfig, flat_shardings: dict) -> dict:
+  """The model params at the workdir's latest finished checkpoint, LoRA adapters merged into the kernels, restored
+  into `flat_shardings` ({param path: sharding}); `llava_jax.checkpoint.restore_params` calls this."""
   steps = ocp.utils.checkpoint_steps(os.path.join(workdir, CHECKPOINTS))  # finished ones only
   if not steps:
     raise ckpt_lib.CheckpointError(f"{workdir} is a training workdir without a finished checkpoint yet")
   step_dir = os.path.join(workdir, CHECKPOINTS, str(max(steps)))
   meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, "meta"))
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Llava(cfg)), nnx.Param))
-  target = {"model": abstract}
+  dtype = jnp.dtype(cfg.param_dtype)
+  target = {"model": jax.tree_util.tree_map_with_path(
+      lambda path, a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=flat_shardings[_path_of(path)]), abstract)}
   if meta.get("lora"):
-    target["lora"] = jax.eval_shape(lambda: lora_lib.init(abstract, meta["lora"]["r"], jax.random.key(0)))
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.dtype(cfg.param_dtype), sharding=device),
-                        target)
+    device = next(iter(flat_shardings.values()))
+    target["lora"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=device),
+                                  jax.eval_shape(lambda: lora_lib.init(abstract, meta["lora"]["r"],
+                                                                       jax.random.key(0))))
   params = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "params"), target)
-  model_params = params["model"]
   if meta.get("lora"):
-    model_params = lora_lib.merge(model_params, params["lora"], meta["lora"]["alpha"] / meta["lora"]["r"])
-  model = ckpt_lib.model_from_params(cfg, model_params, attention_impl)
-  assets = os.path.join(workdir, ckpt_lib.ASSETS_DIR)
-  model.assets_dir = assets if os.path.isdir(assets) else None
-  return model
+    return lora_lib.merge(params["model"], params["lora"], meta["lora"]["alpha"] / meta["lora"]["r"])
+  return params["model"]
+
+
+def _path_of(key_path) -> tuple:
+  return tuple(k.key for k in key_path)

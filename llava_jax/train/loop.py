@@ -23,6 +23,7 @@ import numpy as np
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
 from llava_jax.models.stack import REMAT_POLICIES
 from llava_jax.sharding import make_mesh, resolve_mesh_shape, rules_from_config
+from llava_jax import checkpoint as ckpt_lib
 from llava_jax.train import checkpointing
 from llava_jax.train import data as data_lib
 from llava_jax.train.optim import OptimConfig, check_stage
@@ -287,7 +288,7 @@ def train(config, workdir: str) -> dict:
   if state is not None:
     how = f"resumed from {manager.directory} at step {host_value(state['step'])}"
   elif config.init_checkpoint:
-    params = checkpointing.load_params(config.init_checkpoint, cfg, trainer.state_shardings["params"]["model"])
+    params = ckpt_lib.restore_params(config.init_checkpoint, cfg, trainer.state_shardings["params"]["model"])
     state, how = trainer.init_state(params), f"started from {config.init_checkpoint}"
   else:
     state, how = trainer.init_state(), "started from freshly initialised weights"

@@ -154,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("demo", help="the main job on the tiny default: make data and weights, convert, train "
                      "stage 1 and 2, answer held-out questions")
   p.add_argument("--workdir", default="runs/demo")
-  p.add_argument("--stage1-steps", type=int, default=300)
+  p.add_argument("--stage1-steps", type=int, default=100)
   p.add_argument("--stage2-steps", type=int, default=1200)
   p.set_defaults(func=_demo)
   return parser

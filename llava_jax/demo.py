@@ -128,8 +128,8 @@ def _first_word(text: str) -> str:
   return words[0] if words else ""
 
 
-def run(workdir: str, num_train: int = 2000, num_eval: int = 100, stage1_steps: int = 300,
-        stage2_steps: int = 1200, seed: int = 0) -> float:
+def run(workdir: str, num_train: int = 2000, num_eval: int = 100, stage1_steps: int = 100,
+        stage2_steps: int = 1200, seed: int = 0) -> dict:
   from llava_jax.data.synthetic import build_tokenizer, tokenizer_training_text, write_shapes_corpus
 
   t0 = time.time()
@@ -160,13 +160,13 @@ def run(workdir: str, num_train: int = 2000, num_eval: int = 100, stage1_steps: 
   detail = ", ".join(f"{k} {np.mean(v):.0%} of {len(v)}" for k, v in sorted(by_kind.items()))
   print(f"[5/5] held-out accuracy: {accuracy:.1%} of {len(results)} questions ({detail})")
   print(f"done in {time.time() - t0:.0f}s")
-  return accuracy
+  return {"accuracy": accuracy, **{k: float(np.mean(v)) for k, v in by_kind.items()}}
 
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--workdir", default="runs/demo")
-  parser.add_argument("--stage1-steps", type=int, default=300)
+  parser.add_argument("--stage1-steps", type=int, default=100)
   parser.add_argument("--stage2-steps", type=int, default=1200)
   args = parser.parse_args(argv)
   run(args.workdir, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps)

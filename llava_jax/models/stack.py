@@ -22,11 +22,18 @@ REMAT_POLICIES = {
 }
 
 
-def configure_layers(module: nnx.Module, *, scan: bool = False, remat: str = "none") -> None:
-  """Sets the layer-stack knobs on `module` (a LlamaModel or CLIPVisionTower); read by their `__call__`."""
+def configure_layers(module: nnx.Module, *, scan: bool = False, remat: str = "none",
+                     activation_sharding=None) -> None:
+  """Sets the layer-stack knobs on `module` (a LlamaModel or CLIPVisionTower); read by their `__call__`.
+
+  `activation_sharding` (a jax Sharding of the [batch, length, features] hidden state) pins the hidden state at
+  every layer boundary. Without it XLA's propagation may give up the batch split for the FSDP split of the
+  weights (both use the fsdp axis) and keep whole-batch activations on every device.
+  """
   if remat not in REMAT_POLICIES:
     raise ValueError(f"remat policy {remat!r} is not one of {sorted(REMAT_POLICIES)}")
   module.scan_layers, module.remat_policy = bool(scan), remat
+  module.activation_sharding = activation_sharding
 
 
 def run_layers(module: nnx.Module, layers: Sequence[nnx.Module], x, call: Callable, keep_outputs: bool = False):
@@ -37,6 +44,11 @@ def run_layers(module: nnx.Module, layers: Sequence[nnx.Module], x, call: Callab
   scan, remat = getattr(module, "scan_layers", False), getattr(module, "remat_policy", "none")
   if not layers:
     return x, ([] if keep_outputs else None)
+  sharding = getattr(module, "activation_sharding", None)
+  if sharding is not None:
+    pin = lambda y: jax.lax.with_sharding_constraint(y, sharding)
+    call = lambda layer, y, unpinned=call: pin(unpinned(layer, y))
+    x = pin(x)
   if not scan and remat == "none":
     outputs = []
     for layer in layers:

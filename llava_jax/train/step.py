@@ -86,8 +86,10 @@ class Trainer:
     self.lora = (lora or LoraConfig()) if stage == "lora" else None
 
     model = nnx.eval_shape(lambda: Llava(model_cfg, attention_impl=attention_impl))
-    configure_layers(model.language_model, scan=scan_layers, remat=remat)
-    configure_layers(model.vision_tower, scan=scan_layers)  # no backward through it: remat would buy nothing
+    hidden_sharding = batch_sharding(mesh, 3, rules)  # [batch, length, features] split like the batch
+    configure_layers(model.language_model, scan=scan_layers, remat=remat, activation_sharding=hidden_sharding)
+    # No backward through the vision tower: remat would buy nothing.
+    configure_layers(model.vision_tower, scan=scan_layers, activation_sharding=hidden_sharding)
     head = model.lm_head if model.lm_head is not None else model.language_model.embed_tokens
     head.dtype = jnp.float32  # logits (and so the softmax) in fp32 under bf16 compute
     self.graphdef, abstract = nnx.split(model, nnx.Param)

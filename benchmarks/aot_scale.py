@@ -1,0 +1,279 @@
+"""Ahead-of-time scale-out check: compile the LLaVA-1.5-7B/13B train steps for pod-sized meshes on this CPU.
+
+  python benchmarks/aot_scale.py                                   # 7B and 13B, stage1/stage2/lora, 8/32/64/256
+  python benchmarks/aot_scale.py --sizes 7b --devices 32 --stages stage2
+
+Nothing is allocated: the train state and the batch are `jax.ShapeDtypeStruct`s carrying their shardings (the
+Trainer builds them with `nnx.eval_shape`), and `jit(...).lower(...).compile()` runs XLA's SPMD partitioner for a
+mesh of N fake CPU devices (`--xla_force_host_platform_device_count=N`, set before jax is imported, so each device
+count runs in its own subprocess). The recipe is configs/llava_v1_5_{7b,13b}.py: bf16 compute, fp32 master weights
+and AdamW moments, remat "full", layers scanned, 2048 tokens per row, one 336 px image per row, the reference
+global batch (256 rows in stage 1, 128 in stage 2 and LoRA), split into micro-batches by gradient accumulation
+where a device would need more than a v5p chip's 95 GB (`--accum auto`).
+
+Printed per (model, stage, devices):
+  memory    per device, from XLA's memory analysis of the compiled step: arguments (params + optimizer state +
+            batch shard), temporaries, and their peak (the state is donated, so outputs alias the arguments).
+  FLOPs     per step, from XLA's cost analysis, against benchmarks/flops.py's analytic count. XLA counts a loop
+            body once whatever its trip count, so the scanned step cannot be read directly: the cost is measured
+            on the same mesh for unrolled 1- and 2-layer variants of each tower and extrapolated linearly to the
+            full depth (`--flops-on` picks the device counts that do so; the others leave XLA's column empty and
+            base their times on the analytic count).
+  time      the step time if every device ran the compiled FLOPs at the TPU's peak (v5p 459, v5e 197 bf16
+            TFLOP/s): a compute-bound lower bound that ignores communication and memory stalls; the MFU bound is
+            model FLOPs / (devices x peak x that time).
+The CPU compiler is not the TPU one (different fusion, layouts and no memory-space assignment), so the memory
+figures are an estimate of the TPU's, not a measurement of it; docs/PERFORMANCE.md discusses the gap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+PEAK_TFLOPS = {"v5p": 459.0, "v5e": 197.0}
+HBM_GB = {"v5p": 95.0, "v5e": 16.0}
+# Meshes (data, fsdp, tensor) per device count: the hardware presets of configs/mesh_presets.py where one has that
+# many devices (8 = gpu-8, 32 = v5p-64, 256 = v5e-256), else FSDP over every device. Where the global batch cannot
+# give every batch shard a row, a factor of 2 at a time moves from fsdp to tensor parallelism.
+PRESET_FOR = {8: "gpu-8", 32: "v5p-64", 256: "v5e-256"}
+STAGES = ("stage1", "stage2", "lora")
+SIZES = {"7b": "llava_v1_5_7b.py", "13b": "llava_v1_5_13b.py", "tiny": "tiny.py"}  # tiny: a seconds-long smoke run
+
+
+def load_config(size: str, stage: str):
+  import importlib.util
+  path = os.path.join(ROOT, "configs", SIZES[size])
+  spec = importlib.util.spec_from_file_location(f"aot_{size}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(stage)
+
+
+def mesh_for(devices: int, batch: int, accum: int) -> tuple[int, int, int]:
+  data, fsdp, tensor = (1, devices, 1)
+  if devices in PRESET_FOR:
+    sys.path.insert(0, os.path.join(ROOT, "configs"))
+    import mesh_presets  # pylint: disable=import-outside-toplevel
+    data, fsdp, tensor = mesh_presets.get(PRESET_FOR[devices])["mesh"]
+  while (batch // accum) % (data * fsdp) and fsdp % 2 == 0:
+    if data > 1:
+      data, fsdp = 1, data * fsdp
+      continue
+    fsdp, tensor = fsdp // 2, tensor * 2
+  return data, fsdp, tensor
+
+
+def compile_step(model_cfg, config, mesh_shape, rows: int, seq: int, accum: int, scan: bool):
+  """(compiled step, Trainer) for abstract inputs: no array is allocated."""
+  import jax
+  import jax.numpy as jnp
+
+  from llava_jax.sharding import batch_sharding, make_mesh, rules_from_config
+  from llava_jax.train import loop
+  from llava_jax.train.step import LoraConfig, Trainer
+
+  mesh = make_mesh(mesh_shape)
+  rules = rules_from_config(config.sharding_rules)
+  lora = LoraConfig(r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout)
+  trainer = Trainer(model_cfg, config.stage, loop.optim_config(config), config.total_steps, mesh, rules,
+                    grad_accum_steps=accum, lora=lora, remat=config.remat, scan_layers=scan, seed=config.seed)
+  size = model_cfg.vision.image_size
+  shapes = {"input_ids": ((rows, seq), jnp.int32), "labels": ((rows, seq), jnp.int32),
+            "attention_mask": ((rows, seq), jnp.int32), "pixel_values": ((rows, size, size, 3), jnp.float32),
+            "image_mask": ((rows,), jnp.bool_)}
+  batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(mesh, len(s), rules)) for k, (s, d) in
+           shapes.items()}
+  return trainer.compile(trainer.abstract_state, batch), trainer
+
+
+def _replace(dc, **kw):
+  import dataclasses
+  return dataclasses.replace(dc, **kw)
+
+
+def worker(args) -> None:
+  """One device count: every requested (size, stage); one JSON line per result."""
+  import jax
+
+  sys.path[:0] = [HERE, ROOT]
+  import flops as fl
+  from llava_jax.train import loop
+
+  assert jax.device_count() == args.devices, (jax.device_count(), args.devices)
+  for size in args.sizes:
+    for stage in args.stages:
+      config = load_config(size, stage)
+      model_cfg = loop.model_config(config)
+      rows, seq = config.batch_size, config.data.seq_len
+      accum = config.grad_accum_steps if args.accum == "auto" else int(args.accum)
+      while True:
+        mesh_shape = mesh_for(args.devices, rows, accum)
+        t0 = time.perf_counter()
+        try:
+          compiled, trainer = compile_step(model_cfg, config, mesh_shape, rows, seq, accum,
+                                           scan=config.scan_layers)
+        except Exception as e:  # pylint: disable=broad-except  (one failed configuration must not hide the rest)
+          print(f"FAILED {size} {stage} on {args.devices} devices, mesh {mesh_shape}: {type(e).__name__}: {e}",
+                flush=True)
+          compiled = None
+          break
+        compile_s = time.perf_counter() - t0
+        mem = compiled.memory_analysis()
+        peak = mem.argument_size_in_bytes + mem.temp_size_in_bytes + mem.output_size_in_bytes - \
+            mem.alias_size_in_bytes
+        micro_rows = rows // accum // (mesh_shape[0] * mesh_shape[1])
+        if args.accum != "auto" or peak <= HBM_GB["v5p"] * 1e9 or micro_rows <= 1:
+          break
+        print(f"  {size} {stage} on {args.devices} devices: {peak / 1e9:.0f} GB per device with {micro_rows} rows "
+              f"per micro-batch; accumulating over {2 * accum} micro-batches instead", flush=True)
+        accum *= 2
+      if compiled is None:
+        continue
+      result = dict(size=size, stage=stage, devices=args.devices, mesh=mesh_shape, rows=rows, seq=seq,
+                    accum=accum, compile_s=compile_s, argument=mem.argument_size_in_bytes,
+                    output=mem.output_size_in_bytes, alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes,
+                    state_bytes=_state_bytes_per_device(trainer.abstract_state),
+                    scanned_flops=trainer.flops_per_step)
+      del compiled, trainer
+      lora_r = config.lora.r if stage == "lora" else 0
+      model = fl.train_step(model_cfg, stage, rows, seq, rows, lora_r=lora_r)
+      hardware = fl.train_step(model_cfg, stage, rows, seq, rows, lora_r=lora_r, remat=config.remat != "none",
+                               hardware=True)
+      result.update(model_flops=model.total, hardware_flops=hardware.total)
+      if args.flops_on == "all" or str(args.devices) in args.flops_on.split(","):
+        t0 = time.perf_counter()
+        micro = rows // accum
+
+        def flops(vision_run: int, text_layers: int) -> float:
+          cfg = model_cfg.replace(vision=_replace(model_cfg.vision, num_hidden_layers=vision_run + 1),
+                                  text=_replace(model_cfg.text, num_hidden_layers=text_layers))
+          _, small = compile_step(cfg, config, mesh_shape, micro, seq, 1, scan=False)
+          return small.flops_per_step
+
+        f11, f21, f12 = flops(1, 1), flops(2, 1), flops(1, 2)
+        v_run = fl.vision_layers_run(model_cfg)
+        per_device = f11 + (v_run - 1) * (f21 - f11) + (model_cfg.text.num_hidden_layers - 1) * (f12 - f11)
+        result.update(xla_flops_per_device=per_device * accum, flops_compile_s=time.perf_counter() - t0)
+      print("RESULT " + json.dumps(result), flush=True)
+
+
+def _state_bytes_per_device(abstract_state) -> int:
+  import jax
+  import numpy as np
+  total = 0
+  for leaf in jax.tree.leaves(abstract_state):
+    shard = leaf.sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shard, dtype=np.int64)) * leaf.dtype.itemsize
+  return total
+
+
+def run_device_count(devices: int, args) -> list[dict]:
+  env = dict(os.environ)
+  # The device count, and a cheaper LLVM pipeline: the code is never run, and buffer assignment (the memory
+  # figures) happens before it.
+  env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+                      " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true").strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--devices", str(devices),
+         "--sizes", ",".join(args.sizes), "--stages", ",".join(args.stages), "--accum", str(args.accum)]
+  cmd += ["--flops-on", args.flops_on]
+  results = []
+  with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT) as proc:
+    for line in proc.stdout:
+      if line.startswith("RESULT "):
+        r = json.loads(line[len("RESULT "):])
+        results.append(r)
+        print(f"  compiled {r['size']} {r['stage']} on {devices} devices in {r['compile_s']:.0f} s", flush=True)
+      else:
+        print("  " + line.rstrip(), flush=True)
+  if proc.returncode:
+    raise SystemExit(f"the worker for {devices} devices failed (exit {proc.returncode})")
+  return results
+
+
+def print_tables(results: list[dict]) -> None:
+  gb = 1e9
+  print("| model | stage | devices | mesh (data, fsdp, tensor) | rows/device x accum | state/device | "
+        "temporaries/device | peak/device | fits v5p (95 GB) | fits v5e (16 GB) | compile |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  for r in results:
+    data, fsdp, _ = r["mesh"]
+    per_device_rows = r["rows"] // (data * fsdp) // r["accum"]
+    peak = _peak(r)
+    print(f"| {r['size']} | {r['stage']} | {r['devices']} | {tuple(r['mesh'])} | {per_device_rows} x {r['accum']} "
+          f"| {r['state_bytes'] / gb:.1f} GB | {r['temp'] / gb:.1f} GB | {peak / gb:.1f} GB | "
+          f"{'yes' if peak <= HBM_GB['v5p'] * gb else '**no**'} | {'yes' if peak <= HBM_GB['v5e'] * gb else 'no'} | "
+          f"{r['compile_s']:.0f} s |")
+  print()
+  print("| model | stage | devices | tokens/step | XLA TFLOP/step | analytic hardware TFLOP | XLA / analytic | "
+        "model TFLOP (MFU numerator) | v5p step (roofline) | v5p MFU bound | v5e step (roofline) | v5e MFU bound |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+  for r in results:
+    tokens = r["rows"] * r["seq"]
+    xla = r.get("xla_flops_per_device")
+    if xla is None:
+      cells = ["", f"{r['hardware_flops'] / 1e12:,.0f}", "", f"{r['model_flops'] / 1e12:,.0f}"]
+      per_device = r["hardware_flops"] / r["devices"]
+    else:
+      total = xla * r["devices"]
+      cells = [f"{total / 1e12:,.0f}", f"{r['hardware_flops'] / 1e12:,.0f}", f"{total / r['hardware_flops']:.2f}",
+               f"{r['model_flops'] / 1e12:,.0f}"]
+      per_device = xla
+    for chip in ("v5p", "v5e"):
+      t = per_device / (PEAK_TFLOPS[chip] * 1e12)
+      mfu = r["model_flops"] / (r["devices"] * PEAK_TFLOPS[chip] * 1e12 * t)
+      cells += [f"{t:.2f} s", f"{100 * mfu:.0f}%"]
+    print(f"| {r['size']} | {r['stage']} | {r['devices']} | {tokens:,} | " + " | ".join(cells) + " |")
+
+
+def _peak(r: dict) -> int:
+  """Per-device peak: arguments + temporaries + outputs that do not reuse a (donated) argument's buffer."""
+  return r["argument"] + r["temp"] + r["output"] - r["alias"]
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--sizes", default="7b,13b")
+  parser.add_argument("--stages", default=",".join(STAGES))
+  parser.add_argument("--devices", default="8,32,64,256")
+  parser.add_argument("--accum", default="auto",
+                      help="gradient accumulation steps; 'auto': the config's, doubled until a device needs at "
+                           "most 95 GB (a v5p chip)")
+  parser.add_argument("--flops-on", default="32",
+                      help="device counts (comma-separated, 'all' or 'none') whose rows also measure XLA's FLOP "
+                           "count: three more small compiles per step")
+  parser.add_argument("--json", help="also write the results here")
+  parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  args.sizes = [s for s in args.sizes.split(",") if s]
+  args.stages = [s for s in args.stages.split(",") if s]
+  bad = [s for s in args.sizes if s not in SIZES] + [s for s in args.stages if s not in STAGES]
+  if bad:
+    parser.error(f"unknown {bad}: sizes are {sorted(SIZES)}, stages {STAGES}")
+  if args.worker:
+    args.devices = int(args.devices)
+    worker(args)
+    return
+  device_counts = [int(d) for d in args.devices.split(",")]
+  print(f"AOT compile on this CPU ({os.cpu_count()} cores): sizes {args.sizes}, stages {args.stages}, devices "
+        f"{device_counts}", flush=True)
+  t0 = time.perf_counter()
+  results = []
+  for n in device_counts:
+    results += run_device_count(n, args)
+  print(f"\n{len(results)} steps compiled in {time.perf_counter() - t0:.0f} s\n")
+  print_tables(results)
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()

@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "stage 1 and 2, answer held-out questions")
   p.add_argument("--workdir", default="runs/demo")
   p.add_argument("--stage1-steps", type=int, default=100)
-  p.add_argument("--stage2-steps", type=int, default=1200)
+  p.add_argument("--stage2-steps", type=int, default=1600)
   p.set_defaults(func=_demo)
   return parser
 

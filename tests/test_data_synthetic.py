@@ -53,3 +53,18 @@ def test_every_sample_tokenizes_cleanly(tmp_path):
                                                  has_image="image" in record, sample_id=record["id"])
       assert (labels != text.IGNORE_INDEX).any()
       assert ((ids == len(tok)).sum() == 8) == ("image" in record)
+
+
+def test_radius_sets_the_shape_size_and_supersampling_antialiases():
+  def draw(radius, supersample):
+    img = synthetic.draw_shape("square", "red", "white", (60, 60), np.random.default_rng(0), radius, supersample)
+    pixels = np.asarray(img).reshape(-1, 3).astype(int)
+    pure = lambda rgb: (np.abs(pixels - np.array(rgb)).sum(1) == 0).mean()
+    red, white = pure(synthetic.COLOURS["red"]), pure(synthetic.BACKGROUNDS["white"])
+    return red, 1 - red - white  # shape coverage, share of blended edge pixels
+
+  small, aliased_edges = draw((0.25, 0.25), 1)
+  large, smooth_edges = draw((0.45, 0.45), 4)
+  assert aliased_edges == 0 and 0.2 < small < 0.3  # a square of side 0.5: a quarter of the image
+  assert large > 2.5 * small  # side 0.9: 0.81 of the image, less the blended border
+  assert smooth_edges > 0.02  # the edges blend into the background

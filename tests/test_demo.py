@@ -1,8 +1,7 @@
-"""The main job (README's first command) learns from its own data: held-out answers far above chance.
+"""The main job (README's first command) learns from its own data: at least 90% of the held-out questions.
 
-Measured: 86% overall (colour 100%, background 100%, shape 59%); the issue's target is 90% overall, which the
-shape questions keep out of reach while the tiny CLIP is random (see the closing note). The bounds below guard
-what is achieved: chance is about 20%.
+Measured with the defaults (seed 0): 97.5% of 200 questions (colour and background 100%, shape 93%; chance about
+20% on shapes); seed 1: 94.5%. The issue's target is 90% overall.
 """
 
 import pytest
@@ -11,7 +10,7 @@ from llava_jax import demo
 
 
 @pytest.mark.slow
-def test_main_job_learns_colours_and_backgrounds_and_beats_chance_on_shapes(tmp_path):
+def test_main_job_answers_held_out_questions(tmp_path):
   result = demo.run(str(tmp_path / "demo"))
-  assert result["colour"] >= 0.9 and result["background"] >= 0.9, result
-  assert result["accuracy"] >= 0.75, result
+  assert result["accuracy"] >= 0.9, result
+  assert min(result["colour"], result["background"]) >= 0.9 and result["shape"] >= 0.6, result

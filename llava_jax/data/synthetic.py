@@ -68,19 +68,24 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
 
 
 def draw_shape(shape: str, colour: str, background: str, size: tuple[int, int],
-               rng: np.random.Generator) -> Image.Image:
-  """One RGB image: `shape` filled with `colour`, at a random place, on `background`."""
-  w, h = size
+               rng: np.random.Generator, radius: tuple[float, float] = (0.25, 0.4),
+               supersample: int = 1) -> Image.Image:
+  """One RGB image: `shape` filled with `colour`, at a random place, on `background`.
+
+  The shape's radius is a `radius` fraction of the shorter side. `supersample` > 1 draws at that many times the
+  size and downsamples (Lanczos), which anti-aliases the edges.
+  """
+  w, h = size[0] * supersample, size[1] * supersample
   img = Image.new("RGB", (w, h), BACKGROUNDS[background])
   draw = ImageDraw.Draw(img)
-  r = float(rng.uniform(0.25, 0.4)) * min(w, h)
+  r = float(rng.uniform(*radius)) * min(w, h)
   cx = float(rng.uniform(r, w - r))
   cy = float(rng.uniform(r, h - r))
   if shape == "circle":
     draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[colour])
   else:
     draw.polygon(_polygon(shape, cx, cy, r), fill=COLOURS[colour])
-  return img
+  return img.resize(size, Image.LANCZOS) if supersample > 1 else img
 
 
 def _sample_scene(rng: np.random.Generator, min_size: int, max_size: int):
@@ -97,8 +102,11 @@ def _answer(kind: str, shape: str, colour: str, background: str) -> str:
 
 
 def write_shapes_corpus(out_dir: str, num_train: int = 200, num_eval: int = 50, seed: int = 0,
-                        min_size: int = 24, max_size: int = 48) -> dict[str, str]:
+                        min_size: int = 24, max_size: int = 48, radius: tuple[float, float] = (0.25, 0.4),
+                        supersample: int = 1) -> dict[str, str]:
   """Writes images/ and stage1.json, stage2.json, eval.json under `out_dir`.
+
+  Image sides are drawn from [min_size, max_size]; `radius` and `supersample` are passed to `draw_shape`.
 
   Returns the paths: {"image_dir", "stage1", "stage2", "eval"}.
   """
@@ -110,7 +118,7 @@ def write_shapes_corpus(out_dir: str, num_train: int = 200, num_eval: int = 50, 
   for i in range(num_train):
     shape, colour, background, size = _sample_scene(train_rng, min_size, max_size)
     name = f"train_{i:06d}.png"
-    draw_shape(shape, colour, background, size, train_rng).save(os.path.join(image_dir, name))
+    draw_shape(shape, colour, background, size, train_rng, radius, supersample).save(os.path.join(image_dir, name))
     article = "An" if colour[0] in "aeiou" else "A"
     stage1.append({
         "id": f"shapes-cap-{i:06d}", "image": name,
@@ -136,7 +144,7 @@ def write_shapes_corpus(out_dir: str, num_train: int = 200, num_eval: int = 50, 
   for i in range(num_eval):
     shape, colour, background, size = _sample_scene(eval_rng, min_size, max_size)
     name = f"eval_{i:06d}.png"
-    draw_shape(shape, colour, background, size, eval_rng).save(os.path.join(image_dir, name))
+    draw_shape(shape, colour, background, size, eval_rng, radius, supersample).save(os.path.join(image_dir, name))
     kind = list(_QUESTIONS)[eval_rng.integers(len(_QUESTIONS))]
     held_out.append({
         "id": f"shapes-eval-{i:06d}", "image": name,

@@ -109,7 +109,8 @@ def _add_generation_flags(p):
 def _demo(args):
   from llava_jax import demo
 
-  demo.run(args.workdir, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps)
+  steps = {k: v for k, v in (("stage1_steps", args.stage1_steps), ("stage2_steps", args.stage2_steps)) if v}
+  demo.run(args.workdir, **steps)  # unset: demo.run's defaults
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -154,8 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("demo", help="the main job on the tiny default: make data and weights, convert, train "
                      "stage 1 and 2, answer held-out questions")
   p.add_argument("--workdir", default="runs/demo")
-  p.add_argument("--stage1-steps", type=int, default=100)
-  p.add_argument("--stage2-steps", type=int, default=1600)
+  p.add_argument("--stage1-steps", type=int, help="default: demo.run's")
+  p.add_argument("--stage2-steps", type=int, help="default: demo.run's")
   p.set_defaults(func=_demo)
   return parser
 

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -169,11 +168,3 @@ def run(workdir: str, num_train: int = 2000, num_eval: int = 200, stage1_steps: 
   print(f"done in {time.time() - t0:.0f}s")
   return {"accuracy": accuracy, **{k: float(np.mean(v)) for k, v in by_kind.items()}}
 
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--workdir", default="runs/demo")
-  parser.add_argument("--stage1-steps", type=int, default=100)
-  parser.add_argument("--stage2-steps", type=int, default=1600)
-  args = parser.parse_args(argv)
-  run(args.workdir, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps)

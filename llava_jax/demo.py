@@ -19,6 +19,7 @@ from flax import nnx
 
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
 from llava_jax.convert import convert_checkpoint, iter_hf_tensors
+from llava_jax.data.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from llava_jax.models.llava import Llava
 from llava_jax.safetensors_io import write_safetensors
 
@@ -26,8 +27,6 @@ TINY_VISION = VisionConfig(hidden_size=128, intermediate_size=256, num_hidden_la
                            image_size=56, patch_size=7)
 TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=32, max_position_embeddings=512)
-OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 def write_tiny_hf_parts(root: str, tokenizer_dir: str, seed: int = 0) -> tuple[str, str]:
@@ -61,7 +60,7 @@ def write_tiny_hf_parts(root: str, tokenizer_dir: str, seed: int = 0) -> tuple[s
   processor = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": v.image_size},
                "crop_size": {"height": v.image_size, "width": v.image_size}, "do_resize": True,
                "do_center_crop": True, "do_rescale": True, "do_normalize": True, "resample": 3,
-               "rescale_factor": 1 / 255, "image_mean": OPENAI_CLIP_MEAN, "image_std": OPENAI_CLIP_STD}
+               "rescale_factor": 1 / 255, "image_mean": list(OPENAI_CLIP_MEAN), "image_std": list(OPENAI_CLIP_STD)}
   for folder, name, content in ((clip_dir, "config.json", vision_json), (llm_dir, "config.json", llm_json),
                                 (clip_dir, "preprocessor_config.json", processor)):
     with open(os.path.join(folder, name), "w") as f:

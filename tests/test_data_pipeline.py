@@ -9,7 +9,7 @@ import pytest
 import transformers
 from PIL import Image
 
-from llava_jax.data import pipeline, synthetic, text
+from llava_jax.data import ordering, pipeline, synthetic, text
 
 IMAGE_SIZE = 32
 NUM_IMAGE_TOKENS = 4
@@ -180,7 +180,7 @@ def test_group_by_modality_length_batches_one_modality(corpus, tokenizer):
 def test_modality_grouped_order_is_llava_like():
   rng = np.random.default_rng(0)
   lengths = np.array([5, -3, 7, 2, -9, 4, 4, -1, 8, 3, -2, 6, 1, -4], np.int64)
-  order = pipeline.modality_length_grouped_indices(lengths, batch_size=2, world_size=2, rng=rng)
+  order = ordering.modality_length_grouped_indices(lengths, batch_size=2, world_size=2, rng=rng)
   assert sorted(order) == list(range(len(lengths)))
   megabatches = [order[i:i + 4] for i in range(0, len(order), 4)]
   for mega in megabatches[:-1]:

@@ -9,6 +9,7 @@ import pytest
 import transformers
 
 from llava_jax.data import pipeline, synthetic
+from llava_jax.data import records as records_lib
 
 tfds = pytest.importorskip("tensorflow_datasets")
 from llava_jax.data import tfds_llava  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -53,7 +54,7 @@ def test_records_round_trip(built):
       assert got["image_bytes"] == f.read()
   assert source[3]["image_bytes"] is None and source[3]["image"] == "does_not_exist.png"
   np.testing.assert_array_equal(source.modality_lengths(),
-                                [pipeline.record_modality_length(r) for r in records])
+                                [records_lib.record_modality_length(r) for r in records])
 
 
 def test_tfds_batches_equal_json_batches(built):

@@ -1,6 +1,12 @@
 """LLaVA data: conversation templates, tokenization with the reference's label masks,
 CLIP image preprocessing, and the grain input pipeline (TFDS builders in `tfds_llava`,
-imported on demand)."""
+imported on demand).
+
+One module per job: `conversation` (templates), `text` (ids and labels), `image` (CLIP
+pixels), `records` (record sources, skip markers), `ordering` (epoch order, length
+grouping, host/worker shards), `preprocess` (record -> example), `collate` (batches),
+`pipeline` (assembles them: `make_iterator`), `synthetic` (a toy corpus and tokenizer).
+"""
 
 from llava_jax.data.conversation import TEMPLATES, SeparatorStyle, Template, get_template
 from llava_jax.data.image import ImageProcessorConfig, preprocess_image

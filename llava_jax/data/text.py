@@ -31,9 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from llava_jax.config import IGNORE_INDEX  # re-exported: the data side's name for it
 from llava_jax.data.conversation import DEFAULT_IMAGE_TOKEN, SeparatorStyle, Template, get_template
 
-IGNORE_INDEX = -100
 # The reference's IMAGE_TOKEN_INDEX: a placeholder that exists only inside this module.
 IMAGE_PLACEHOLDER = -200
 

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from llava_jax.data.records import record_modality_length, skip_record
 from llava_jax.data.text import SkipReason
 
 log = logging.getLogger(__name__)
@@ -112,9 +113,6 @@ if tfds is not None:
       return {"train": self._generate_examples(self._json_path(manual_dir), image_root)}
 
     def _generate_examples(self, json_path: str, image_root: str):
-      # Imported here: the pipeline module is only needed to build.
-      from llava_jax.data.pipeline import record_modality_length  # pylint: disable=import-outside-toplevel
-
       lengths = []
       for index, (where, record, raw) in enumerate(_iter_records(json_path)):
         example = {"id": where, "image": "", "image_bytes": b"", "image_missing": False,
@@ -190,7 +188,7 @@ class RecordSource:
     try:
       conversations = json.loads(text("conversations"))
     except ValueError:
-      return {"_skip": SkipReason.MALFORMED_RECORD.value, "id": sample_id, "message": "not JSON"}
+      return skip_record(SkipReason.MALFORMED_RECORD, sample_id, "not JSON")
     record = {"id": sample_id, "conversations": conversations}
     image = text("image")
     if image:

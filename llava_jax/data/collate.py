@@ -1,0 +1,160 @@
+"""Examples -> fixed-shape batches: padding one sample per row, or packing several.
+
+The batch layout is the contract written in `pipeline`'s docstring. Skip markers are
+taken out of the stream here and ride along with the batch (under `SKIPPED_KEY`) so
+that the iterator can count them; a batch can thus carry skips and no sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import grain
+import numpy as np
+
+from llava_jax.data.records import SKIP_KEY, SKIPPED_KEY
+from llava_jax.data.text import IGNORE_INDEX
+
+
+def pad_token_id(tokenizer) -> int:
+  """The padding id: the tokenizer's pad, else unk (what LLaVA sets), else 0."""
+  for name in ("pad_token_id", "unk_token_id"):
+    value = getattr(tokenizer, name, None)
+    if value is not None:
+      return int(value)
+  return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Collate:
+  """Rows of examples -> one fixed-shape batch; the fields are `DataConfig`'s, plus the pad id and (H, W)."""
+  batch_size: int
+  max_length: int
+  packing: bool
+  max_images_per_row: int
+  pad_id: int
+  image_size: tuple[int, int]
+
+  def fits(self, row: list[dict], example: dict) -> bool:
+    used = sum(len(e["input_ids"]) for e in row)
+    images = sum(e["pixel_values"] is not None for e in row)
+    return (used + len(example["input_ids"]) <= self.max_length and
+            images + (example["pixel_values"] is not None) <= self.max_images_per_row)
+
+  def __call__(self, rows: list[list[dict]], skipped: list[tuple[str, str, str]]) -> dict:
+    b, length = self.batch_size, self.max_length
+    h, w = self.image_size
+    batch = {
+        "input_ids": np.full((b, length), self.pad_id, np.int32),
+        "labels": np.full((b, length), IGNORE_INDEX, np.int32),
+        "attention_mask": np.zeros((b, length), np.int32),
+    }
+    if self.packing:
+      m = self.max_images_per_row
+      batch.update(segment_ids=np.zeros((b, length), np.int32), positions=np.zeros((b, length), np.int32),
+                   pixel_values=np.zeros((b, m, h, w, 3), np.float32), image_mask=np.zeros((b, m), bool))
+    else:
+      batch.update(pixel_values=np.zeros((b, h, w, 3), np.float32), image_mask=np.zeros((b,), bool))
+    for r, row in enumerate(rows):
+      start, slot = 0, 0
+      for segment, ex in enumerate(row, 1):
+        n = len(ex["input_ids"])
+        end = start + n
+        batch["input_ids"][r, start:end] = ex["input_ids"]
+        batch["labels"][r, start:end] = ex["labels"]
+        batch["attention_mask"][r, start:end] = 1
+        if self.packing:
+          batch["labels"][r, start] = IGNORE_INDEX
+          batch["segment_ids"][r, start:end] = segment
+          batch["positions"][r, start:end] = np.arange(n, dtype=np.int32)
+          if ex["pixel_values"] is not None:
+            batch["pixel_values"][r, slot] = ex["pixel_values"]
+            batch["image_mask"][r, slot] = True
+            slot += 1
+        elif ex["pixel_values"] is not None:
+          batch["pixel_values"][r] = ex["pixel_values"]
+          batch["image_mask"][r] = True
+        start = end
+    batch[SKIPPED_KEY] = list(skipped)
+    return batch
+
+
+class BatchIterator(grain.DatasetIterator):
+  """Drops skipped-sample markers (keeping them for the batch) and fills rows."""
+
+  def __init__(self, parent: grain.DatasetIterator, collate: Collate):
+    super().__init__(parent)
+    self._collate = collate
+    self._pending = None        # an example read but left for the next batch (packing)
+    self._pending_state = None  # the parent's state before that example was read
+
+  def __next__(self) -> dict:
+    packing = self._collate.packing
+    batch_size = self._collate.batch_size
+    rows: list[list[dict]] = []
+    skipped: list[tuple[str, str, str]] = []
+    while True:
+      if self._pending is not None:
+        example, state_before = self._pending, self._pending_state
+        self._pending = self._pending_state = None
+      else:
+        state_before = self._parent.get_state() if packing else None
+        try:
+          example = next(self._parent)
+        except StopIteration:
+          break
+      if SKIP_KEY in example:
+        skipped.append((example[SKIP_KEY], example["id"], example["message"]))
+        continue
+      if not packing:
+        rows.append([example])
+        if len(rows) == batch_size:
+          break
+      elif rows and self._collate.fits(rows[-1], example):
+        rows[-1].append(example)
+      elif len(rows) < batch_size:
+        rows.append([example])
+      else:
+        self._pending, self._pending_state = example, state_before
+        break
+    if not rows and not skipped:
+      raise StopIteration
+    return self._collate(rows, skipped)
+
+  def get_state(self) -> dict[str, Any]:
+    if self._pending is not None:
+      return {"parent": self._pending_state}
+    return {"parent": self._parent.get_state()}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._pending = self._pending_state = None
+    self._parent.set_state(state["parent"])
+
+  def __str__(self) -> str:
+    return "LlavaBatch"
+
+
+class BatchIterDataset(grain.IterDataset):
+  """Batches a sample dataset made by `make_samples(worker_index, worker_count)`.
+
+  It rebuilds its parent when `mp_prefetch` gives it a worker slice, so that workers
+  split the host's stream by whole batches (blocks) rather than by sample: a
+  worker's batch is then one block of the order, as with no workers.
+  """
+
+  def __init__(self, make_samples: Callable[[int, int], grain.IterDataset], collate: Collate):
+    super().__init__(make_samples(0, 1))
+    self._make_samples = make_samples
+    self._collate = collate
+
+  def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
+    del sequential_slice
+    self._parents = (self._make_samples(sl.start or 0, sl.step or 1),)
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return BatchIterator(self._parent.__iter__(), self._collate)
+
+  def __str__(self) -> str:
+    return "LlavaBatchDataset"

@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PEAK_TFLOPS = {"v5p": 459.0, "v5e": 197.0}
 HBM_GB = {"v5p": 95.0, "v5e": 16.0}
-# Meshes (data, fsdp, tensor) per device count: the hardware presets of configs/mesh_presets.py where one has that
+# Meshes (data, fsdp, tensor) per device count: the hardware presets of llava_jax.train.recipes.PRESETS where one has that
 # many devices (8 = gpu-8, 32 = v5p-64, 256 = v5e-256), else FSDP over every device. Where the global batch cannot
 # give every batch shard a row, a factor of 2 at a time moves from fsdp to tensor parallelism.
 PRESET_FOR = {8: "gpu-8", 32: "v5p-64", 256: "v5e-256"}
@@ -48,20 +48,15 @@ SIZES = {"7b": "llava_v1_5_7b.py", "13b": "llava_v1_5_13b.py", "tiny": "tiny.py"
 
 
 def load_config(size: str, stage: str):
-  import importlib.util
-  path = os.path.join(ROOT, "configs", SIZES[size])
-  spec = importlib.util.spec_from_file_location(f"aot_{size}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(stage)
+  from llava_jax.train.cli import load_config as load  # pylint: disable=import-outside-toplevel
+  return load(f"{os.path.join(ROOT, 'configs', SIZES[size])}:{stage}")
 
 
 def mesh_for(devices: int, batch: int, accum: int) -> tuple[int, int, int]:
   data, fsdp, tensor = (1, devices, 1)
   if devices in PRESET_FOR:
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    import mesh_presets  # pylint: disable=import-outside-toplevel
-    data, fsdp, tensor = mesh_presets.get(PRESET_FOR[devices])["mesh"]
+    from llava_jax.train import recipes  # pylint: disable=import-outside-toplevel
+    data, fsdp, tensor = recipes.preset(PRESET_FOR[devices])["mesh"]
   while (batch // accum) % (data * fsdp) and fsdp % 2 == 0:
     if data > 1:
       data, fsdp = 1, data * fsdp
@@ -76,13 +71,13 @@ def compile_step(model_cfg, config, mesh_shape, rows: int, seq: int, accum: int,
   import jax.numpy as jnp
 
   from llava_jax.sharding import batch_sharding, make_mesh, rules_from_config
-  from llava_jax.train import loop
-  from llava_jax.train.step import LoraConfig, Trainer
+  from llava_jax.train import run_config
+  from llava_jax.train.step import Trainer
 
   mesh = make_mesh(mesh_shape)
   rules = rules_from_config(config.sharding_rules)
-  lora = LoraConfig(r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout)
-  trainer = Trainer(model_cfg, config.stage, loop.optim_config(config), config.total_steps, mesh, rules,
+  lora = run_config.lora_config(config)
+  trainer = Trainer(model_cfg, config.stage, run_config.optim_config(config), config.total_steps, mesh, rules,
                     grad_accum_steps=accum, lora=lora, remat=config.remat, scan_layers=scan, seed=config.seed)
   size = model_cfg.vision.image_size
   shapes = {"input_ids": ((rows, seq), jnp.int32), "labels": ((rows, seq), jnp.int32),
@@ -104,13 +99,13 @@ def worker(args) -> None:
 
   sys.path[:0] = [HERE, ROOT]
   import flops as fl
-  from llava_jax.train import loop
+  from llava_jax.train import run_config
 
   assert jax.device_count() == args.devices, (jax.device_count(), args.devices)
   for size in args.sizes:
     for stage in args.stages:
       config = load_config(size, stage)
-      model_cfg = loop.model_config(config)
+      model_cfg = run_config.model_config(config)
       rows, seq = config.batch_size, config.data.seq_len
       accum = config.grad_accum_steps if args.accum == "auto" else int(args.accum)
       while True:

@@ -318,7 +318,8 @@ def row_decode(hf, ours, cfg, seq, batch, steps, floors, repeats):
 
   @jax.jit
   def ours_prefill(state, ids, px, mask):
-    logits, caches, key_valid, position = prefill(nnx.merge(graphdef, state), ids, px, None, mask, cache_len)
+    logits, caches, key_valid, position = prefill(nnx.merge(graphdef, state), ids, mask, {"pixel_values": px},
+                                                  cache_len)
     return jnp.argmax(logits, -1).astype(jnp.int32), caches, key_valid, position
 
   @jax.jit

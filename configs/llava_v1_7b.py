@@ -5,19 +5,15 @@ LLaVA-Instruct-158K; both use the LLaVA-1.5 schedule shape here (warm-up 0.03, c
 LLaVA-1.0's batch 128 / 32 and learning rates 2e-3 / 2e-5, and images centre-cropped rather than padded.
 """
 
-import os
-import sys
+from llava_jax.train import recipes
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import llava_v1_5_7b  # noqa: E402
-
-CLIP_L_224 = dict(llava_v1_5_7b.CLIP_L_336, image_size=224)
+CLIP_L_224 = dict(recipes.CLIP_L_336, image_size=224)
 CC595K_SAMPLES = 595_375
 INSTRUCT158K_SAMPLES = 157_712
 
 
 def get_config(arg: str = "stage1"):
-  c = llava_v1_5_7b.recipe(arg, CLIP_L_224, llava_v1_5_7b.VICUNA_7B)
+  c = recipes.llava_v1_5(arg, CLIP_L_224, recipes.VICUNA_7B)
   stage = arg.partition(",")[0]
   c.model.projector_type = "linear"
   c.data.aspect_ratio = "crop"

@@ -17,7 +17,6 @@ workdir must be on storage every host sees (a gs:// bucket): Orbax writes one ch
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
 import shlex
 import subprocess
@@ -29,11 +28,9 @@ SETUP = ("python3 -m venv .venv && .venv/bin/pip install -q -U pip && "
          ".venv/bin/pip install -q -e . 'jax[tpu]==0.10.2'")
 
 
-def presets():
-  spec = importlib.util.spec_from_file_location("mesh_presets", os.path.join(ROOT, "configs", "mesh_presets.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+def hardware_preset(name: str) -> dict:
+  from llava_jax.train import recipes  # pylint: disable=import-outside-toplevel  (the installed package)
+  return recipes.preset(name)
 
 
 def _where(args) -> list[str]:
@@ -51,7 +48,7 @@ def _ssh(args, remote: str, worker: str = "all") -> list[str]:
 def commands(args) -> list[list[str]]:
   """The gcloud commands for `args.action`, as argument lists."""
   if args.action == "create":
-    preset = presets().get(args.preset)
+    preset = hardware_preset(args.preset)
     if preset["kind"] != "tpu":
       raise ValueError(f"preset {args.preset!r} is not a TPU; see launch/gpu_slurm.py")
     if args.queued:
@@ -95,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--zone", required=True)
   parser.add_argument("--project")
   parser.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
-  parser.add_argument("--preset", default="v5p-64", help="hardware preset (configs/mesh_presets.py)")
+  parser.add_argument("--preset", default="v5p-64", help="hardware preset (llava_jax.train.recipes.PRESETS)")
   parser.add_argument("--queued", action="store_true", help="create through a queued resource")
   parser.add_argument("--spot", action="store_true")
   parser.add_argument("--repo", help="git URL to clone on the workers (default: ship this checkout)")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
+from typing import Any, Mapping
 
 IGNORE_INDEX = -100
 
@@ -63,6 +63,8 @@ class TextConfig:
   bos_token_id: int | None = 1
   eos_token_id: int | tuple[int, ...] | None = 2
   pad_token_id: int | None = None
+  sliding_window: int | None = None  # Mistral v0.1: a key more than this many slots back is not attended
+  model_type: str = "llama"          # "llama" (LLaMA, Vicuna, Yi) or "mistral": the transformers class on export
 
   @property
   def rope(self) -> dict[str, Any]:
@@ -71,6 +73,8 @@ class TextConfig:
 
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
 SELECT_STRATEGIES = ("default", "full")
+ANYRES_SEMANTICS = ("hf", "original")
+TEXT_MODEL_TYPES = ("llama", "mistral")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +89,25 @@ class LlavaConfig:
   projector_bias: bool = True
   vision_feature_layer: int | tuple[int, ...] = -2
   vision_feature_select_strategy: str = "default"
+  # LLaVA-NeXT (1.6): the anyres canvases as (height, width) pairs; None for LLaVA-1.0/1.5 (one tile per image).
+  image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None
+  # Where transformers and the reference differ (unpad rounding, a tie-break): "hf" (llava-hf) or "original".
+  anyres_semantics: str = "hf"
   dtype: str = "float32"
   param_dtype: str = "float32"
 
   def __post_init__(self):
+    if self.image_grid_pinpoints is not None:
+      object.__setattr__(self, "image_grid_pinpoints", tuple(tuple(int(x) for x in p)
+                                                             for p in self.image_grid_pinpoints))
+      if not self.image_grid_pinpoints or any(len(p) != 2 for p in self.image_grid_pinpoints):
+        raise ConfigError(f"image_grid_pinpoints {self.image_grid_pinpoints} must be (height, width) pairs")
+      if self.vision_feature_select_strategy != "default":
+        raise ConfigError("LLaVA-NeXT's unpadded grid needs vision_feature_select_strategy 'default' (CLS dropped)")
+    if self.anyres_semantics not in ANYRES_SEMANTICS:
+      raise ConfigError(f"anyres_semantics {self.anyres_semantics!r} is not one of {ANYRES_SEMANTICS}")
+    if self.text.model_type not in TEXT_MODEL_TYPES:
+      raise ConfigError(f"text model_type {self.text.model_type!r} is not one of {TEXT_MODEL_TYPES}")
     if self.projector_type not in PROJECTOR_TYPES:
       raise ConfigError(f"projector_type {self.projector_type!r} is not one of {PROJECTOR_TYPES}")
     if self.vision_feature_select_strategy not in SELECT_STRATEGIES:
@@ -105,6 +124,11 @@ class LlavaConfig:
   def feature_layers(self) -> tuple[int, ...]:
     layer = self.vision_feature_layer
     return (layer,) if isinstance(layer, int) else tuple(layer)
+
+  @property
+  def is_next(self) -> bool:
+    """LLaVA-NeXT: anyres tiles, the unpadded grid and `image_newline`."""
+    return self.image_grid_pinpoints is not None
 
   @property
   def num_image_tokens(self) -> int:
@@ -126,13 +150,14 @@ class LlavaConfig:
     raw = _read_json(path_or_dict)
     if is_original_llava(raw):
       return _from_original_llava(raw, **overrides)
-    if raw.get("model_type") != "llava":
+    if raw.get("model_type") not in ("llava", "llava_next"):
       raise ConfigError(
           f"unknown architecture: model_type={raw.get('model_type')!r}, architectures={raw.get('architectures')}; "
-          "expected a llava-hf `llava` config or an original `LlavaLlamaForCausalLM` one")
+          "expected a llava-hf `llava` / `llava_next` config or an original `LlavaLlamaForCausalLM` one")
     import transformers  # heavy import, only when reading HF files
 
-    hf = transformers.LlavaConfig.from_dict(raw)
+    next_ = raw["model_type"] == "llava_next"
+    hf = (transformers.LlavaNextConfig if next_ else transformers.LlavaConfig).from_dict(raw)
     layer = hf.vision_feature_layer
     fields = dict(
         vision=_vision_from_hf(hf.vision_config),
@@ -143,12 +168,14 @@ class LlavaConfig:
         projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
         vision_feature_layer=layer if isinstance(layer, int) else tuple(layer),
         vision_feature_select_strategy=hf.vision_feature_select_strategy,
+        image_grid_pinpoints=tuple(map(tuple, hf.image_grid_pinpoints)) if next_ else None,
     )
     fields.update(overrides)
     return cls(**fields)
 
   def to_hf_dict(self) -> dict:
-    """The transformers `LlavaConfig` dict that `LlavaForConditionalGeneration` loads."""
+    """The transformers `LlavaConfig` (`LlavaNextConfig` for NeXT) dict that `LlavaForConditionalGeneration`
+    (`LlavaNextForConditionalGeneration`) loads."""
     if self.projector_type != "mlp2x_gelu":
       raise ConfigError(
           "transformers' LlavaForConditionalGeneration only has the two-layer MLP projector; a "
@@ -164,22 +191,30 @@ class LlavaConfig:
         hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
         num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
         num_channels=v.num_channels, layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act)
-    text = transformers.LlamaConfig(
-        vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+    text_class = transformers.MistralConfig if t.model_type == "mistral" else transformers.LlamaConfig
+    extra = (dict(sliding_window=t.sliding_window) if t.model_type == "mistral" else
+             dict(attention_bias=t.attention_bias, mlp_bias=t.mlp_bias))
+    text = text_class(
+        **extra, vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
         num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
         num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps,
         max_position_embeddings=t.max_position_embeddings, rope_parameters=t.rope,
-        tie_word_embeddings=t.tie_word_embeddings, attention_bias=t.attention_bias, mlp_bias=t.mlp_bias,
-        hidden_act=t.hidden_act, bos_token_id=t.bos_token_id, eos_token_id=_listify(t.eos_token_id),
+        tie_word_embeddings=t.tie_word_embeddings, hidden_act=t.hidden_act, bos_token_id=t.bos_token_id,
+        eos_token_id=_listify(t.eos_token_id),
         pad_token_id=t.pad_token_id)
     layer = self.vision_feature_layer
-    hf = transformers.LlavaConfig(
+    common = dict(
         vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=self.image_token_index,
         projector_hidden_act=self.projector_hidden_act, multimodal_projector_bias=self.projector_bias,
         vision_feature_layer=layer if isinstance(layer, int) else list(layer),
         vision_feature_select_strategy=self.vision_feature_select_strategy,
         image_seq_length=self.num_image_tokens, tie_word_embeddings=t.tie_word_embeddings)
-    out = hf.to_dict()
+    if self.is_next:
+      out = transformers.LlavaNextConfig(**common, image_grid_pinpoints=[list(p) for p in self.image_grid_pinpoints])
+      out = out.to_dict()
+      out["architectures"] = ["LlavaNextForConditionalGeneration"]
+      return out
+    out = transformers.LlavaConfig(**common).to_dict()
     out["architectures"] = ["LlavaForConditionalGeneration"]
     return out
 
@@ -190,11 +225,19 @@ class LlavaConfig:
 
   @classmethod
   def from_dict(cls, d: dict) -> "LlavaConfig":
+    """From `to_dict`'s form, or a partial one (a run config's `model`): absent fields take their defaults, and
+    `rope_parameters` may be a mapping."""
     d = dict(d)
     text = dict(d.pop("text"))
-    text["rope_parameters"] = tuple(tuple(kv) for kv in text["rope_parameters"])
+    rope = text.get("rope_parameters")
+    if isinstance(rope, Mapping):
+      text["rope_parameters"] = tuple(sorted(rope.items()))
+    elif rope is not None:
+      text["rope_parameters"] = tuple(tuple(kv) for kv in rope)
     if isinstance(text.get("eos_token_id"), list):
       text["eos_token_id"] = tuple(text["eos_token_id"])
+    if d.get("image_grid_pinpoints") is not None:
+      d["image_grid_pinpoints"] = tuple(tuple(p) for p in d["image_grid_pinpoints"])
     return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**text), **d)
 
 
@@ -211,17 +254,23 @@ def vision_config_from_hf(path_or_dict) -> VisionConfig:
                     "expected `clip` or `clip_vision_model`")
 
 
+_TEXT_MODEL_TYPES = {"llama": "llama", "llava": "llama", "llava_llama": "llama", "mistral": "mistral",
+                     "llava_mistral": "mistral"}
+
+
 def text_config_from_hf(path_or_dict) -> TextConfig:
-  """Reads a LLaMA-family (`llama`) config.json."""
+  """Reads a LLaMA-family config.json: LLaMA (Vicuna, Yi) or Mistral, alone or inside an original LLaVA one."""
   raw = _read_json(path_or_dict)
-  if raw.get("model_type") not in ("llama", "llava", "llava_llama"):
+  kind = _TEXT_MODEL_TYPES.get(raw.get("model_type"))
+  if kind is None:
     raise ConfigError(f"unknown architecture for the language model: model_type={raw.get('model_type')!r}; "
-                      "expected `llama`")
+                      "expected `llama` or `mistral`")
   import transformers
 
   raw = {k: v for k, v in raw.items() if not k.startswith("mm_")}
-  raw["model_type"] = "llama"
-  return _text_from_hf(transformers.LlamaConfig.from_dict(raw))
+  raw["model_type"] = kind
+  hf_class = transformers.MistralConfig if kind == "mistral" else transformers.LlamaConfig
+  return _text_from_hf(hf_class.from_dict(raw))
 
 
 def _vision_from_hf(hf) -> VisionConfig:
@@ -232,7 +281,8 @@ def _vision_from_hf(hf) -> VisionConfig:
 
 
 def _text_from_hf(hf) -> TextConfig:
-  if getattr(hf, "model_type", "llama") not in ("llama",):
+  model_type = getattr(hf, "model_type", "llama")
+  if model_type not in TEXT_MODEL_TYPES:
     raise ConfigError(f"unknown architecture for the language model: model_type={hf.model_type!r}")
   rope = dict(hf.rope_parameters)
   rope.pop("type", None)  # legacy alias of rope_type
@@ -246,13 +296,18 @@ def _text_from_hf(hf) -> TextConfig:
       num_key_value_heads=hf.num_key_value_heads or hf.num_attention_heads, head_dim=head_dim,
       rms_norm_eps=hf.rms_norm_eps, max_position_embeddings=hf.max_position_embeddings,
       rope_parameters=tuple(sorted(rope.items())), tie_word_embeddings=bool(hf.tie_word_embeddings),
-      attention_bias=bool(hf.attention_bias), mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+      attention_bias=bool(getattr(hf, "attention_bias", False)), mlp_bias=bool(getattr(hf, "mlp_bias", False)),
       hidden_act=hf.hidden_act, bos_token_id=hf.bos_token_id,
-      eos_token_id=tuple(eos) if isinstance(eos, list) else eos, pad_token_id=hf.pad_token_id)
+      eos_token_id=tuple(eos) if isinstance(eos, list) else eos, pad_token_id=hf.pad_token_id,
+      sliding_window=getattr(hf, "sliding_window", None) if model_type == "mistral" else None,
+      model_type=model_type)
+
+
+_ORIGINAL_ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM")
 
 
 def is_original_llava(raw: dict) -> bool:
-  return "LlavaLlamaForCausalLM" in (raw.get("architectures") or []) or "mm_vision_tower" in raw
+  return bool(set(_ORIGINAL_ARCHITECTURES) & set(raw.get("architectures") or [])) or "mm_vision_tower" in raw
 
 
 def _from_original_llava(raw: dict, vision: VisionConfig | None = None, **overrides) -> LlavaConfig:
@@ -272,10 +327,18 @@ def _from_original_llava(raw: dict, vision: VisionConfig | None = None, **overri
   if select is None:
     raise ConfigError(f"mm_vision_select_feature {raw['mm_vision_select_feature']!r} is not `patch` or `cls_patch`")
   text = text_config_from_hf(raw)
+  pinpoints = None
+  if raw.get("image_aspect_ratio") == "anyres" or "spatial_unpad" in str(raw.get("mm_patch_merge_type", "")):
+    # LLaVA-1.6. The list is kept literally: the reference reads its pairs as (width, height), transformers as
+    # (height, width); `anyres_semantics="original"` reproduces the reference's reading (data/anyres.py).
+    pinpoints = tuple(tuple(p) for p in raw.get("image_grid_pinpoints") or ())
+    if not pinpoints:
+      raise ConfigError("an anyres (LLaVA-1.6) config without image_grid_pinpoints")
   fields = dict(vision=vision, text=text, image_token_index=text.vocab_size, projector_type=projector,
                 projector_hidden_act="gelu", projector_bias=True,
                 vision_feature_layer=int(raw.get("mm_vision_select_layer", -2)),
-                vision_feature_select_strategy=select)
+                vision_feature_select_strategy=select, image_grid_pinpoints=pinpoints,
+                anyres_semantics="original" if pinpoints else "hf")
   fields.update(overrides)
   return LlavaConfig(**fields)
 

@@ -26,8 +26,10 @@ from tqdm import tqdm
 
 from llava_jax.config import LlavaConfig, is_original_llava, text_config_from_hf, vision_config_from_hf
 from llava_jax.models.llava import Llava, MultiModalProjector
-from llava_jax.checkpoint import (atomic_directory, copy_assets, model_from_params, params_of, set_path,
-                                  write_checkpoint)
+from llava_jax.models.options import ModelOptions
+from llava_jax.checkpoint import model_from_params, params_of, write_checkpoint
+from llava_jax.checkpoint_files import atomic_directory, copy_assets
+from llava_jax.tree import set_path
 from llava_jax.safetensors_io import SafetensorsReader, write_safetensors
 
 
@@ -237,8 +239,8 @@ def load_hf_checkpoint(hf: str | None = None, dtype=None, *, clip: str | None = 
   """Loads Hugging Face weights straight into a model (float32 unless `dtype` is given)."""
   cfg, sources, fresh, assets = plan_conversion(hf, clip, llm, projector_type, dtype)
   params = convert_to_params(cfg, sources, dtype or "float32", seed if fresh else None)
-  model = model_from_params(cfg, params, attention_impl)
-  model.assets_dir = next((a for a in assets if a), None)
+  model = model_from_params(cfg, params, ModelOptions(attention_impl=attention_impl),
+                            assets_dir=next((a for a in assets if a), None))
   return model
 
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.models.llava import Llava
+from llava_jax.models.llava import Llava, attention_mask_4d, positions_from_mask
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,38 +64,38 @@ def init_cache(model: Llava, batch: int, length: int):
   return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(t.num_hidden_layers)]
 
 
-def prefill(model: Llava, input_ids, pixel_values, image_mask, attention_mask, cache_len: int):
-  """Runs the prompt; returns (last-position logits [B, V], caches, key_valid [B, S], next position [B])."""
+def prefill(model: Llava, input_ids, attention_mask, images: dict, cache_len: int):
+  """Runs the prompt; returns (last-position logits [B, V], caches, key_valid [B, S], next position [B]).
+
+  `images` holds `Llava.embed`'s image inputs (pixel_values, image_mask, image_feature_rows; any may be None)."""
   b, t = input_ids.shape
-  mask = attention_mask.astype(bool)
-  positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-  key_valid = jnp.zeros((b, cache_len), bool).at[:, :t].set(mask)
-  causal = jnp.arange(cache_len)[None, :] <= jnp.arange(t)[:, None]  # [T, S]
-  attn = (causal[None] & key_valid[:, None, :])[:, None]
-  embeds = model.embed(input_ids, pixel_values, image_mask)
-  hidden, caches, _ = model.language_model(embeds, positions, attn, init_cache(model, b, cache_len), 0)
-  logits = model.logits_from_hidden(hidden[:, -1]).astype(jnp.float32)
-  return logits, caches, key_valid, positions[:, -1] + 1
+  positions = positions_from_mask(attention_mask)
+  key_valid = jnp.zeros((b, cache_len), bool).at[:, :t].set(attention_mask.astype(bool))
+  embeds = model.embed(input_ids, **images)
+  mask = attention_mask_4d(key_valid, t, sliding_window=model.config.text.sliding_window)
+  out = model.decode(embeds, positions, mask, caches=init_cache(model, b, cache_len), cache_index=0)
+  logits = model.logits_from_hidden(out.hidden[:, -1]).astype(jnp.float32)
+  return logits, out.caches, key_valid, positions[:, -1] + 1
 
 
 def decode_step(model: Llava, token, caches, key_valid, position, index):
   """One token per row at cache slot `index`; returns (logits [B, V], caches, key_valid)."""
   key_valid = key_valid.at[:, index].set(True)
-  embeds = model.language_model.embed_tokens(token[:, None])
-  hidden, caches, _ = model.language_model(embeds, position[:, None], key_valid[:, None, None, :], caches, index)
-  return model.logits_from_hidden(hidden[:, -1]).astype(jnp.float32), caches, key_valid
+  embeds = model.language_model.embed_tokens(token[:, None])  # a sampled image-token id is a plain token here
+  mask = attention_mask_4d(key_valid, 1, index, sliding_window=model.config.text.sliding_window)
+  out = model.decode(embeds, position[:, None], mask, caches=caches, cache_index=index)
+  return model.logits_from_hidden(out.hidden[:, -1]).astype(jnp.float32), out.caches, key_valid
 
 
 # -- compiled whole-generation loop ----------------------------------------------------------------------------
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "pad_id"))
-def _generate(graphdef, state, input_ids, pixel_values, image_mask, attention_mask, key, *, max_new_tokens,
-              sampling, eos_ids, pad_id):
+def _generate(graphdef, state, input_ids, attention_mask, images, key, *, max_new_tokens, sampling, eos_ids,
+              pad_id):
   model = nnx.merge(graphdef, state)
   b, t = input_ids.shape
-  logits, caches, key_valid, position = prefill(model, input_ids, pixel_values, image_mask, attention_mask,
-                                                t + max_new_tokens)
+  logits, caches, key_valid, position = prefill(model, input_ids, attention_mask, images, t + max_new_tokens)
   key, sub = jax.random.split(key)
   token = next_token(logits, sampling, sub)
   eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
@@ -130,6 +130,19 @@ def _left_pad(input_ids, attention_mask, bucket: int, pad_id: int):
   return jnp.asarray(input_ids, jnp.int32), jnp.asarray(mask, jnp.int32)
 
 
+def image_inputs(model: Llava, input_ids, pixel_values=None, image_mask=None, image_sizes=None) -> dict:
+  """`Llava.embed`'s image inputs for (left-padded) prompts; LLaVA-NeXT's feature rows are computed here, on the
+  host, so the compiled prefill sees fixed shapes whatever the image sizes."""
+  rows = model.feature_rows(np.asarray(input_ids), pixel_values, None if image_sizes is None else
+                            np.asarray(image_sizes))
+  return {"pixel_values": None if pixel_values is None else jnp.asarray(pixel_values), "image_mask": image_mask,
+          "image_feature_rows": rows}
+
+
+def _pad_id(model, pad_token_id) -> int:
+  return pad_token_id if pad_token_id is not None else (model.config.text.pad_token_id or 0)
+
+
 def _eos_ids(model, eos_token_id) -> tuple[int, ...]:
   eos = model.config.text.eos_token_id if eos_token_id is None else eos_token_id
   return () if eos is None else tuple(eos) if isinstance(eos, (tuple, list)) else (int(eos),)
@@ -137,15 +150,16 @@ def _eos_ids(model, eos_token_id) -> tuple[int, ...]:
 
 def generate(model: Llava, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None, pad_token_id=None,
-             image_mask=None, seed: int = 0, prompt_bucket: int = 32) -> np.ndarray:
+             image_mask=None, image_sizes=None, seed: int = 0, prompt_bucket: int = 32) -> np.ndarray:
   """New tokens [B, max_new_tokens] for left-padded prompts; rows that hit EOS continue with `pad_token_id`.
 
-  `eos_token_id` defaults to the model config's; pass () to never stop early.
+  `eos_token_id` defaults to the model config's; pass () to never stop early. LLaVA-NeXT needs `image_sizes`.
   """
-  pad_id = pad_token_id if pad_token_id is not None else (model.config.text.pad_token_id or 0)
+  pad_id = _pad_id(model, pad_token_id)
   input_ids, attention_mask = _left_pad(input_ids, attention_mask, prompt_bucket, pad_id)
+  images = image_inputs(model, input_ids, pixel_values, image_mask, image_sizes)
   graphdef, state = nnx.split(model)
-  out = _generate(graphdef, state, input_ids, pixel_values, image_mask, attention_mask, jax.random.key(seed),
+  out = _generate(graphdef, state, input_ids, attention_mask, images, jax.random.key(seed),
                   max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_p, top_k),
                   eos_ids=_eos_ids(model, eos_token_id), pad_id=pad_id)
   return np.asarray(out)
@@ -155,8 +169,8 @@ def generate(model: Llava, input_ids, pixel_values=None, attention_mask=None, *,
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len"))
-def _prefill_jit(graphdef, state, input_ids, pixel_values, image_mask, attention_mask, *, cache_len):
-  return prefill(nnx.merge(graphdef, state), input_ids, pixel_values, image_mask, attention_mask, cache_len)
+def _prefill_jit(graphdef, state, input_ids, attention_mask, images, *, cache_len):
+  return prefill(nnx.merge(graphdef, state), input_ids, attention_mask, images, cache_len)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("caches",))
@@ -165,16 +179,17 @@ def _step_jit(graphdef, state, token, caches, key_valid, position, index):
 
 
 def stream(model: Llava, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int = 512,
-           temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None, seed: int = 0,
-           prompt_bucket: int = 32, image_mask=None) -> Iterator[np.ndarray]:
+           temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None, pad_token_id=None,
+           seed: int = 0, prompt_bucket: int = 32, image_mask=None, image_sizes=None) -> Iterator[np.ndarray]:
   """Yields the next token of every row as it is produced ([B] int32); stops when all rows have hit EOS or after
   `max_new_tokens`. The caller may stop early (e.g. on a stop string). One compile per shape, as `generate`."""
   sampling = Sampling(temperature, top_p, top_k)
-  input_ids, attention_mask = _left_pad(input_ids, attention_mask, prompt_bucket, model.config.text.pad_token_id or 0)
+  input_ids, attention_mask = _left_pad(input_ids, attention_mask, prompt_bucket, _pad_id(model, pad_token_id))
+  images = image_inputs(model, input_ids, pixel_values, image_mask, image_sizes)
   graphdef, state = nnx.split(model)
   t = input_ids.shape[1]
-  logits, caches, key_valid, position = _prefill_jit(graphdef, state, input_ids, pixel_values, image_mask,
-                                                     attention_mask, cache_len=t + max_new_tokens)
+  logits, caches, key_valid, position = _prefill_jit(graphdef, state, input_ids, attention_mask, images,
+                                                     cache_len=t + max_new_tokens)
   eos = set(_eos_ids(model, eos_token_id))
   done = np.zeros(input_ids.shape[0], bool)
   key = jax.random.key(seed)
@@ -188,11 +203,6 @@ def stream(model: Llava, input_ids, pixel_values=None, attention_mask=None, *, m
       return
     logits, caches, key_valid = _step_jit(graphdef, state, token, caches, key_valid, position, jnp.int32(t + i))
     position = position + 1
-
-
-def decode_compile_count() -> int:
-  """Compiled variants of the single decode step (a test proves it stays at one over a long run)."""
-  return _step_jit._cache_size()
 
 
 def stop_at(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:

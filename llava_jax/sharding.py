@@ -6,12 +6,14 @@ model code.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
+
+from llava_jax.tree import unflatten
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
@@ -49,15 +51,24 @@ def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: jax.
   return PartitionSpec(*spec)
 
 
+def _logical_axes(var: nnx.Variable) -> tuple:
+  """A Variable's logical axis names (`out_sharding` metadata), None for each dimension where it has none."""
+  return tuple(var.get_metadata().get("out_sharding") or (None,) * len(var.get_value().shape))
+
+
 def param_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules=DEFAULT_RULES):
   """NamedShardings for every Variable in `state` that carries logical axis names (`out_sharding` metadata)."""
 
   def one(var):
-    value = var.get_value()
-    axes = var.get_metadata().get("out_sharding") or (None,) * len(value.shape)
-    return var.replace(NamedSharding(mesh, logical_to_spec(axes, value.shape, mesh, rules)))
+    return var.replace(NamedSharding(mesh, logical_to_spec(_logical_axes(var), var.get_value().shape, mesh, rules)))
 
   return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def logical_axes_tree(state: nnx.State) -> dict:
+  """Logical axis names of every Variable, nested like `nnx.to_pure_dict(state)`: for trees that follow the
+  params' layout without being Variables (LoRA adapters take their kernel's axes)."""
+  return unflatten((path, _logical_axes(var)) for path, var in nnx.to_flat_state(state))
 
 
 # -- meshes, rules and batches from the config ----------------------------------------------------------------
@@ -108,15 +119,21 @@ def rules_from_config(rules) -> tuple[tuple[str, tuple[str, ...] | None], ...]:
   return tuple(out)
 
 
-def batch_axes(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> tuple[str, ...]:
-  """The mesh axes the batch dimension is split over (the logical name `batch`)."""
-  axes = dict(rules).get("batch") or ()
-  return tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a in mesh.shape)
+def _axis_sizes(mesh) -> Mapping[str, int]:
+  return mesh.shape if isinstance(mesh, jax.sharding.Mesh) else dict(zip(MESH_AXES, mesh))
 
 
-def batch_shards(mesh: jax.sharding.Mesh, rules=DEFAULT_RULES) -> int:
+def batch_axes(mesh: jax.sharding.Mesh | Sequence[int], rules=DEFAULT_RULES) -> tuple[str, ...]:
+  """The mesh axes the batch dimension is split over (the logical name `batch`). `mesh` may be a mesh shape
+  (data, fsdp, tensor), so that a config can be checked before any mesh is made."""
+  axes, sizes = dict(rules).get("batch") or (), _axis_sizes(mesh)
+  return tuple(a for a in ((axes,) if isinstance(axes, str) else axes) if a in sizes)
+
+
+def batch_shards(mesh: jax.sharding.Mesh | Sequence[int], rules=DEFAULT_RULES) -> int:
   """How many pieces the batch is cut into: every per-step batch must be a multiple of this."""
-  return math.prod(mesh.shape[a] for a in batch_axes(mesh, rules))
+  sizes = _axis_sizes(mesh)
+  return math.prod(sizes[a] for a in batch_axes(mesh, rules))
 
 
 def batch_sharding(mesh: jax.sharding.Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:

@@ -7,7 +7,7 @@ import pytest
 from flax import nnx
 
 from llava_jax.models.llava import Llava
-from llava_jax.train import loop
+from llava_jax.train import run_config
 from llava_jax.train.cli import parse
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -23,7 +23,7 @@ def config_path(name):
 def test_every_config_builds(name, stage):
   config, workdir = parse(["--config", f"{config_path(name)}:{stage}", "--workdir", "/tmp/w"])
   assert config.stage == stage and workdir == "/tmp/w"
-  cfg = loop.model_config(config)
+  cfg = run_config.model_config(config)
   assert cfg.num_image_tokens > 0
 
 
@@ -49,7 +49,7 @@ def _count(tree):
 def test_7b_config_has_the_published_parameter_count():
   """LLaVA-1.5-7B: Vicuna-7B (6.74B) + CLIP ViT-L/14-336 (0.30B) + the MLP projector (21M) = 7.06B."""
   config, _ = parse(["--config", f"{config_path('llava_v1_5_7b')}:stage2", "--workdir", "w"])
-  params = nnx.state(nnx.eval_shape(lambda: Llava(loop.model_config(config))), nnx.Param)
+  params = nnx.state(nnx.eval_shape(lambda: Llava(run_config.model_config(config))), nnx.Param)
   llm, clip, proj = (_count(params[k]) for k in ("language_model", "vision_tower", "multi_modal_projector"))
   llm += _count(params["lm_head"])
   assert abs(llm - 6.738e9) < 0.005e9, llm
@@ -67,8 +67,8 @@ def test_7b_config_has_the_published_parameter_count():
 
 def test_13b_and_v1_configs():
   config, _ = parse(["--config", f"{config_path('llava_v1_5_13b')}:stage2", "--workdir", "w"])
-  params = nnx.state(nnx.eval_shape(lambda: Llava(loop.model_config(config))), nnx.Param)
+  params = nnx.state(nnx.eval_shape(lambda: Llava(run_config.model_config(config))), nnx.Param)
   assert abs(_count(params) - 13.35e9) < 0.03e9  # Vicuna-13B 13.02B + CLIP 0.30B + projector 0.03B
   v1, _ = parse(["--config", f"{config_path('llava_v1_7b')}:stage1", "--workdir", "w"])
-  cfg = loop.model_config(v1)
+  cfg = run_config.model_config(v1)
   assert cfg.projector_type == "linear" and cfg.vision.image_size == 224 and cfg.num_image_tokens == 256

@@ -12,7 +12,7 @@ import transformers
 import hf_tiny
 from hf_tiny import IMAGE_TOKEN
 from llava_jax import export_hf, load_checkpoint
-from llava_jax.checkpoint import CheckpointError
+from llava_jax.checkpoint_files import CheckpointError
 from llava_jax.cli import main as cli
 from llava_jax.convert import ConversionError, canonical_key
 from llava_jax.safetensors_io import CheckpointFileError, SafetensorsReader, write_safetensors

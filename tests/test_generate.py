@@ -85,10 +85,10 @@ def test_stream_equals_generate_and_decode_compiles_once(models):
   _, ours = models
   ids, mask = left_padded(PROMPTS["batch_of_different_lengths"])
   px = jnp.asarray(hf_tiny.pixels(3, seed=4))
-  before = gen.decode_compile_count()
+  before = gen._step_jit._cache_size()
   streamed = np.stack(list(gen.stream(ours, ids, px, mask, max_new_tokens=40, eos_token_id=())), axis=1)
   assert streamed.shape == (3, 40)
-  assert gen.decode_compile_count() - before == 1  # 39 decode steps, one compile
+  assert gen._step_jit._cache_size() - before == 1  # 39 decode steps, one compile
   np.testing.assert_array_equal(streamed, gen.generate(ours, ids, px, mask, max_new_tokens=40, eos_token_id=()))
   # Another prompt of the same padded shape reuses both compiled programs.
   compiled = gen._generate._cache_size()
@@ -96,7 +96,7 @@ def test_stream_equals_generate_and_decode_compiles_once(models):
   other[:, -1] = 33
   list(gen.stream(ours, other, px, mask, max_new_tokens=40, eos_token_id=()))
   gen.generate(ours, other, px, mask, max_new_tokens=40, eos_token_id=())
-  assert gen.decode_compile_count() - before == 1 and gen._generate._cache_size() == compiled
+  assert gen._step_jit._cache_size() - before == 1 and gen._generate._cache_size() == compiled
 
 
 def test_sampling_is_reproducible(models):

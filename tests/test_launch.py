@@ -8,8 +8,7 @@ import sys
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "configs"))
-import mesh_presets  # noqa: E402
+from llava_jax.train import recipes  # noqa: E402
 
 
 def run(script, *args):
@@ -20,7 +19,7 @@ def run(script, *args):
 
 @pytest.mark.parametrize("preset", ["v4-32", "v5p-64", "v5e-256"])
 def test_tpu_create_per_preset(preset):
-  p = mesh_presets.get(preset)
+  p = recipes.preset(preset)
   code, out, _ = run("tpu.py", "create", "--name", "llava", "--zone", "us-east5-a", "--preset", preset)
   assert code == 0
   assert shlex.split(out) == ["gcloud", "compute", "tpus", "tpu-vm", "create", "llava", "--zone=us-east5-a",
@@ -75,7 +74,7 @@ def test_slurm_gpu_script():
 
 
 def test_presets_divide_their_device_counts():
-  for name, p in mesh_presets.PRESETS.items():
+  for name, p in recipes.PRESETS.items():
     data, fsdp, tensor = p["mesh"]
     assert data * fsdp * tensor == p["devices"], name
     assert p["devices"] % p["hosts"] == 0, name

@@ -156,8 +156,8 @@ def test_clip_hidden_states_match_layer_by_layer(tmp_path):
   assert len(hidden) == len(ref.hidden_states) == 5
   for i, (h, r) in enumerate(zip(hidden, ref.hidden_states)):
     np.testing.assert_allclose(np.asarray(h), r.numpy(), atol=1e-5, err_msg=f"hidden state {i}")
-  np.testing.assert_allclose(np.asarray(ours.vision_tower.pooled(hidden[-1])), ref.pooler_output.numpy(),
-                             atol=1e-5)
+  pooled = ours.vision_tower.post_layernorm(hidden[-1][:, 0])  # CLIP's pooled output: the CLS token, normed
+  np.testing.assert_allclose(np.asarray(pooled), ref.pooler_output.numpy(), atol=1e-5)
 
 
 def test_linear_projector_matches_reference_with_linear_connector(tmp_path):

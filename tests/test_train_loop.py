@@ -18,7 +18,7 @@ from flax import nnx
 import train_util
 from llava_jax import load_checkpoint
 from llava_jax.checkpoint import write_checkpoint
-from llava_jax.train import cli, loop
+from llava_jax.train import cli, loop, run_config
 
 
 def quiet(**overrides):
@@ -99,7 +99,7 @@ def test_logs_checkpoints_resume_and_load_checkpoint(tmp_path):
 def test_init_checkpoint_starts_at_step_0_from_its_weights(tmp_path):
   config = train_util.tiny_config("stage2")
   params = train_util.initial_params()
-  write_checkpoint(str(tmp_path / "ckpt"), loop.model_config(config), params)
+  write_checkpoint(str(tmp_path / "ckpt"), run_config.model_config(config), params)
   config = train_util.tiny_config("stage2", **quiet(total_steps=1, init_checkpoint=str(tmp_path / "ckpt")))
   result = loop.train(config, str(tmp_path / "run"))
   assert result["start_step"] == 0

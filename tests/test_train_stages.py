@@ -8,7 +8,7 @@ import pytest
 
 import train_util
 from llava_jax.checkpoint import model_from_params
-from llava_jax.train import lora as lora_lib
+from llava_jax import lora as lora_lib
 
 
 def moved(before: dict, after: dict, prefix: str) -> dict[str, bool]:
@@ -169,12 +169,12 @@ def test_params_reach_the_layer_of_their_path():
   from flax import nnx
 
   from llava_jax.models.llava import Llava
-  from llava_jax.train import loop
+  from llava_jax.train import run_config
 
   config = train_util.tiny_config("stage2")
-  cfg = loop.model_config(config)
+  cfg = run_config.model_config(config)
   cfg = cfg.replace(text=dataclasses.replace(cfg.text, num_hidden_layers=12))
-  trainer = train_util.Trainer(cfg, "stage2", loop.optim_config(config), 10, train_util.mesh_of((1, 1, 1)))
+  trainer = train_util.Trainer(cfg, "stage2", run_config.optim_config(config), 10, train_util.mesh_of((1, 1, 1)))
   abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Llava(cfg)), nnx.Param))
   params = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
   for i in range(12):

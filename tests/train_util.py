@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import os
 
 import jax
 import numpy as np
 
 from llava_jax.sharding import make_mesh
-from llava_jax.train import loop
-from llava_jax.train.data import SyntheticIterator
-from llava_jax.train.step import LoraConfig, Trainer
+from llava_jax.train import run_config
+from llava_jax.train.cli import load_config
+from llava_jax.train.batches import SyntheticIterator
+from llava_jax.train.step import Trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "tiny.py")
@@ -20,17 +20,7 @@ TINY = os.path.join(ROOT, "configs", "tiny.py")
 
 def tiny_config(stage: str = "stage2", **overrides):
   """configs/tiny.py:stage with dotted overrides, e.g. tiny_config("lora", **{"lora.r": 4})."""
-  spec = importlib.util.spec_from_file_location("tiny_config", TINY)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config(stage)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  return load_config(f"{TINY}:{stage}", overrides)
 
 
 def mesh_of(shape):
@@ -39,14 +29,14 @@ def mesh_of(shape):
 
 
 def make_trainer(config, mesh_shape=(1, 1, 1)) -> Trainer:
-  return Trainer(loop.model_config(config), config.stage, loop.optim_config(config), config.total_steps,
+  return Trainer(run_config.model_config(config), config.stage, run_config.optim_config(config), config.total_steps,
                  mesh_of(mesh_shape), grad_accum_steps=config.grad_accum_steps,
-                 lora=LoraConfig(config.lora.r, config.lora.alpha, config.lora.dropout), remat=config.remat,
+                 lora=run_config.lora_config(config), remat=config.remat,
                  scan_layers=config.scan_layers, seed=config.seed)
 
 
 def batches(config, n: int, batch_size: int | None = None, num_distinct: int = 0) -> list[dict]:
-  it = SyntheticIterator(batch_size or config.batch_size, config.data.seq_len, loop.model_config(config),
+  it = SyntheticIterator(batch_size or config.batch_size, config.data.seq_len, run_config.model_config(config),
                          seed=config.seed, num_distinct=num_distinct)
   return [next(it) for _ in range(n)]
 

@@ -12,6 +12,7 @@ from flax import nnx
 from llava_jax.config import VisionConfig
 from llava_jax.models.attention import dot_product_attention
 from llava_jax.models.layers import Dense, LayerNorm, activation, normal_init, param
+from llava_jax.models.options import ModelOptions
 from llava_jax.models.stack import run_layers
 
 
@@ -46,7 +47,7 @@ class CLIPEmbeddings(nnx.Module):
 
 class CLIPAttention(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, attention_impl="xla"):
+  def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, attention_impl: str):
     d = cfg.hidden_size
     kw = dict(use_bias=True, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
     self.q_proj = Dense(d, d, ("embed", "heads"), **kw)
@@ -77,7 +78,7 @@ class CLIPMLP(nnx.Module):
 
 class CLIPEncoderLayer(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, attention_impl="xla"):
+  def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, attention_impl: str):
     kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
     self.layer_norm1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
     self.self_attn = CLIPAttention(cfg, attention_impl=attention_impl, **kw)
@@ -100,21 +101,21 @@ class CLIPVisionTower(nnx.Module):
   output of layer i, as in transformers' `hidden_states`."""
 
   def __init__(self, cfg: VisionConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32,
-               attention_impl="xla"):
+               options: ModelOptions = ModelOptions()):
     kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
-    self.config = cfg
+    self.config, self.options = cfg, options
     self.embeddings = CLIPEmbeddings(cfg, **kw)
     self.pre_layrnorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)  # sic: HF's name
-    self.encoder = CLIPEncoder(cfg, attention_impl=attention_impl, **kw)
+    self.encoder = CLIPEncoder(cfg, attention_impl=options.attention_impl, **kw)
     self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
 
   def __call__(self, pixel_values, num_layers: int | None = None) -> list:
     """pixel_values [N, H, W, C] -> list of hidden states [N, 1 + patches, D], `num_layers + 1` long."""
     num_layers = self.config.num_hidden_layers if num_layers is None else num_layers
     x = self.pre_layrnorm(self.embeddings(pixel_values))
-    _, outputs = run_layers(self, list(self.encoder.layers)[:num_layers], x, lambda layer, x: layer(x), True)
-    return [x] + outputs
+    def call(layer, x, _):
+      x = layer(x)
+      return x, x
 
-  def pooled(self, last_hidden):
-    """CLIP's pooled output: post-LayerNorm of the CLS token (unused by LLaVA, kept for parity tests)."""
-    return self.post_layernorm(last_hidden[:, 0])
+    _, outputs = run_layers(list(self.encoder.layers)[:num_layers], x, call, self.options)
+    return [x] + outputs

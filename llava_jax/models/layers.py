@@ -102,8 +102,10 @@ class Embed(nnx.Module):
   def __call__(self, ids):
     return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
-  def attend(self, x):
-    return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+  def attend(self, x, dtype=None):
+    """Tied-head logits, computed in `dtype` (default: the compute dtype)."""
+    dtype = dtype or self.dtype
+    return jnp.dot(x.astype(dtype), self.embedding[...].astype(dtype).T)
 
 
 ACTIVATIONS = {

@@ -8,6 +8,7 @@ A layer optionally reads and writes a static-size KV cache (for generation): `ca
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -17,6 +18,7 @@ from flax import nnx
 from llava_jax.config import TextConfig
 from llava_jax.models.attention import dot_product_attention
 from llava_jax.models.layers import Dense, Embed, RMSNorm, activation
+from llava_jax.models.options import ModelOptions
 from llava_jax.models.stack import run_layers
 
 # -- rotary embeddings -----------------------------------------------------------------------------------------
@@ -77,7 +79,7 @@ def apply_rope(x, cos, sin):
 
 class LlamaAttention(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, attention_impl="xla"):
+  def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, attention_impl: str):
     d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     if h % k:
       raise ValueError(f"num_attention_heads {h} is not a multiple of num_key_value_heads {k}")
@@ -120,7 +122,7 @@ class LlamaMLP(nnx.Module):
 
 class LlamaDecoderLayer(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, attention_impl="xla"):
+  def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, attention_impl: str):
     kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
     self.self_attn = LlamaAttention(cfg, attention_impl=attention_impl, **kw)
@@ -133,34 +135,39 @@ class LlamaDecoderLayer(nnx.Module):
     return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
+class DecoderOutput(NamedTuple):
+  hidden: jax.Array                # [B, T, D], final-normed
+  caches: list | None              # the updated KV caches, when caches were given
+  all_hidden: list | None          # HF's `hidden_states`: embeddings, each layer's output, the last final-normed
+
+
 class LlamaModel(nnx.Module):
   """The decoder body (no head): embeddings in, final-normed hidden states out."""
 
   def __init__(self, cfg: TextConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32,
-               attention_impl="xla"):
+               options: ModelOptions = ModelOptions()):
     kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
-    self.config, self.dtype = cfg, dtype
+    self.config, self.dtype, self.options = cfg, dtype, options
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
-    self.layers = nnx.List([LlamaDecoderLayer(cfg, attention_impl=attention_impl, **kw)
+    self.layers = nnx.List([LlamaDecoderLayer(cfg, attention_impl=options.attention_impl, **kw)
                             for _ in range(cfg.num_hidden_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
-  def __call__(self, inputs_embeds, positions, mask, caches=None, cache_index=None, return_hidden=False):
-    """inputs_embeds [B, T, D], positions [B, T] int, mask bool [B, 1, T, S].
-
-    Returns (hidden [B, T, D], new caches or None, all hidden states if `return_hidden` (HF's convention: the
-    embeddings, then each layer's output, the last one final-normed))."""
+  def __call__(self, inputs_embeds, positions, mask, *, caches=None, cache_index=None,
+               return_hidden: bool = False) -> DecoderOutput:
+    """inputs_embeds [B, T, D], positions [B, T] int, mask bool [B, 1, T, S]; `caches` (one (k, v) per layer,
+    each [B, S, K, D]) are written at `cache_index` and returned updated."""
     cos, sin = rope_cos_sin(self.config, positions, self.dtype)
     x = inputs_embeds.astype(self.dtype)
-    hidden, new_caches = [x], []
-    if caches is None:  # training / plain forward: scan and remat knobs apply (models/stack.py)
-      x, outputs = run_layers(self, self.layers, x, lambda layer, x: layer(x, cos, sin, mask)[0], return_hidden)
-      hidden += outputs or []
-    else:
-      for i, layer in enumerate(self.layers):
-        x, cache = layer(x, cos, sin, mask, caches[i], cache_index)
-        new_caches.append(cache)
-        hidden.append(x)
+
+    def call(layer, x, cache):
+      x, cache = layer(x, cos, sin, mask, cache, cache_index)
+      return x, (x if return_hidden else None, cache)
+
+    x, outputs = run_layers(self.layers, x, call, self.options, remat=self.options.remat, per_layer=caches)
     x = self.norm(x)
-    hidden[-1] = x
-    return x, (new_caches if caches is not None else None), (hidden if return_hidden else None)
+    all_hidden = None
+    if return_hidden:
+      all_hidden = [inputs_embeds.astype(self.dtype)] + [h for h, _ in outputs]
+      all_hidden[-1] = x
+    return DecoderOutput(x, None if caches is None else [c for _, c in outputs], all_hidden)

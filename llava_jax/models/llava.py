@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from llava_jax.config import LlavaConfig
 from llava_jax.models.clip import CLIPVisionTower
-from llava_jax.models.layers import Dense, activation, torch_linear_init
-from llava_jax.models.llama import LlamaModel
+from llava_jax.models.layers import Dense, activation, normal_init, param, torch_linear_init
+from llava_jax.models.llama import DecoderOutput, LlamaModel
+from llava_jax.models.options import ModelOptions
 
 
 class MultiModalProjector(nnx.Module):
@@ -41,17 +43,73 @@ def _is_concrete(x) -> bool:
   return x is not None and not isinstance(x, jax.core.Tracer)
 
 
+# -- positions and masks: one definition for the forward pass, prefill and decoding ------------------------------
+
+
+def positions_from_mask(attention_mask):
+  """Positions cumsum(mask) - 1 (what transformers' `generate` does): a left-padded row starts at 0."""
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def attention_mask_4d(key_valid, query_len: int, query_offset=0, segment_ids=None, sliding_window=None):
+  """bool [B, 1, T, S]: query i (at key slot `query_offset + i`) sees the valid keys at or before it (and, with a
+  `sliding_window` (Mistral v0.1), fewer than that many slots back), and, for packed rows (`segment_ids` [B, T],
+  T == S), only its own segment."""
+  s = key_valid.shape[-1]
+  query_slot = (jnp.arange(query_len) + query_offset)[:, None]
+  causal = jnp.arange(s)[None, :] <= query_slot  # [T, S]
+  if sliding_window is not None:
+    causal = causal & (jnp.arange(s)[None, :] > query_slot - sliding_window)
+  mask = causal[None] & key_valid.astype(bool)[:, None, :]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  return mask[:, None]
+
+
+def image_feature_rows(cfg: LlavaConfig, input_ids, image_sizes, tiles_per_image: int) -> np.ndarray:
+  """LLaVA-NeXT, on the host: int32 [B, T], for each image-token position the row of the batch's tile features
+  `[N * tiles_per_image * per_tile, D]` it takes, the row one past them for `image_newline`, 0 elsewhere.
+
+  This is the variable part of anyres (it depends on each image's size only), so the device gathers with a
+  fixed-shape index whatever the image sizes (`data/anyres.py` has the geometry)."""
+  from llava_jax.data.anyres import NEWLINE, AnyresGeometry  # pylint: disable=import-outside-toplevel
+
+  input_ids, image_sizes = np.asarray(input_ids), np.asarray(image_sizes).reshape(-1, 2)
+  geometry = AnyresGeometry.from_config(cfg)
+  index = geometry.batch_feature_index(image_sizes, tiles_per_image)
+  is_image = input_ids == cfg.image_token_index
+  if int(is_image.sum()) != len(index):
+    raise ValueError(f"Image features and image tokens do not match: {int(is_image.sum())} image tokens "
+                     f"(id {cfg.image_token_index}) in input_ids, {len(index)} features for the {len(image_sizes)} "
+                     f"images of sizes {image_sizes.tolist()}")
+  newline_row = len(image_sizes) * tiles_per_image * cfg.num_image_tokens  # features per tile
+  rows = np.zeros(input_ids.shape, np.int32)
+  rows[is_image] = np.where(index == NEWLINE, newline_row, index)
+  return rows
+
+
 class Llava(nnx.Module):
 
-  def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs | None = None, attention_impl: str = "xla"):
+  """`config` says what the model computes, `options` how it runs (scan, remat, attention kernel, logits dtype);
+  `assets_dir` is where its tokenizer and image-processor files are (set by the loaders), or None."""
+
+  def __init__(self, cfg: LlavaConfig, *, rngs: nnx.Rngs | None = None, options: ModelOptions = ModelOptions(),
+               assets_dir: str | None = None):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     kw = dict(rngs=rngs, param_dtype=jnp.dtype(cfg.param_dtype), dtype=jnp.dtype(cfg.dtype))
-    self.config = cfg
-    self.vision_tower = CLIPVisionTower(cfg.vision, attention_impl=attention_impl, **kw)
+    self.config, self.options, self.assets_dir = cfg, options, assets_dir
+    # The vision tower gets no gradient in any stage, so remat would buy nothing there.
+    self.vision_tower = CLIPVisionTower(cfg.vision, options=options, **kw)
     self.multi_modal_projector = MultiModalProjector(cfg, **kw)
-    self.language_model = LlamaModel(cfg.text, attention_impl=attention_impl, **kw)
+    self.language_model = LlamaModel(cfg.text, options=options, **kw)
+    self.logits_dtype = jnp.dtype(options.logits_dtype or cfg.dtype)
     self.lm_head = (None if cfg.text.tie_word_embeddings else
-                    Dense(cfg.text.hidden_size, cfg.text.vocab_size, ("embed", "vocab"), use_bias=False, **kw))
+                    Dense(cfg.text.hidden_size, cfg.text.vocab_size, ("embed", "vocab"), use_bias=False,
+                          rngs=rngs, param_dtype=jnp.dtype(cfg.param_dtype), dtype=self.logits_dtype))
+    # LLaVA-NeXT: the vector after every row of the unpadded tile grid (initialised as transformers does).
+    d = cfg.text.hidden_size
+    self.image_newline = (param(rngs, normal_init(d ** -0.5), (d,), ("embed",), jnp.dtype(cfg.param_dtype))
+                          if cfg.is_next else None)
 
   # -- pieces ----------------------------------------------------------------------------------------------------
 
@@ -64,11 +122,13 @@ class Llava(nnx.Module):
     features = jnp.concatenate([hidden[l][:, start:] for l in layers], axis=-1)
     return self.multi_modal_projector(features)
 
-  def embed(self, input_ids, pixel_values=None, image_mask=None):
+  def embed(self, input_ids, pixel_values=None, image_mask=None, image_feature_rows=None):
     """Token embeddings with image features scattered, in order, into the image-token positions.
 
     pixel_values: [N, H, W, C] (or [B, M, H, W, C], flattened row-major); image_mask [N] (or [B, M]) marks
-    real images, so a fixed-shape batch can carry blank slots for rows without one.
+    real images, so a fixed-shape batch can carry blank slots for rows without one. LLaVA-NeXT: pixel_values
+    [N, P, H, W, C] (or [B, M, P, H, W, C]): each image's tiles, and `image_feature_rows` [B, T] from
+    `image_feature_rows(...)` places their features.
     """
     image_token = self.config.image_token_index
     is_image = input_ids == image_token
@@ -79,6 +139,8 @@ class Llava(nnx.Module):
         raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens (id {image_token}) but no "
                          "pixel_values were given")
       return embeds
+    if self.config.is_next:
+      return self._embed_tiles(embeds, is_image, pixel_values, image_feature_rows)
     if pixel_values.ndim == 5:
       pixel_values = pixel_values.reshape(-1, *pixel_values.shape[2:])
       image_mask = None if image_mask is None else image_mask.reshape(-1)
@@ -99,31 +161,59 @@ class Llava(nnx.Module):
     spliced = flat[jnp.clip(index, 0, flat.shape[0] - 1)].reshape(embeds.shape)
     return jnp.where(is_image[..., None], spliced, embeds)
 
+  def _embed_tiles(self, embeds, is_image, pixel_values, image_feature_rows):
+    """LLaVA-NeXT: every tile through the tower and projector (blank tiles too: fixed shapes), then one gather
+    from [tile features..., image_newline] by the host-computed rows."""
+    if image_feature_rows is None:
+      raise ValueError("a LLaVA-NeXT model needs image_sizes (or image_feature_rows) with pixel_values")
+    tiles = pixel_values.reshape(-1, *pixel_values.shape[-3:])
+    features = self.image_features(tiles)
+    flat = jnp.concatenate([features.reshape(-1, features.shape[-1]),
+                            self.image_newline[...].astype(features.dtype)[None]]).astype(embeds.dtype)
+    spliced = flat[jnp.clip(image_feature_rows, 0, flat.shape[0] - 1)]
+    return jnp.where(is_image[..., None], spliced, embeds)
+
   def logits_from_hidden(self, hidden):
     if self.lm_head is None:
-      return self.language_model.embed_tokens.attend(hidden)
+      return self.language_model.embed_tokens.attend(hidden, self.logits_dtype)
     return self.lm_head(hidden)
+
+  def decode(self, embeds, positions, mask, *, caches=None, cache_index=None,
+             return_hidden: bool = False) -> DecoderOutput:
+    """The language model over input embeddings (the forward pass, prefill and each decoding step)."""
+    return self.language_model(embeds, positions, mask, caches=caches, cache_index=cache_index,
+                               return_hidden=return_hidden)
 
   # -- forward ---------------------------------------------------------------------------------------------------
 
-  def __call__(self, input_ids, pixel_values=None, attention_mask=None, *, image_mask=None, positions=None,
-               segment_ids=None, return_hidden: bool = False):
+  def feature_rows(self, input_ids, pixel_values, image_sizes, image_feature_rows=None):
+    """LLaVA-NeXT's `image_feature_rows`, computed on the host from concrete `image_sizes` [N, 2] (height,
+    width) unless given; None for LLaVA-1.5 or without images."""
+    if not self.config.is_next or pixel_values is None or image_feature_rows is not None:
+      return image_feature_rows
+    if image_sizes is None or not (_is_concrete(input_ids) and _is_concrete(image_sizes)):
+      raise ValueError("a LLaVA-NeXT model needs concrete image_sizes [N, 2] (height, width) with pixel_values; "
+                       "under jit pass image_feature_rows (llava_jax.models.llava.image_feature_rows) instead")
+    return jnp.asarray(image_feature_rows(self.config, input_ids, image_sizes, pixel_values.shape[-4]))
+
+  def __call__(self, input_ids, pixel_values=None, attention_mask=None, *, image_sizes=None, image_mask=None,
+               positions=None, segment_ids=None, image_feature_rows=None, return_hidden: bool = False):
     """input_ids [B, T] -> logits [B, T, vocab] (and all decoder hidden states if `return_hidden`).
 
     attention_mask [B, T] (1 = real token) gives positions cumsum - 1 and masks padded keys. For packed rows pass
-    `segment_ids` [B, T] (0 = padding) and `positions`: attention stays within a segment.
+    `segment_ids` [B, T] (0 = padding) and `positions`: attention stays within a segment. LLaVA-NeXT takes
+    pixel_values [N, P, H, W, 3] (each image's tiles, then blank ones) and image_sizes [N, 2] (height, width).
     """
+    image_feature_rows = self.feature_rows(input_ids, pixel_values, image_sizes, image_feature_rows)
     b, t = input_ids.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), jnp.int32) if segment_ids is None else (segment_ids > 0)
     attention_mask = attention_mask.astype(bool)
     if positions is None:
-      positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
-    causal = jnp.tril(jnp.ones((t, t), bool))
-    mask = causal[None] & attention_mask[:, None, :]
-    if segment_ids is not None:
-      mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    embeds = self.embed(input_ids, pixel_values, image_mask)
-    hidden, _, all_hidden = self.language_model(embeds, positions, mask[:, None], return_hidden=return_hidden)
-    logits = self.logits_from_hidden(hidden)
-    return (logits, all_hidden) if return_hidden else logits
+      positions = positions_from_mask(attention_mask)
+    mask = attention_mask_4d(attention_mask, t, segment_ids=segment_ids,
+                             sliding_window=self.config.text.sliding_window)
+    embeds = self.embed(input_ids, pixel_values, image_mask, image_feature_rows)
+    out = self.decode(embeds, positions, mask, return_hidden=return_hidden)
+    logits = self.logits_from_hidden(out.hidden)
+    return (logits, out.all_hidden) if return_hidden else logits

@@ -1,10 +1,10 @@
 """Running a stack of identical layers: a Python loop, or `lax.scan` over the stacked layer weights, each
-optionally rematerialised.
+optionally rematerialised, as the model's `ModelOptions` say.
 
-Training sets these knobs on the model (`configure_layers`); the defaults keep the plain loop, which generation
-and the parity tests use. Scanning compiles one layer instead of N (compile time at 7B/13B). Weights stay one
-tree per layer (checkpoints and conversion are unchanged); the scan stacks them on the fly, a transient copy of
-the layer weights (the per-layer casts to the compute dtype make such copies anyway under bf16).
+The defaults keep the plain loop, which generation and the parity tests use. Scanning compiles one layer instead
+of N (compile time at 7B/13B). Weights stay one tree per layer (checkpoints and conversion are unchanged); the scan
+stacks them on the fly, a transient copy of the layer weights (the per-layer casts to the compute dtype make such
+copies anyway under bf16).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llava_jax.models.options import ModelOptions
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole layer in the backward pass
@@ -22,59 +24,48 @@ REMAT_POLICIES = {
 }
 
 
-def configure_layers(module: nnx.Module, *, scan: bool = False, remat: str = "none",
-                     activation_sharding=None) -> None:
-  """Sets the layer-stack knobs on `module` (a LlamaModel or CLIPVisionTower); read by their `__call__`.
+def run_layers(layers: Sequence[nnx.Module], x, call: Callable, options: ModelOptions, *, remat: str = "none",
+               per_layer: Sequence | None = None):
+  """x -> call(layer, x, per_layer[i]) for each layer in order; `call` returns (new x, this layer's output).
 
-  `activation_sharding` (a jax Sharding of the [batch, length, features] hidden state) pins the hidden state at
-  every layer boundary. Without it XLA's propagation may give up the batch split for the FSDP split of the
-  weights (both use the fsdp axis) and keep whole-batch activations on every device.
+  `per_layer` holds one input per layer (a KV cache), or None. Returns (x, [each layer's output]). `remat` is the
+  policy for this stack (the vision tower, which gets no gradient, passes "none").
   """
-  if remat not in REMAT_POLICIES:
-    raise ValueError(f"remat policy {remat!r} is not one of {sorted(REMAT_POLICIES)}")
-  module.scan_layers, module.remat_policy = bool(scan), remat
-  module.activation_sharding = activation_sharding
-
-
-def run_layers(module: nnx.Module, layers: Sequence[nnx.Module], x, call: Callable, keep_outputs: bool = False):
-  """x -> call(layer, x) for each layer in order, as `module`'s knobs say.
-
-  Returns (x, the output of every layer if `keep_outputs`, else None). `call` must return the new x only.
-  """
-  scan, remat = getattr(module, "scan_layers", False), getattr(module, "remat_policy", "none")
+  per_layer = [None] * len(layers) if per_layer is None else list(per_layer)
   if not layers:
-    return x, ([] if keep_outputs else None)
-  sharding = getattr(module, "activation_sharding", None)
+    return x, []
+  sharding = options.activation_sharding
   if sharding is not None:
     pin = lambda y: jax.lax.with_sharding_constraint(y, sharding)
-    call = lambda layer, y, unpinned=call: pin(unpinned(layer, y))
+    call = lambda layer, y, extra, unpinned=call: (lambda out: (pin(out[0]), out[1]))(unpinned(layer, y, extra))
     x = pin(x)
-  if not scan and remat == "none":
+  if not options.scan_layers and remat == "none":
     outputs = []
-    for layer in layers:
-      x = call(layer, x)
-      outputs.append(x)
-    return x, (outputs if keep_outputs else None)
+    for layer, extra in zip(layers, per_layer):
+      x, y = call(layer, x, extra)
+      outputs.append(y)
+    return x, outputs
 
   graphdef = nnx.graphdef(layers[0])
   states = [nnx.state(layer) for layer in layers]
 
-  def apply(x, state):
-    return call(nnx.merge(graphdef, state), x)
+  def apply(x, state, extra):
+    return call(nnx.merge(graphdef, state), x, extra)
 
   if remat != "none":
     apply = jax.checkpoint(apply, policy=REMAT_POLICIES[remat])
-  if scan:
-    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+  if options.scan_layers:
+    stack = lambda trees: jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+    extras = None if per_layer[0] is None else stack(per_layer)
 
-    def body(x, state):
-      x = apply(x, state)
-      return x, (x if keep_outputs else None)
+    def body(x, xs):
+      state, extra = xs
+      return apply(x, state, extra)
 
-    x, ys = jax.lax.scan(body, x, stacked)
-    return x, ([ys[i] for i in range(len(layers))] if keep_outputs else None)
+    x, ys = jax.lax.scan(body, x, (stack(states), extras))
+    return x, [jax.tree.map(lambda y, i=i: y[i], ys) for i in range(len(layers))]
   outputs = []
-  for state in states:
-    x = apply(x, state)
-    outputs.append(x)
-  return x, (outputs if keep_outputs else None)
+  for state, extra in zip(states, per_layer):
+    x, y = apply(x, state, extra)
+    outputs.append(y)
+  return x, outputs

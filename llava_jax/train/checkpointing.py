@@ -1,10 +1,12 @@
-"""Training checkpoints: an Orbax CheckpointManager in WORKDIR, and loading weights into a run.
+"""Training checkpoints: the Orbax CheckpointManager of a workdir, saving and restoring the train state, and the
+run's files. The layout (`llava_jax.checkpoint_files`):
 
   WORKDIR/checkpoints/<step>/params      {"model": params, "lora": adapters (lora stage only)}
                             /opt_state   {"step": int32, "opt_state": optax state (no buffers for frozen leaves)}
                             /data        the data iterator's state, one JSON file per host (grain's handler)
                             /meta        {"step", "stage", "lora": {"r", "alpha"} or null}
   WORKDIR/llava_config.json            the model config; with the above, `load_checkpoint(WORKDIR)` works
+  WORKDIR/config.json                  the run config
   WORKDIR/assets/                      tokenizer / processor files copied from the init checkpoint
 
 Saves are asynchronous (the arrays are copied to host before `save` returns, so the next step may donate them);
@@ -18,23 +20,14 @@ import json
 import os
 import shutil
 
-import jax
-import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from flax import nnx
 from grain import checkpoint as grain_checkpoint
 from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_policy
 
-from llava_jax import checkpoint as ckpt_lib
+from llava_jax.checkpoint_files import (ASSETS_DIR, CHECKPOINTS, DATA_ITEM, META_ITEM, OPT_STATE_ITEM, PARAMS_ITEM,
+                                        RUN_CONFIG_NAME, write_config)
 from llava_jax.config import LlavaConfig
-from llava_jax.models.llava import Llava
-from llava_jax.train import lora as lora_lib
-
-CHECKPOINTS = "checkpoints"
-
-
-def is_workdir(directory: str) -> bool:
-  return os.path.isdir(os.path.join(directory, CHECKPOINTS))
+from llava_jax.lora import LoraConfig
 
 
 class _Snapshot:
@@ -69,10 +62,15 @@ def make_manager(workdir: str, every_steps: int = 0, keep: int = 3,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
       save_decision_policy=save_policy.AnySavePolicy(policies))
-  handlers = {"params": ocp.StandardCheckpointHandler(), "opt_state": ocp.StandardCheckpointHandler(),
-              "meta": ocp.JsonCheckpointHandler(), "data": grain_checkpoint.CheckpointHandler()}
+  handlers = {PARAMS_ITEM: ocp.StandardCheckpointHandler(), OPT_STATE_ITEM: ocp.StandardCheckpointHandler(),
+              META_ITEM: ocp.JsonCheckpointHandler(), DATA_ITEM: grain_checkpoint.CheckpointHandler()}
   return ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), CHECKPOINTS), options=options,
                                item_handlers=handlers)
+
+
+def run_meta(stage: str, lora: LoraConfig) -> dict:
+  """What a checkpoint records about its run, besides the step: a resume must use the same stage and adapters."""
+  return {"stage": stage, "lora": {"r": lora.r, "alpha": lora.alpha} if stage == "lora" else None}
 
 
 def _nonempty(params: dict) -> dict:
@@ -83,16 +81,16 @@ def save(manager: ocp.CheckpointManager, step: int, state: dict, data_state: dic
          force: bool = False) -> bool:
   """Saves `state` (reached after `step` steps) if due (`manager.should_save`) or `force`d; returns whether a
   save started. `data_state` is the iterator's state right after reading this step's batch."""
-  args = ocp.args.Composite(
-      params=ocp.args.StandardSave(_nonempty(state["params"])),
-      opt_state=ocp.args.StandardSave({"step": state["step"], "opt_state": state["opt_state"]}),
-      meta=ocp.args.JsonSave(dict(meta, step=step)),
-      data=grain_checkpoint.CheckpointSave(_Snapshot(data_state)))
+  args = ocp.args.Composite(**{
+      PARAMS_ITEM: ocp.args.StandardSave(_nonempty(state["params"])),
+      OPT_STATE_ITEM: ocp.args.StandardSave({"step": state["step"], "opt_state": state["opt_state"]}),
+      META_ITEM: ocp.args.JsonSave(dict(meta, step=step)),
+      DATA_ITEM: grain_checkpoint.CheckpointSave(_Snapshot(data_state))})
   return manager.save(step, args=args, force=force)
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
-  return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+  return manager.restore(step, args=ocp.args.Composite(**{META_ITEM: ocp.args.JsonRestore()}))[META_ITEM]
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: dict, data_iterator, meta: dict) -> dict | None:
@@ -107,56 +105,24 @@ def restore(manager: ocp.CheckpointManager, abstract_state: dict, data_iterator,
       raise ValueError(f"{manager.directory} holds a run with {key}={saved.get(key)!r}, this config has "
                        f"{meta.get(key)!r}: use a new --workdir, or the config the run was started with")
   abstract_params = abstract_state["params"]
-  restored = manager.restore(step, args=ocp.args.Composite(
-      params=ocp.args.StandardRestore(_nonempty(abstract_params)),
-      opt_state=ocp.args.StandardRestore({"step": abstract_state["step"], "opt_state": abstract_state["opt_state"]}),
-      data=grain_checkpoint.CheckpointRestore(_Restorer(data_iterator))))
-  params = dict(restored["params"])
+  restored = manager.restore(step, args=ocp.args.Composite(**{
+      PARAMS_ITEM: ocp.args.StandardRestore(_nonempty(abstract_params)),
+      OPT_STATE_ITEM: ocp.args.StandardRestore({"step": abstract_state["step"],
+                                                "opt_state": abstract_state["opt_state"]}),
+      DATA_ITEM: grain_checkpoint.CheckpointRestore(_Restorer(data_iterator))}))
+  params = dict(restored[PARAMS_ITEM])
   params.setdefault("lora", {})
-  return {"step": restored["opt_state"]["step"], "params": params, "opt_state": restored["opt_state"]["opt_state"]}
-
-
-# -- weights from a converted checkpoint, placed straight onto the mesh -----------------------------------------
+  opt_state = restored[OPT_STATE_ITEM]
+  return {"step": opt_state["step"], "params": params, "opt_state": opt_state["opt_state"]}
 
 
 def write_run_files(workdir: str, model_cfg: LlavaConfig, config_json: str, assets_from: str | None) -> None:
   """The model config (so the workdir loads as a checkpoint), the run config, and the init checkpoint's assets."""
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, ckpt_lib.CONFIG_NAME), "w") as f:
-    json.dump(model_cfg.to_dict(), f, indent=2)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
+  write_config(workdir, model_cfg)
+  with open(os.path.join(workdir, RUN_CONFIG_NAME), "w") as f:
     f.write(config_json)
-  src = os.path.join(assets_from, ckpt_lib.ASSETS_DIR) if assets_from else None
-  dst = os.path.join(workdir, ckpt_lib.ASSETS_DIR)
+  src = os.path.join(assets_from, ASSETS_DIR) if assets_from else None
+  dst = os.path.join(workdir, ASSETS_DIR)
   if src and os.path.isdir(src) and not os.path.exists(dst):
     shutil.copytree(src, dst)
-
-
-# -- `llava_jax.load_checkpoint(WORKDIR)` -------------------------------------------------------------------------
-
-
-def restore_latest_params(workdir: str, cfg: LlavaConfig, flat_shardings: dict) -> dict:
-  """The model params at the workdir's latest finished checkpoint, LoRA adapters merged into the kernels, restored
-  into `flat_shardings` ({param path: sharding}); `llava_jax.checkpoint.restore_params` calls this."""
-  steps = ocp.utils.checkpoint_steps(os.path.join(workdir, CHECKPOINTS))  # finished ones only
-  if not steps:
-    raise ckpt_lib.CheckpointError(f"{workdir} is a training workdir without a finished checkpoint yet")
-  step_dir = os.path.join(workdir, CHECKPOINTS, str(max(steps)))
-  meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, "meta"))
-  abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Llava(cfg)), nnx.Param))
-  dtype = jnp.dtype(cfg.param_dtype)
-  target = {"model": jax.tree_util.tree_map_with_path(
-      lambda path, a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=flat_shardings[_path_of(path)]), abstract)}
-  if meta.get("lora"):
-    device = next(iter(flat_shardings.values()))
-    target["lora"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=device),
-                                  jax.eval_shape(lambda: lora_lib.init(abstract, meta["lora"]["r"],
-                                                                       jax.random.key(0))))
-  params = ocp.StandardCheckpointer().restore(os.path.join(step_dir, "params"), target)
-  if meta.get("lora"):
-    return lora_lib.merge(params["model"], params["lora"], meta["lora"]["alpha"] / meta["lora"]["r"])
-  return params["model"]
-
-
-def _path_of(key_path) -> tuple:
-  return tuple(k.key for k in key_path)

@@ -42,9 +42,26 @@ def parse(argv: list[str]):
   return fv.config, fv.workdir
 
 
+def load_config(spec: str, overrides: dict | None = None):
+  """The config file `PATH.py[:ARG]` exactly as `llava-jax train` reads it, with dotted-key overrides such as
+  {"lora.r": 4} (a key the config lacks is an error). Tests, benchmarks and notebooks load configs through this."""
+  config, _ = parse(["--config", spec, "--workdir", "-"])
+  for key, value in (overrides or {}).items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise ValueError(f"{key}: the config has no such key; check the spelling against {spec}")
+    node[leaf] = value
+  return config
+
+
 def main(argv: list[str] | None = None) -> int:
   """Console entry: returns the exit status (0 done, 2 bad config, 143 preempted after saving)."""
-  from llava_jax.train import loop  # pylint: disable=import-outside-toplevel  (jax is slow to import)
+  # pylint: disable=import-outside-toplevel  (jax is slow to import)
+  from llava_jax.train import loop
+  from llava_jax.train.preemption import PREEMPTED_EXIT_CODE
 
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   argv = sys.argv[1:] if argv is None else argv
@@ -57,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
   except (ValueError, FileNotFoundError) as e:
     print(f"llava-jax train: error: {e}", file=sys.stderr)
     return 2
-  return loop.PREEMPTED_EXIT_CODE if result["preempted"] else 0
+  return PREEMPTED_EXIT_CODE if result["preempted"] else 0
 
 
 if __name__ == "__main__":

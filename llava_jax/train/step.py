@@ -8,7 +8,6 @@ the trainable leaves of the stage, so frozen towers cost no weight gradients and
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any
 
@@ -18,11 +17,13 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from llava_jax import lora as lora_lib
 from llava_jax.config import IGNORE_INDEX, LlavaConfig
 from llava_jax.models.llava import Llava
-from llava_jax.models.stack import configure_layers
-from llava_jax.sharding import DEFAULT_RULES, batch_sharding, param_shardings, shard_batch
-from llava_jax.train import lora as lora_lib
+from llava_jax.models.options import ModelOptions
+from llava_jax.lora import LoraConfig
+from llava_jax.sharding import DEFAULT_RULES, batch_sharding, logical_axes_tree, param_shardings, shard_batch
+from llava_jax.tree import get_path
 from llava_jax.train.optim import FROZEN, OptimConfig, make_optimizer, stage_labels
 
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "image_mask", "segment_ids", "positions")
@@ -59,17 +60,6 @@ def combine(a, b):
   return jax.tree.map(lambda x, y: y if x is None else x, a, b, is_leaf=lambda x: x is None)
 
 
-@dataclasses.dataclass(frozen=True)
-class LoraConfig:
-  r: int = 128
-  alpha: float = 256.0
-  dropout: float = 0.05
-
-  @property
-  def scale(self) -> float:
-    return self.alpha / self.r
-
-
 class Trainer:
   """Everything static about a run: model graph, stage labels, optimizer, shardings, the jitted step.
 
@@ -85,13 +75,10 @@ class Trainer:
     self.grad_accum_steps, self.seed = grad_accum_steps, seed
     self.lora = (lora or LoraConfig()) if stage == "lora" else None
 
-    model = nnx.eval_shape(lambda: Llava(model_cfg, attention_impl=attention_impl))
-    hidden_sharding = batch_sharding(mesh, 3, rules)  # [batch, length, features] split like the batch
-    configure_layers(model.language_model, scan=scan_layers, remat=remat, activation_sharding=hidden_sharding)
-    # No backward through the vision tower: remat would buy nothing.
-    configure_layers(model.vision_tower, scan=scan_layers, activation_sharding=hidden_sharding)
-    head = model.lm_head if model.lm_head is not None else model.language_model.embed_tokens
-    head.dtype = jnp.float32  # logits (and so the softmax) in fp32 under bf16 compute
+    # Logits (and so the softmax) in fp32 under bf16 compute; hidden states pinned to the batch split.
+    options = ModelOptions(attention_impl=attention_impl, scan_layers=scan_layers, remat=remat, logits_dtype="float32",
+                           activation_sharding=batch_sharding(mesh, 3, rules))
+    model = nnx.eval_shape(lambda: Llava(model_cfg, options=options))
     self.graphdef, abstract = nnx.split(model, nnx.Param)
     self._abstract_vars = list(nnx.to_flat_state(abstract))
     abstract_model = nnx.to_pure_dict(abstract)
@@ -100,7 +87,7 @@ class Trainer:
     if self.lora is not None:
       lora_abstract = jax.eval_shape(lambda: lora_lib.init(abstract_model, self.lora.r, jax.random.key(0),
                                                            jnp.dtype(model_cfg.param_dtype)))
-      kernel_axes = _axes_tree(abstract)
+      kernel_axes = logical_axes_tree(abstract)
       lora_shardings = lora_lib.shardings(lora_abstract, kernel_axes, mesh, rules)
 
     params_abstract = {"model": abstract_model, "lora": lora_abstract}
@@ -154,7 +141,7 @@ class Trainer:
 
   def build_model(self, model_params: dict) -> Llava:
     """The model around a params dict, matched by path (inside the step; the graph carries the run's knobs)."""
-    state = nnx.from_flat_state([(path, var.replace(_get(model_params, path)))
+    state = nnx.from_flat_state([(path, var.replace(get_path(model_params, path)))
                                  for path, var in self._abstract_vars])
     return nnx.merge(self.graphdef, state)
 
@@ -239,23 +226,6 @@ class Trainer:
     compiled = self.compile(state, batch)
     with jax.set_mesh(self.mesh):
       return compiled(state, batch)
-
-
-def _get(tree: dict, path: tuple):
-  for p in path:
-    tree = tree[p]
-  return tree
-
-
-def _axes_tree(abstract: nnx.State) -> dict:
-  """Logical axis names of every parameter, as a nested dict like the params."""
-  axes = {}
-  for path, var in nnx.to_flat_state(abstract):
-    node = axes
-    for p in path[:-1]:
-      node = node.setdefault(p, {})
-    node[path[-1]] = tuple(var.get_metadata().get("out_sharding") or (None,) * len(var.get_value().shape))
-  return axes
 
 
 def _flops(compiled) -> float | None:

@@ -86,7 +86,7 @@ def make_iterator(data_cfg, model_cfg: LlavaConfig, host_batch_size: int, *, see
     raise ValueError(f"data.kind {data_cfg.kind!r} is not one of {KINDS}")
   import transformers  # pylint: disable=import-outside-toplevel
 
-  from llava_jax import data as data_lib  # pylint: disable=import-outside-toplevel
+  import llava_jax.data as data_pkg  # pylint: disable=import-outside-toplevel
 
   tokenizer_dir = data_cfg.tokenizer or assets_dir
   if not tokenizer_dir:
@@ -95,14 +95,14 @@ def make_iterator(data_cfg, model_cfg: LlavaConfig, host_batch_size: int, *, see
   tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
   image_processor = _image_processor(data_cfg, model_cfg, assets_dir)
   json_path = data_cfg.json_path.split(",") if "," in data_cfg.json_path else data_cfg.json_path
-  config = data_lib.DataConfig(
+  config = data_pkg.DataConfig(
       json_path=json_path, image_dir=data_cfg.image_dir, tfds_name=data_cfg.tfds_name,
       tfds_data_dir=data_cfg.tfds_data_dir or None, template=data_cfg.template, max_length=data_cfg.seq_len,
       batch_size=host_batch_size, num_image_tokens=model_cfg.num_image_tokens,
       image_token_index=model_cfg.image_token_index, aspect_ratio=data_cfg.aspect_ratio, seed=seed,
       shuffle=data_cfg.shuffle, group_by_modality_length=data_cfg.group_by_modality_length,
       packing=data_cfg.packing, num_workers=data_cfg.num_workers)
-  return data_lib.make_iterator(config, tokenizer, image_processor)
+  return data_pkg.make_iterator(config, tokenizer, image_processor)
 
 
 def _image_processor(data_cfg, model_cfg: LlavaConfig, assets_dir: str | None):

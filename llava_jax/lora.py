@@ -1,4 +1,5 @@
-"""LoRA for the language model, kept outside the model's parameters.
+"""LoRA for the language model, kept outside the model's parameters: trained by `llava_jax.train`, merged into the
+kernels when a training workdir is loaded for inference (`llava_jax.checkpoint`).
 
 The adapters are their own tree, mirroring the paths of the kernels they adapt:
 `{"language_model": {"layers": {0: {"self_attn": {"q_proj": {"lora_a": [in, r], "lora_b": [r, out]}}}}}}`.
@@ -10,13 +11,29 @@ Init as PEFT: A ~ U(+-1/sqrt(in)) (kaiming_uniform with a=sqrt(5)), B = 0, so tr
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from llava_jax.sharding import logical_to_spec
+from llava_jax.tree import get_path, set_path
 
 TARGET_ROOT = "language_model"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Rank, alpha and dropout of the adapters; `scale` (alpha / r) is what every use multiplies by."""
+
+  r: int = 128
+  alpha: float = 256.0
+  dropout: float = 0.05
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.r
 
 
 class LoraAdapter(nnx.Module):
@@ -50,26 +67,14 @@ def target_paths(params: dict) -> list[tuple]:
   return sorted(paths, key=lambda p: tuple(str(x) for x in p))
 
 
-def _get(tree, path):
-  for p in path:
-    tree = tree[p]
-  return tree
-
-
-def _set(tree: dict, path: tuple, value):
-  for p in path[:-1]:
-    tree = tree.setdefault(p, {})
-  tree[path[-1]] = value
-
-
 def init(params: dict, r: int, key, dtype=jnp.float32) -> dict:
   """Fresh adapters for `params` (arrays or ShapeDtypeStructs); works under jit and eval_shape."""
   adapters = {}
   for i, path in enumerate(target_paths(params)):
-    d_in, d_out = _get(params, path)["kernel"].shape
+    d_in, d_out = get_path(params, path)["kernel"].shape
     bound = 1.0 / d_in ** 0.5
     a = jax.random.uniform(jax.random.fold_in(key, i), (d_in, r), dtype, -bound, bound)
-    _set(adapters, path, {"lora_a": a, "lora_b": jnp.zeros((r, d_out), dtype)})
+    set_path(adapters, path, {"lora_a": a, "lora_b": jnp.zeros((r, d_out), dtype)})
   return adapters
 
 
@@ -77,14 +82,14 @@ def shardings(adapters: dict, kernel_axes: dict, mesh, rules) -> dict:
   """A takes the kernel's input axis, B its output axis; the rank dimension stays whole."""
 
   def one(path, leaf_name, leaf):
-    ax_in, ax_out = _get(kernel_axes, path)["kernel"]
+    ax_in, ax_out = get_path(kernel_axes, path)["kernel"]
     axes = (ax_in, None) if leaf_name == "lora_a" else (None, ax_out)
     return jax.sharding.NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, rules))
 
   out = {}
   for path in _adapter_paths(adapters):
-    node = _get(adapters, path)
-    _set(out, path, {name: one(path, name, node[name]) for name in ("lora_a", "lora_b")})
+    node = get_path(adapters, path)
+    set_path(out, path, {name: one(path, name, node[name]) for name in ("lora_a", "lora_b")})
   return out
 
 
@@ -108,7 +113,7 @@ def attach(model: nnx.Module, adapters: dict, scale: float, dropout: float = 0.0
     module = model
     for p in path:
       module = module[p] if isinstance(p, int) else getattr(module, p)
-    node = _get(adapters, path)
+    node = get_path(adapters, path)
     layer_key = None if key is None else jax.random.fold_in(key, i)
     module.adapter = nnx.data(LoraAdapter(node["lora_a"], node["lora_b"], scale, dropout, layer_key))
 
@@ -117,7 +122,7 @@ def merge(params: dict, adapters: dict, scale: float) -> dict:
   """Base params with every adapter folded in: kernel + scale * A @ B (in fp32, stored in the kernel's dtype)."""
   params = jax.tree.map(lambda x: x, params)  # a copy of the dict structure; leaves are shared
   for path in _adapter_paths(adapters):
-    node, module = _get(adapters, path), _get(params, path)
+    node, module = get_path(adapters, path), get_path(params, path)
     kernel = module["kernel"]
     delta = jnp.dot(jnp.asarray(node["lora_a"], jnp.float32), jnp.asarray(node["lora_b"], jnp.float32),
                     precision=jax.lax.Precision.HIGHEST)

@@ -1,0 +1,34 @@
+"""How the model runs, as opposed to what it computes (`LlavaConfig`): one frozen dataclass the model holds.
+
+Every option leaves the parameters and (up to float rounding) the results unchanged, so one checkpoint serves
+generation (defaults) and training (scan, remat, pinned activations, fp32 logits) alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+ATTENTION_IMPLS = ("xla", "cudnn")
+REMAT_POLICY_NAMES = ("none", "full", "dots_saveable")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+  attention_impl: str = "xla"        # models/attention.py
+  scan_layers: bool = False          # lax.scan over the layer stacks (one compiled layer instead of N)
+  remat: str = "none"                # the decoder layers' rematerialisation policy (models/stack.py)
+  logits_dtype: str | None = None    # None: the compute dtype; training uses float32 for the softmax
+  # A jax Sharding of the [batch, length, features] hidden state, pinned at every layer boundary: without it
+  # XLA may trade the batch split for the FSDP split of the weights (both on the fsdp axis) and keep whole-batch
+  # activations on every device.
+  activation_sharding: Any = None
+
+  def __post_init__(self):
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
+    if self.remat not in REMAT_POLICY_NAMES:
+      raise ValueError(f"remat policy {self.remat!r} is not one of {REMAT_POLICY_NAMES}")
+
+  def replace(self, **changes) -> "ModelOptions":
+    return dataclasses.replace(self, **changes)

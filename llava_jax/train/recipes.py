@@ -1,0 +1,128 @@
+"""The pieces every training config shares: the config schema (with the tiny model's values), the reference's
+per-stage learning rates, the published model dimensions, the LLaVA-1.5 recipe and the hardware presets.
+
+`configs/*.py` are short files that import these from the installed package (`from llava_jax.train import
+recipes`), so a config runs from any directory and nothing reaches into `configs/` through `sys.path`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from llava_jax.sharding import DEFAULT_RULES
+
+# The reference's per-stage learning rates (LLaVA-1.5 scripts).
+STAGE_LR = {"stage1": 1e-3, "stage2": 2e-5, "lora": 2e-4}
+
+# Samples in one epoch of each stage's data (the reference trains one epoch).
+PRETRAIN_SAMPLES = 558_128  # blip_laion_cc_sbu_558k.json
+FINETUNE_SAMPLES = 665_298  # llava_v1_5_mix665k.json
+
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14)
+VICUNA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, head_dim=128, max_position_embeddings=4096)
+VICUNA_13B = dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                  num_attention_heads=40, num_key_value_heads=40, head_dim=128, max_position_embeddings=4096)
+
+# Hardware presets: device count, hosts, and the (data, fsdp, tensor) mesh we train 7B/13B with on each. Used by
+# configs (`--config.mesh`) and by `launch/` (accelerator type, TPU runtime, host count). FSDP over all chips fits
+# 7B/13B stage 2 and has the fewest collectives per layer, so tensor parallelism stays at 1 until the global batch
+# (128 sequences in stage 2) no longer covers the batch axes: on v5e-256 a 4-way tensor axis takes the rest.
+PRESETS = {
+    # TPU v4: the name counts TensorCores, 2 per chip; JAX sees one device per chip.
+    "v4-32": dict(kind="tpu", accelerator_type="v4-32", runtime="tpu-ubuntu2204-base", devices=16, hosts=4,
+                  mesh=(1, 16, 1)),
+    # TPU v5p: likewise 2 TensorCores per chip, one JAX device per chip.
+    "v5p-64": dict(kind="tpu", accelerator_type="v5p-64", runtime="v2-alpha-tpuv5", devices=32, hosts=8,
+                   mesh=(1, 32, 1)),
+    # TPU v5e: the name counts chips, 1 TensorCore each, 4 per host; 16 GiB HBM per chip.
+    "v5e-256": dict(kind="tpu", accelerator_type="v5litepod-256", runtime="v2-alpha-tpuv5-lite", devices=256,
+                    hosts=64, mesh=(1, 64, 4)),
+    # One node of 8 GPUs (e.g. 8x A100/H100 80 GB).
+    "gpu-8": dict(kind="gpu", accelerator_type="8xGPU", runtime="", devices=8, hosts=1, mesh=(1, 8, 1)),
+}
+
+
+def preset(name: str) -> dict:
+  if name not in PRESETS:
+    raise ValueError(f"unknown hardware preset {name!r}; known: {sorted(PRESETS)}")
+  return dict(PRESETS[name])
+
+
+def base_config(stage: str = "stage1") -> ml_collections.ConfigDict:
+  """The schema every config shares, filled in for the tiny model (CLIP 2x64 at 28 px, LLaMA 2x64) that runs in
+  seconds on a CPU. Bigger configs change `model` / `init_checkpoint`, `data`, `mesh` and the batch."""
+  if stage not in STAGE_LR:
+    raise ValueError(f"unknown stage {stage!r}: use stage1 (projector only), stage2 (projector + LLM) or lora")
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.seed = 0
+  c.distributed = "auto"  # jax.distributed.initialize() when launched as several processes ("yes" / "no")
+
+  # Model: from a `llava-jax convert` directory if set, else built from `model` and freshly initialised.
+  c.init_checkpoint = ""
+  c.model = dict(
+      vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=28, patch_size=7),
+      text=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=512),
+      image_token_index=256, vision_feature_layer=-2)
+  c.dtype = "float32"        # compute; "bfloat16" on accelerators
+  c.param_dtype = "float32"  # master weights and optimizer state
+  c.attention_impl = "xla"
+  c.remat = "none"           # none | full | dots_saveable
+  c.scan_layers = False
+
+  # Steps and batch: batch_size is global (all hosts), split into grad_accum_steps micro-batches.
+  c.total_steps = 100
+  c.batch_size = 8
+  c.grad_accum_steps = 1
+  c.optimizer = dict(lr=STAGE_LR[stage], projector_lr=config_dict.placeholder(float), warmup_ratio=0.03,
+                     weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0)
+  if stage == "lora":
+    c.optimizer.projector_lr = 2e-5
+  c.lora = dict(r=8, alpha=16.0, dropout=0.05)  # the 7B/13B recipe: r=128, alpha=256
+
+  # Mesh (data, fsdp, tensor), -1 takes the remaining devices; logical axis -> mesh axes.
+  c.mesh = (-1, 1, 1)
+  c.sharding_rules = DEFAULT_RULES
+
+  # Data: "synthetic" random rows, or "llava" (LLaVA JSON + image folder, or TFDS) through the grain pipeline.
+  c.data = dict(
+      kind="synthetic", seq_len=48, num_distinct_batches=0,
+      json_path="", image_dir="", tfds_name="", tfds_data_dir="",
+      template="plain" if stage == "stage1" else "vicuna_v1", tokenizer="", image_processor="",
+      aspect_ratio="pad", shuffle=True, group_by_modality_length=False, packing=False, num_workers=0)
+
+  c.checkpoint = dict(every_steps=50, keep=3, async_save=True)
+  c.log = dict(every_steps=10, progress=True, tensorboard=True, peak_tflops=0.0)  # 0: by device kind
+  return c
+
+
+def llava_v1_5(arg: str, vision: dict, text: dict, default_preset: str = "v5p-64") -> ml_collections.ConfigDict:
+  """The LLaVA-1.5 recipe around a given model (scripts/v1_5/*.sh of the reference). `arg` is "STAGE[,PRESET]":
+  stage1 (LLaVA-Pretrain 558k, `plain`, batch 256, lr 1e-3), stage2 (llava_v1_5_mix665k, `vicuna_v1`, batch 128,
+  lr 2e-5) or lora (r 128, alpha 256, lr 2e-4, projector lr 2e-5); one epoch, max length 2048, padded images."""
+  stage, _, preset_name = arg.partition(",")
+  c = base_config(stage)
+  hardware = preset(preset_name or default_preset)
+  c.model = dict(vision=vision, text=text, image_token_index=text["vocab_size"], vision_feature_layer=-2)
+  c.dtype, c.param_dtype = "bfloat16", "float32"
+  c.remat, c.scan_layers = "full", True
+  c.mesh = hardware["mesh"]
+  stage1 = stage == "stage1"
+  c.batch_size = 256 if stage1 else 128
+  c.total_steps = -(-(PRETRAIN_SAMPLES if stage1 else FINETUNE_SAMPLES) // c.batch_size)
+  if stage == "lora":
+    c.lora = dict(r=128, alpha=256.0, dropout=0.05)
+  c.data.kind = "llava"
+  c.data.seq_len = 2048
+  c.data.template = "plain" if stage1 else "vicuna_v1"
+  c.data.aspect_ratio = "pad"
+  c.data.group_by_modality_length = not stage1
+  c.data.num_workers = 4
+  c.checkpoint.every_steps = 500
+  c.log.every_steps = 10
+  return c

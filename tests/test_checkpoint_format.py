@@ -1,0 +1,115 @@
+"""The on-disk formats are frozen: a converted checkpoint and a training workdir written by an earlier version
+(tests/fixtures/old_layout, made by tests/fixtures/make_old_layout.py) still load, resume, and match what the
+current code writes."""
+
+import importlib.util
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+import train_util
+from llava_jax import checkpoint_files, load_checkpoint, save_checkpoint
+from llava_jax.train import batches, checkpointing, loop, run_config
+from llava_jax.train.step import Trainer
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OLD = os.path.join(HERE, "fixtures", "old_layout")
+STEP_ITEMS = ["data", "meta", "opt_state", "params"]
+
+
+def _maker():
+  spec = importlib.util.spec_from_file_location("make_old_layout", os.path.join(HERE, "fixtures",
+                                                                                "make_old_layout.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def lora_config(**overrides):
+  """The run config the old workdir was trained with (2 steps), with `overrides`."""
+  small = dict(_maker().SMALL, init_checkpoint=os.path.join(OLD, "ckpt"))
+  small.update(overrides)
+  return train_util.tiny_config("lora", **small)
+
+
+def expected(name: str) -> dict:
+  with open(os.path.join(OLD, "expected.json")) as f:
+    return json.load(f)[name]
+
+
+def assert_params_match(params: dict, summary: dict):
+  """`params` against the old code's {dotted path: [shape, sum, sum of squares]}."""
+  flat = train_util.flat(params)
+  assert sorted(flat) == sorted(summary)
+  for path, (shape, total, squares) in summary.items():
+    x = flat[path].astype(np.float64)
+    assert list(x.shape) == shape, path
+    np.testing.assert_allclose([x.sum(), (x * x).sum()], [total, squares], rtol=1e-6, atol=1e-6, err_msg=path)
+
+
+def test_the_names_of_the_format_are_unchanged():
+  assert (checkpoint_files.CONFIG_NAME, checkpoint_files.PARAMS_DIR, checkpoint_files.ASSETS_DIR) == \
+      ("llava_config.json", "params", "assets")
+  assert (checkpoint_files.CHECKPOINTS, checkpoint_files.RUN_CONFIG_NAME) == ("checkpoints", "config.json")
+  assert sorted([checkpoint_files.PARAMS_ITEM, checkpoint_files.OPT_STATE_ITEM, checkpoint_files.META_ITEM,
+                 checkpoint_files.DATA_ITEM]) == STEP_ITEMS
+  # The fixture itself has that layout.
+  assert sorted(os.listdir(os.path.join(OLD, "ckpt"))) == ["assets", "llava_config.json", "params"]
+  assert os.listdir(os.path.join(OLD, "ckpt", "params")) == ["part-00000"]
+  assert os.listdir(os.path.join(OLD, "ckpt", "assets")) == ["generation_config.json"]
+  assert sorted(os.listdir(os.path.join(OLD, "lora"))) == ["assets", "checkpoints", "config.json",
+                                                            "llava_config.json"]
+  step_dir = os.path.join(OLD, "lora", "checkpoints", "2")
+  assert STEP_ITEMS == sorted(n for n in os.listdir(step_dir) if not n.startswith(("_", "commit")))
+  with open(os.path.join(step_dir, "meta", "metadata")) as f:
+    assert json.load(f) == {"step": 2, "stage": "lora", "lora": {"r": 2, "alpha": 16.0}}
+
+
+@pytest.mark.parametrize("name", ["ckpt", "lora"])
+def test_load_checkpoint_reads_the_old_layout(name):
+  """A converted checkpoint, and a LoRA workdir's latest step with the adapters merged, load as they did."""
+  model = load_checkpoint(os.path.join(OLD, name))
+  from flax import nnx
+
+  assert_params_match(nnx.to_pure_dict(nnx.state(model, nnx.Param)), expected(name))
+  assert model.assets_dir == os.path.join(OLD, name, "assets")
+
+
+def test_save_checkpoint_writes_the_old_layout(tmp_path):
+  model = load_checkpoint(os.path.join(OLD, "ckpt"))
+  save_checkpoint(model, str(tmp_path / "again"))
+  assert sorted(os.listdir(tmp_path / "again")) == ["assets", "llava_config.json", "params"]
+  assert os.listdir(tmp_path / "again" / "params") == ["part-00000"]
+  assert os.listdir(tmp_path / "again" / "assets") == ["generation_config.json"]
+  with open(os.path.join(OLD, "ckpt", "llava_config.json")) as old, \
+      open(tmp_path / "again" / "llava_config.json") as new:
+    assert json.load(old) == json.load(new)
+
+
+def test_training_resumes_from_the_old_workdir(tmp_path):
+  workdir = str(tmp_path / "lora")
+  shutil.copytree(os.path.join(OLD, "lora"), workdir)
+  config = lora_config(total_steps=3, batch_size=8)  # the tests' 8 CPU devices split the batch in 8
+
+  # The saved train state comes back as it was saved: step 2, the params the old code exported.
+  trainer = Trainer(run_config.model_config(config), "lora", run_config.optim_config(config), 3,
+                    train_util.mesh_of((1, 1, 1)), lora=run_config.lora_config(config))
+  data = batches.SyntheticIterator(config.batch_size, config.data.seq_len, trainer.model_cfg)
+  manager = checkpointing.make_manager(workdir)
+  state = checkpointing.restore(manager, trainer.abstract_state, data,
+                                checkpointing.run_meta("lora", run_config.lora_config(config)))
+  manager.close()
+  assert int(jax.device_get(state["step"])) == 2 and data.get_state() == {"index": 2}
+  assert_params_match(trainer.export_params(state), expected("lora"))
+
+  # The loop resumes at step 2 and writes step 3 in the same layout.
+  result = loop.train(config, workdir)
+  assert result["start_step"] == 2 and result["step"] == 3
+  step_dir = os.path.join(workdir, "checkpoints", "3")
+  assert STEP_ITEMS == sorted(n for n in os.listdir(step_dir) if not n.startswith(("_", "commit")))
+  with open(os.path.join(step_dir, "meta", "metadata")) as f:
+    assert json.load(f) == {"step": 3, "stage": "lora", "lora": {"r": 2, "alpha": 16.0}}

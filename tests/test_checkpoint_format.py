@@ -13,6 +13,7 @@ import pytest
 
 import train_util
 from llava_jax import checkpoint_files, load_checkpoint, save_checkpoint
+from llava_jax.config import LlavaConfig
 from llava_jax.train import batches, checkpointing, loop, run_config
 from llava_jax.train.step import Trainer
 
@@ -87,7 +88,12 @@ def test_save_checkpoint_writes_the_old_layout(tmp_path):
   assert os.listdir(tmp_path / "again" / "assets") == ["generation_config.json"]
   with open(os.path.join(OLD, "ckpt", "llava_config.json")) as old, \
       open(tmp_path / "again" / "llava_config.json") as new:
-    assert json.load(old) == json.load(new)
+    old, new = json.load(old), json.load(new)
+  # Every old field keeps its value; fields added since (LLaVA-NeXT's) only add keys, with their defaults.
+  for section in ("vision", "text"):
+    assert old[section].items() <= new[section].items()
+  assert {k: v for k, v in old.items() if k not in ("vision", "text")}.items() <= new.items()
+  assert LlavaConfig.from_dict(old) == LlavaConfig.from_dict(new)
 
 
 def test_training_resumes_from_the_old_workdir(tmp_path):

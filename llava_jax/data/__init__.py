@@ -5,18 +5,21 @@ imported on demand).
 One module per job: `conversation` (templates), `text` (ids and labels), `image` (CLIP
 pixels), `records` (record sources, skip markers), `ordering` (epoch order, length
 grouping, host/worker shards), `preprocess` (record -> example), `collate` (batches),
-`pipeline` (assembles them: `make_iterator`), `synthetic` (a toy corpus and tokenizer).
+`pipeline` (assembles them: `make_iterator`), `iterator` (skip counting, limits, state), `synthetic`
+(a toy corpus and tokenizer), `anyres` (LLaVA-NeXT tiles).
 """
 
 from llava_jax.data.conversation import TEMPLATES, SeparatorStyle, Template, get_template
 from llava_jax.data.image import ImageProcessorConfig, preprocess_image
-from llava_jax.data.pipeline import DataConfig, DataIterator, make_dataset, make_iterator
+from llava_jax.data.pipeline import (DataConfig, DataInterrupted, DataIterator, DataStallError,
+                                     DataStateMismatchError, make_dataset, make_iterator)
 from llava_jax.data.synthetic import build_tokenizer, write_shapes_corpus
 from llava_jax.data.text import (IGNORE_INDEX, DataError, SkipReason, TokenizationMismatchError,
                                  encode_prompt, preprocess_conversation, tokenizer_image_token)
 
 __all__ = [
-    "IGNORE_INDEX", "TEMPLATES", "DataConfig", "DataError", "DataIterator", "ImageProcessorConfig",
+    "IGNORE_INDEX", "TEMPLATES", "DataConfig", "DataError", "DataInterrupted", "DataIterator", "DataStallError",
+    "DataStateMismatchError", "ImageProcessorConfig",
     "SeparatorStyle", "SkipReason", "Template", "TokenizationMismatchError", "build_tokenizer", "encode_prompt",
     "get_template", "make_dataset", "make_iterator", "preprocess_conversation", "preprocess_image",
     "tokenizer_image_token", "write_shapes_corpus",

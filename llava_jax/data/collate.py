@@ -1,8 +1,11 @@
 """Examples -> fixed-shape batches: padding one sample per row, or packing several.
 
 The batch layout is the contract written in `pipeline`'s docstring. Skip markers are
-taken out of the stream here and ride along with the batch (under `SKIPPED_KEY`) so
-that the iterator can count them; a batch can thus carry skips and no sample.
+taken out of the stream here and ride along with the batch (under `SKIPPED_KEY`, with
+their `SkipRuns` under `SKIP_RUNS_KEY`) so that the iterator can count them. A batch
+can thus carry skips and no sample: it then holds only those two keys. A batch is
+closed after `max_skips_per_batch` skips even if its rows are not full, so that a
+stream of bad samples never makes a worker hold an unbounded list or stay silent.
 """
 
 from __future__ import annotations
@@ -14,8 +17,10 @@ from typing import Any
 import grain
 import numpy as np
 
-from llava_jax.data.records import SKIP_KEY, SKIPPED_KEY
+from llava_jax.data.records import SKIP_KEY, SKIP_RUNS_KEY, SKIPPED_KEY, SkipRuns
 from llava_jax.data.text import IGNORE_INDEX
+
+MAX_SKIPS_PER_BATCH = 256  # a batch is handed on after this many skips, full or not
 
 
 def pad_token_id(tokenizer) -> int:
@@ -43,7 +48,13 @@ class Collate:
     return (used + len(example["input_ids"]) <= self.max_length and
             images + (example["pixel_values"] is not None) <= self.max_images_per_row)
 
-  def __call__(self, rows: list[list[dict]], skipped: list[tuple[str, str, str]]) -> dict:
+  def __call__(self, rows: list[list[dict]], skipped: list[tuple[str, str, str]],
+               runs: SkipRuns | None = None) -> dict:
+    if runs is None:  # all skips before the samples
+      n = len(skipped)
+      runs = SkipRuns(sum(len(row) for row in rows), n, n, 0 if rows else n)
+    if not rows:
+      return {SKIPPED_KEY: list(skipped), SKIP_RUNS_KEY: runs}
     b, length = self.batch_size, self.max_length
     h, w = self.image_size
     batch = {
@@ -78,15 +89,18 @@ class Collate:
           batch["image_mask"][r] = True
         start = end
     batch[SKIPPED_KEY] = list(skipped)
+    batch[SKIP_RUNS_KEY] = runs
     return batch
 
 
 class BatchIterator(grain.DatasetIterator):
   """Drops skipped-sample markers (keeping them for the batch) and fills rows."""
 
-  def __init__(self, parent: grain.DatasetIterator, collate: Collate):
+  def __init__(self, parent: grain.DatasetIterator, collate: Collate,
+               max_skips_per_batch: int = MAX_SKIPS_PER_BATCH):
     super().__init__(parent)
     self._collate = collate
+    self._max_skips = max(1, max_skips_per_batch)
     self._pending = None        # an example read but left for the next batch (packing)
     self._pending_state = None  # the parent's state before that example was read
 
@@ -95,7 +109,8 @@ class BatchIterator(grain.DatasetIterator):
     batch_size = self._collate.batch_size
     rows: list[list[dict]] = []
     skipped: list[tuple[str, str, str]] = []
-    while True:
+    samples = leading = longest = run = 0  # the `SkipRuns` of this batch
+    while len(skipped) < self._max_skips:
       if self._pending is not None:
         example, state_before = self._pending, self._pending_state
         self._pending = self._pending_state = None
@@ -107,21 +122,23 @@ class BatchIterator(grain.DatasetIterator):
           break
       if SKIP_KEY in example:
         skipped.append((example[SKIP_KEY], example["id"], example["message"]))
+        run += 1
+        longest = max(longest, run)
+        leading = run if not samples else leading
         continue
-      if not packing:
-        rows.append([example])
-        if len(rows) == batch_size:
-          break
-      elif rows and self._collate.fits(rows[-1], example):
+      if packing and rows and self._collate.fits(rows[-1], example):
         rows[-1].append(example)
       elif len(rows) < batch_size:
         rows.append([example])
-      else:
+      else:  # packing, and the batch is full: the example starts the next one
         self._pending, self._pending_state = example, state_before
+        break
+      samples, run = samples + 1, 0
+      if not packing and len(rows) == batch_size:
         break
     if not rows and not skipped:
       raise StopIteration
-    return self._collate(rows, skipped)
+    return self._collate(rows, skipped, SkipRuns(samples, leading, longest, run))
 
   def get_state(self) -> dict[str, Any]:
     if self._pending is not None:
@@ -144,17 +161,19 @@ class BatchIterDataset(grain.IterDataset):
   worker's batch is then one block of the order, as with no workers.
   """
 
-  def __init__(self, make_samples: Callable[[int, int], grain.IterDataset], collate: Collate):
+  def __init__(self, make_samples: Callable[[int, int], grain.IterDataset], collate: Collate,
+               max_skips_per_batch: int = MAX_SKIPS_PER_BATCH):
     super().__init__(make_samples(0, 1))
     self._make_samples = make_samples
     self._collate = collate
+    self._max_skips = max_skips_per_batch
 
   def set_slice(self, sl: slice, sequential_slice: bool = False) -> None:
     del sequential_slice
     self._parents = (self._make_samples(sl.start or 0, sl.step or 1),)
 
   def __iter__(self) -> grain.DatasetIterator:
-    return BatchIterator(self._parent.__iter__(), self._collate)
+    return BatchIterator(self._parent.__iter__(), self._collate, self._max_skips)
 
   def __str__(self) -> str:
     return "LlavaBatchDataset"

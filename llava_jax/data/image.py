@@ -33,6 +33,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from llava_jax.hub import require_local_folder
+
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -89,8 +91,12 @@ class ImageProcessorConfig:
 
   @classmethod
   def from_pretrained(cls, folder: str) -> ImageProcessorConfig:
-    """Reads `folder/preprocessor_config.json`."""
-    with open(os.path.join(folder, "preprocessor_config.json")) as f:
+    """Reads `folder/preprocessor_config.json`: a local folder only, never the Hub (FileNotFoundError naming it)."""
+    require_local_folder(folder, "image processor folder")
+    path = os.path.join(folder, "preprocessor_config.json")
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"image processor folder {folder!r} has no preprocessor_config.json")
+    with open(path) as f:
       return cls.from_dict(json.load(f))
 
   @property

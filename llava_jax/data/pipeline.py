@@ -15,7 +15,8 @@ Stages, per host (this module assembles them; each has its own module):
 `make_iterator` wraps it in a `DataIterator`, which counts and logs skipped samples
 and whose `get_state()` (a JSON-serialisable dict, grain's iterator state plus the
 counts) restores the exact position with `set_state()`. Restore with the same config
-(batch size, workers, hosts): grain's state is per worker.
+(batch size, workers, hosts): grain's state is per worker, and `set_state` raises
+`DataStateMismatchError` naming the setting that differs.
 
 Batch contract (numpy arrays; B = `batch_size` rows per host, L = `max_length`,
 H, W = the processor's crop size, M = `max_images_per_row`):
@@ -54,26 +55,39 @@ Skipped samples (see `text.SkipReason`): missing, unreadable or empty image file
 malformed JSONL lines or records, conversations that do not alternate or lack a reply,
 "<image>" tags that do not match the image, tokenization mismatches (where the
 reference silently masks the whole sample), image tokens cut by `max_length`, and
-samples left with no target token after truncation. With `strict=True` the first one
-raises `text.DataError` instead.
+samples left with no target token after truncation, image paths that resolve outside
+`image_dir` (unless `allow_images_outside_dir`), and images whose header shows more than
+`max_image_pixels` (padded to square for "pad"), refused before decoding. With
+`strict=True` the first one raises `text.DataError` instead.
+
+Failing loudly: `DataIterator` raises `DataStallError` (a `DataError`) with the counts
+per reason, the first ids and what to check when `max_consecutive_skips` samples in a
+row are skipped, when the skipped fraction exceeds `max_skip_fraction` (from
+`min_samples_for_fraction` samples on), or when the data ends with every sample
+skipped. It raises `DataInterrupted` when `should_stop()` / `request_stop()` asks it
+to stop while it reads past skipped samples, and `skip_summary()` gives the counts as
+scalars for metrics.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
 import numpy as np
 
 from llava_jax.data import image as image_lib
-from llava_jax.data.collate import BatchIterDataset, Collate, pad_token_id
+from llava_jax.data.collate import MAX_SKIPS_PER_BATCH, BatchIterDataset, Collate, pad_token_id
 from llava_jax.data.ordering import Blocks, EpochOrder
-from llava_jax.data.preprocess import Preprocess
-from llava_jax.data.records import SKIPPED_KEY, LlavaJsonSource, record_modality_length
+from llava_jax.data.preprocess import DEFAULT_MAX_IMAGE_PIXELS, Preprocess
+from llava_jax.data.iterator import DataInterrupted, DataIterator, DataStallError, DataStateMismatchError
+from llava_jax.data.records import LlavaJsonSource, record_modality_length
+
+__all__ = ["DataConfig", "DataInterrupted", "DataIterator", "DataStallError", "DataStateMismatchError",
+           "make_dataset", "make_iterator", "make_source"]
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +116,11 @@ class DataConfig:
   read_threads: int = 2                  # threads per process
   worker_buffer: int = 2                 # batches buffered per worker
   strict: bool = False                   # raise at the first bad sample
+  max_consecutive_skips: int = 1000      # this many skipped samples in a row stop the run; 0 = no limit
+  max_skip_fraction: float = 0.1         # a larger skipped fraction of the samples seen stops the run; 1 = no limit
+  min_samples_for_fraction: int = 200    # ... checked once this many samples were seen
+  max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # decoded (and, for "pad", padded) pixels; larger: skipped
+  allow_images_outside_dir: bool = False  # let "image" paths resolve outside image_dir ("../", absolute, symlinks)
 
   def __post_init__(self):
     if self.batch_size < 1 or self.max_length < 2 or self.max_images_per_row < 1:
@@ -112,6 +131,13 @@ class DataConfig:
       raise ValueError(f"aspect_ratio must be 'pad' or 'crop', got {self.aspect_ratio!r}")
     if self.num_epochs is not None and self.num_epochs < 1:
       raise ValueError("num_epochs must be None (forever) or positive")
+    if self.max_consecutive_skips < 0 or self.min_samples_for_fraction < 1:
+      raise ValueError(f"max_consecutive_skips={self.max_consecutive_skips} must be >= 0 (0: no limit) and "
+                       f"min_samples_for_fraction={self.min_samples_for_fraction} >= 1")
+    if not 0.0 <= self.max_skip_fraction <= 1.0:  # also refuses NaN
+      raise ValueError(f"max_skip_fraction={self.max_skip_fraction} must be in [0, 1] (1: no limit)")
+    if self.max_image_pixels < 1:
+      raise ValueError(f"max_image_pixels={self.max_image_pixels} must be positive")
 
 
 @dataclasses.dataclass
@@ -147,19 +173,28 @@ def make_source(config: DataConfig):
   return LlavaJsonSource(config.json_path)
 
 
-def make_dataset(config: DataConfig, tokenizer, image_processor: image_lib.ImageProcessorConfig | dict,
-                 *, process_index: int | None = None, process_count: int | None = None,
-                 source=None) -> grain.IterDataset:
-  """The grain pipeline; its batches still carry the list of skipped samples.
-
-  Use `make_iterator` unless you compose further grain stages yourself.
-  `process_index` / `process_count` default to JAX's; tests pass them to act as hosts.
-  """
+def _process_layout(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  """(this host's index, the number of hosts): as given, else JAX's."""
   if process_index is None or process_count is None:
     import jax  # pylint: disable=import-outside-toplevel
     process_index, process_count = jax.process_index(), jax.process_count()
   if not 0 <= process_index < process_count:
     raise ValueError(f"process_index={process_index} with process_count={process_count}")
+  return process_index, process_count
+
+
+def make_dataset(config: DataConfig, tokenizer, image_processor: image_lib.ImageProcessorConfig | dict,
+                 *, process_index: int | None = None, process_count: int | None = None,
+                 source=None) -> grain.IterDataset:
+  """The grain pipeline; its batches still carry the list of skipped samples and their `SkipRuns`.
+
+  A batch of skipped samples only (at most `MAX_SKIPS_PER_BATCH` or
+  `max_consecutive_skips` of them) holds only those two keys.
+
+  Use `make_iterator` unless you compose further grain stages yourself.
+  `process_index` / `process_count` default to JAX's; tests pass them to act as hosts.
+  """
+  process_index, process_count = _process_layout(process_index, process_count)
   if isinstance(image_processor, dict):
     image_processor = image_lib.ImageProcessorConfig.from_dict(image_processor)
   source = make_source(config) if source is None else source
@@ -171,11 +206,15 @@ def make_dataset(config: DataConfig, tokenizer, image_processor: image_lib.Image
                np.array([record_modality_length(source[i]) for i in range(len(source))]))
   preprocess = Preprocess(tokenizer, image_processor, template=config.template, max_length=config.max_length,
                           num_image_tokens=config.num_image_tokens, image_token_index=config.image_token_index,
-                          aspect_ratio=config.aspect_ratio, image_dir=config.image_dir, strict=config.strict)
+                          aspect_ratio=config.aspect_ratio, image_dir=config.image_dir, strict=config.strict,
+                          max_image_pixels=config.max_image_pixels,
+                          allow_images_outside_dir=config.allow_images_outside_dir)
   factory = _SampleFactory(source, config, preprocess, lengths, process_index, process_count)
   collate = Collate(config.batch_size, config.max_length, config.packing, config.max_images_per_row,
                     pad_token_id(tokenizer), image_processor.output_size)
-  ds = BatchIterDataset(factory, collate)
+  # A batch closes after at most this many skips, so the iterator sees a stall as it grows.
+  max_skips = min(MAX_SKIPS_PER_BATCH, config.max_consecutive_skips or MAX_SKIPS_PER_BATCH)
+  ds = BatchIterDataset(factory, collate, max_skips)
   if config.num_workers > 0:
     _allow_unparsed_absl_flags()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers,
@@ -191,65 +230,15 @@ def _allow_unparsed_absl_flags() -> None:
     flags.FLAGS.mark_as_parsed()
 
 
-class DataIterator(grain.DatasetIterator):
-  """Batches, with skipped samples counted per reason and logged with their ids.
-
-  `get_state()` returns a JSON-serialisable dict (grain's state and the counts);
-  `set_state()` resumes exactly there. Being a grain `DatasetIterator`, it also works
-  with `grain.checkpoint.CheckpointSave/Restore` and Orbax's checkpointables.
-  """
-
-  MAX_IDS_KEPT = 1000  # ids remembered per reason (counts are exact regardless)
-  LOGGED_PER_REASON = 20
-
-  def __init__(self, dataset: grain.IterDataset):
-    super().__init__(iter(dataset))
-    self.skip_counts: dict[str, int] = collections.Counter()
-    self.skipped_ids: dict[str, list[str]] = collections.defaultdict(list)
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    batch = next(self._parent)
-    self._count_skipped(batch.pop(SKIPPED_KEY))
-    while not batch["attention_mask"].any():  # only skipped samples were left at the end
-      batch = next(self._parent)
-      self._count_skipped(batch.pop(SKIPPED_KEY))
-    return batch
-
-  def _count_skipped(self, skipped) -> None:
-    for reason, sample_id, message in skipped:
-      self.skip_counts[reason] += 1
-      ids = self.skipped_ids[reason]
-      if len(ids) < self.MAX_IDS_KEPT:
-        ids.append(sample_id)
-      if self.skip_counts[reason] <= self.LOGGED_PER_REASON:
-        log.warning("skipped %s", message)
-      elif self.skip_counts[reason] in (100, 1000, 10000, 100000):
-        log.warning("%d samples skipped for %s so far", self.skip_counts[reason], reason)
-
-  @property
-  def num_skipped(self) -> int:
-    return sum(self.skip_counts.values())
-
-  def log_summary(self) -> None:
-    """One log line per reason: the count and the first ids."""
-    for reason, count in sorted(self.skip_counts.items()):
-      log.warning("skipped %d samples for %s, e.g. %s", count, reason, self.skipped_ids[reason][:10])
-
-  def get_state(self) -> dict[str, Any]:
-    return {"grain": self._parent.get_state(), "skip_counts": dict(self.skip_counts)}
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    self._parent.set_state(state["grain"])
-    self.skip_counts = collections.Counter(state.get("skip_counts", {}))
-    self.skipped_ids = collections.defaultdict(list)
-
-  def __str__(self) -> str:
-    return "LlavaDataIterator"
-
-
 def make_iterator(config: DataConfig, tokenizer, image_processor: image_lib.ImageProcessorConfig | dict,
                   *, process_index: int | None = None, process_count: int | None = None,
-                  source=None) -> DataIterator:
-  """The pipeline's entry point: a resumable iterator of fixed-shape batches."""
-  return DataIterator(make_dataset(config, tokenizer, image_processor, process_index=process_index,
-                                   process_count=process_count, source=source))
+                  source=None, should_stop: Callable[[], bool] | None = None) -> DataIterator:
+  """The pipeline's entry point: a resumable iterator of fixed-shape batches.
+
+  `should_stop` (e.g. the trainer's preemption flag) is polled while the iterator reads
+  past skipped samples; when it returns True, `next()` raises `DataInterrupted`.
+  """
+  process_index, process_count = _process_layout(process_index, process_count)
+  dataset = make_dataset(config, tokenizer, image_processor, process_index=process_index,
+                         process_count=process_count, source=source)
+  return DataIterator(dataset, config, process_count=process_count, should_stop=should_stop)

@@ -1,7 +1,8 @@
 """One record -> one example (token ids, labels, CLIP pixels), or a skipped-sample marker.
 
 Text first (cheap, and most bad samples fail there), then the image: decoded from a
-file under `image_dir` or from the bytes a TFDS record carries, and preprocessed as
+file under `image_dir` (the path must resolve inside it) or from the bytes a TFDS record
+carries, once its header shows it fits the pixel budget, and preprocessed as
 `CLIPImageProcessor` does (`image.preprocess_image`). Every way a sample can fail
 becomes a `text.DataError`; `Preprocess` turns it into a marker unless `strict`.
 """
@@ -22,8 +23,56 @@ from llava_jax.data.records import SKIP_KEY, skip_record
 from llava_jax.data.text import DataError, SkipReason
 
 
-def load_image(record: dict, image_dir: str, sample_id: Any) -> Image.Image:
-  """The record's decoded image, from "image_bytes" (TFDS) or the file `image_dir`/"image"."""
+DEFAULT_MAX_IMAGE_PIXELS = 64_000_000  # decoded or padded pixels; the largest LLaVA training images are far below
+
+
+def resolve_image_path(image_dir: str, name: str, sample_id: Any, *, allow_outside: bool = False) -> str:
+  """`image_dir`/`name`, refused (as `image_outside_dir`) when it resolves outside `image_dir`.
+
+  A corpus is data, not code: "../", absolute paths and symlinks leading out of the folder
+  would let it read any file the trainer can. `realpath` follows every symlink on both sides,
+  so a folder that is itself a symlink still works.
+  """
+  where = os.path.join(image_dir, name)
+  if "\0" in name:
+    raise DataError(SkipReason.MALFORMED_RECORD, f"image name {name!r} holds a NUL byte", sample_id)
+  if allow_outside:
+    return where
+  root = os.path.realpath(image_dir or os.curdir)
+  real = os.path.realpath(where)
+  if os.path.isabs(name) or os.path.commonpath([root, real]) != root:
+    raise DataError(SkipReason.IMAGE_OUTSIDE_DIR,
+                    f"{name!r} resolves to {real}, outside image_dir {root}; set allow_images_outside_dir=True "
+                    "if the corpus is meant to reach outside it", sample_id)
+  return where
+
+
+def check_pixel_budget(size: tuple[int, int], where: str, sample_id: Any, *, max_pixels: int | None,
+                       padded_to_square: bool) -> None:
+  """Refuses (as `image_too_large`) an image whose decoded or padded canvas exceeds `max_pixels`.
+
+  Called with the size from the header, before any pixel is decoded: a small file can
+  declare a huge canvas, and pad-to-square makes a long thin image cost max(w, h) ** 2.
+  """
+  if not max_pixels:
+    return
+  width, height = size
+  if width * height > max_pixels:
+    raise DataError(SkipReason.IMAGE_TOO_LARGE, f"{where}: {width}x{height} = {width * height} pixels, over "
+                    f"max_image_pixels={max_pixels}", sample_id)
+  side = max(width, height)
+  if padded_to_square and side * side > max_pixels:
+    raise DataError(SkipReason.IMAGE_TOO_LARGE, f"{where}: {width}x{height} padded to square is {side}x{side} = "
+                    f"{side * side} pixels, over max_image_pixels={max_pixels}", sample_id)
+
+
+def load_image(record: dict, image_dir: str, sample_id: Any, *, max_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+               padded_to_square: bool = False, allow_outside_dir: bool = False) -> Image.Image:
+  """The record's decoded image, from "image_bytes" (TFDS) or the file `image_dir`/"image".
+
+  The path must stay inside `image_dir` (unless `allow_outside_dir`), and the size read from
+  the header must fit `max_pixels` (as padded to square when `padded_to_square`) before decoding.
+  """
   if "image_bytes" in record:  # TFDS records carry the encoded file
     data, where = record["image_bytes"], record.get("image", "<bytes>")
     if data is None:
@@ -32,16 +81,22 @@ def load_image(record: dict, image_dir: str, sample_id: Any) -> Image.Image:
       raise DataError(SkipReason.EMPTY_IMAGE, f"{where}: zero bytes", sample_id)
     handle = io.BytesIO(data)
   else:
-    where = os.path.join(image_dir, record["image"])
+    where = resolve_image_path(image_dir, record["image"], sample_id, allow_outside=allow_outside_dir)
     if not os.path.isfile(where):
       raise DataError(SkipReason.MISSING_IMAGE, f"{where}: no such file", sample_id)
     if os.path.getsize(where) == 0:
       raise DataError(SkipReason.EMPTY_IMAGE, f"{where}: zero bytes", sample_id)
     handle = where
   try:
-    with Image.open(handle) as img:
+    with Image.open(handle) as img:  # reads the header only
+      check_pixel_budget(img.size, where, sample_id, max_pixels=max_pixels, padded_to_square=padded_to_square)
       img.load()  # decodes now, so truncated files fail here
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+  except DataError:  # the budget check (a ValueError too)
+    raise
+  except Image.DecompressionBombError as e:  # PIL's own limit (2 * Image.MAX_IMAGE_PIXELS), checked at open
+    raise DataError(SkipReason.IMAGE_TOO_LARGE, f"{where}: refused by PIL's decompression-bomb check: {e}",
+                    sample_id) from None
+  except (OSError, SyntaxError, ValueError) as e:
     raise DataError(SkipReason.UNREADABLE_IMAGE, f"{where}: {e}", sample_id) from None
   if img.width == 0 or img.height == 0:
     raise DataError(SkipReason.EMPTY_IMAGE, f"{where}: {img.width}x{img.height}", sample_id)
@@ -56,12 +111,14 @@ class Preprocess:
 
   def __init__(self, tokenizer, image_config: image_lib.ImageProcessorConfig, *, template: str,
                max_length: int, num_image_tokens: int, image_token_index: int, aspect_ratio: str = "pad",
-               image_dir: str = "", strict: bool = False):
+               image_dir: str = "", strict: bool = False, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
+               allow_images_outside_dir: bool = False):
     self._tokenizer = tokenizer
     self._image_config = image_config
     self.template, self.max_length, self.aspect_ratio = template, max_length, aspect_ratio
     self.num_image_tokens, self.image_token_index = num_image_tokens, image_token_index
     self.image_dir, self.strict = image_dir, strict
+    self.max_image_pixels, self.allow_images_outside_dir = max_image_pixels, allow_images_outside_dir
     self._lock = threading.Lock()
 
   def __getstate__(self):
@@ -101,7 +158,9 @@ class Preprocess:
       raise DataError(SkipReason.NO_TARGETS, "every label is masked (reply truncated away?)", sample_id)
     pixels = None
     if has_image:
-      img = load_image(record, self.image_dir, sample_id)
+      img = load_image(record, self.image_dir, sample_id, max_pixels=self.max_image_pixels,
+                       padded_to_square=self.aspect_ratio == "pad",
+                       allow_outside_dir=self.allow_images_outside_dir)
       try:
         pixels = image_lib.preprocess_image(img, self._image_config, self.aspect_ratio)
       except (OSError, ValueError) as e:  # e.g. a colour mode Pillow cannot convert to RGB

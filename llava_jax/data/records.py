@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -20,6 +20,20 @@ from llava_jax.data.text import SkipReason
 
 SKIP_KEY = "_skip"        # key of a skipped-sample marker travelling through the pipeline
 SKIPPED_KEY = "_skipped"  # key of a batch's list of (reason, id, message) of skipped samples
+SKIP_RUNS_KEY = "_skip_runs"  # key of a batch's `SkipRuns`: where its skips fell between its samples
+
+
+class SkipRuns(NamedTuple):
+  """How a batch's skipped samples fall around its real ones, in stream order.
+
+  Enough to count skips in a row across batches without keeping each position:
+  `leading` skips came before the first sample, `trailing` after the last, `longest` is
+  the longest run anywhere. With no sample, all three equal the number of skips.
+  """
+  samples: int = 0
+  leading: int = 0
+  longest: int = 0
+  trailing: int = 0
 
 
 def skip_record(reason: SkipReason, sample_id: Any, message: str) -> dict[str, str]:

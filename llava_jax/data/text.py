@@ -51,6 +51,8 @@ class SkipReason(str, enum.Enum):
   TOKENIZATION_MISMATCH = "tokenization_mismatch"
   IMAGE_TRUNCATED = "image_truncated"        # max_length cuts off (part of) the image tokens
   NO_TARGETS = "no_targets"                  # every label is masked (e.g. reply truncated away)
+  IMAGE_OUTSIDE_DIR = "image_outside_dir"    # the image path resolves outside image_dir ("../", absolute, symlink)
+  IMAGE_TOO_LARGE = "image_too_large"        # decoded or padded-to-square pixels over the budget
 
 
 class DataError(ValueError):

@@ -94,31 +94,28 @@ def train_stage(stage: str, workdir: str, init: str, json_path: str, image_dir: 
 
 
 def evaluate(ckpt: str, eval_json: str, image_dir: str, template: str = "vicuna_v1") -> tuple[float, list]:
-  """Greedy answers to the held-out questions; an answer counts when its first word is the expected one."""
-  import jax.numpy as jnp
-
+  """Greedy answers to the held-out questions through `llava-jax eval`: eval.json is written as the `shapes` task
+  (the reference's layout) next to it and scored by the evaluator; an answer counts when its first word is the
+  expected one. Returns the accuracy and (question, expected, answer) per question."""
   from llava_jax.checkpoint import load_checkpoint
-  from llava_jax.generate import generate
+  from llava_jax.eval.runner import evaluate as run_eval, read_answers
+  from llava_jax.eval.tasks import write_shapes_task
   from llava_jax.processor import Processor
 
   model = load_checkpoint(ckpt)
   proc = Processor.from_model(model, template=template)
   with open(eval_json) as f:
     samples = json.load(f)
-  results = []
-  for start in range(0, len(samples), 16):
-    chunk = samples[start:start + 16]
-    prompts = [proc.prompt([s["conversations"][0]["value"]], image=True) for s in chunk]
-    inputs = proc(prompts, [os.path.join(image_dir, s["image"]) for s in chunk])
-    out = generate(model, inputs["input_ids"], jnp.asarray(inputs["pixel_values"]), inputs["attention_mask"],
-                   max_new_tokens=6, eos_token_id=proc.tokenizer.eos_token_id,
-                   pad_token_id=proc.tokenizer.eos_token_id)
-    for s, tokens in zip(chunk, out):
-      answer = proc.decode(tokens).strip()
-      expected = s["conversations"][1]["value"]
-      results.append((s["conversations"][0]["value"].split("\n")[-1], expected, answer))
-  correct = [_first_word(a) == _first_word(e) for _, e, a in results]
-  return float(np.mean(correct)), results
+  root = os.path.dirname(os.path.abspath(eval_json))
+  data = write_shapes_task(os.path.join(root, "shapes_task"), samples, image_dir)
+  out = os.path.join(root, "shapes_eval")
+  shutil.rmtree(out, ignore_errors=True)  # a fresh score for this checkpoint, not a resumed one
+  metrics = run_eval("shapes", data, out, model=model, processor=proc, batch_size=16, progress=False,
+                     print_fn=lambda *_: None)
+  answers = {a["question_id"]: a["text"] for a in read_answers(os.path.join(out, "answers.jsonl"))}
+  results = [(s["conversations"][0]["value"].split("\n")[-1], s["conversations"][1]["value"], answers.get(i, ""))
+             for i, s in enumerate(samples)]
+  return metrics["accuracy"], results
 
 
 def _first_word(text: str) -> str:

@@ -32,7 +32,13 @@ setup(
     extras_require={
         # torch is the reference implementation in tests; 2.13.0 is the CPU build (a plain `torch` pulls CUDA).
         "test": ["pytest>=8", "torch==2.13.0", "scikit-image>=0.24", "scipy", "tensorflow-datasets==4.9.10",
-                 "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0"],
+                 "nbclient==0.11.0", "nbformat==5.11.1", "ipykernel==7.4.0",
+                 # serving tests: the server's deps, the official OpenAI client, a browser driver (Debian's
+                 # chromium, installed by .ci/run: playwright downloads no browser here).
+                 "fastapi==0.165.0", "uvicorn==0.55.0", "gradio==6.31.0", "openai==3.60.0", "playwright==1.65.2",
+                 "httpx==0.29.0"],
+        # `llava-jax serve` (OpenAI-compatible API) and `llava-jax web` (Gradio chat page).
+        "serve": ["fastapi==0.165.0", "uvicorn==0.55.0", "gradio==6.31.0"],
         # TFDS builders writing ArrayRecord (no TensorFlow needed).
         "tfds": ["tensorflow-datasets==4.9.10"],
     },

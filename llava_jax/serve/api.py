@@ -1,0 +1,206 @@
+"""The OpenAI-compatible HTTP API (FastAPI) on one `Engine`: POST /v1/chat/completions (plain and server-sent
+events), GET /v1/models, /health, /metrics.
+
+Errors use OpenAI's body, {"error": {"message", "type", "param", "code"}}: 400 for bad input (the request is
+parsed by hand so that malformed JSON is a 400 too, not FastAPI's 422), 404 for an unknown model, 429 when the
+engine's queue is full. A client that goes away frees its row: streams through cancellation of the response,
+plain requests by polling for the disconnect. FastAPI comes with the `serve` extra.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from llava_jax.serve.chat import build_request, parse_messages, stop_list
+from llava_jax.serve.engine import BadRequest, Delta, Engine, Failed, Finished, QueueFull
+
+log = logging.getLogger("llava_jax.serve")
+
+KNOWN_PARAMETERS = {"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop",
+                    "stream", "stream_options", "seed", "n", "user",
+                    "ignore_eos"}  # vLLM's extension
+
+
+class Served:
+  """What the API serves: the engine, the processor that renders prompts, and the limits the server was given."""
+
+  def __init__(self, engine: Engine, processor, model_name: str, *, max_tokens: int = 512,
+               allow_local_images: str | None = None, max_images: int = 1):
+    self.engine, self.processor, self.model_name = engine, processor, model_name
+    self.max_tokens, self.allow_local_images, self.max_images = max_tokens, allow_local_images, max_images
+    anyres = getattr(processor, "anyres", None)
+    self.max_tiles = anyres.max_tiles if anyres is not None else None  # one static tile count for NeXT
+
+  def request_from_body(self, body: Any):
+    """Validates an OpenAI chat-completions body; returns (Request, stream, include_usage)."""
+    if not isinstance(body, dict):
+      raise BadRequest("the body must be a JSON object")
+    unknown = sorted(set(body) - KNOWN_PARAMETERS)
+    if unknown:
+      raise BadRequest(f"unknown or unsupported parameter{'s' if len(unknown) > 1 else ''}: {', '.join(unknown)}")
+    if body.get("n", 1) != 1:
+      raise BadRequest("only n=1 is supported")
+    stream = _typed(body, "stream", bool, False)
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict) or set(options) - {"include_usage"}:
+      raise BadRequest("stream_options may only hold include_usage")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = self.max_tokens if max_tokens is None else max_tokens
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= self.max_tokens:
+      raise BadRequest(f"max_tokens must be an integer from 1 to {self.max_tokens}")
+    temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
+    if top_p <= 0:
+      raise BadRequest("top_p must be greater than 0")
+    seed = body.get("seed")
+    if seed is None:
+      seed = uuid.uuid4().int % 2**32
+    if not isinstance(seed, int) or isinstance(seed, bool):
+      raise BadRequest("seed must be an integer")
+    conversation = parse_messages(body.get("messages"), self.allow_local_images)
+    request = build_request(self.processor, conversation, max_images=self.max_images, max_tiles=self.max_tiles,
+                            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed % 2**32,
+                            stop=stop_list(body.get("stop")), ignore_eos=_typed(body, "ignore_eos", bool, False))
+    self.engine.check(request)
+    return request, stream, bool(options.get("include_usage"))
+
+
+def _typed(body, key, kind, default):
+  value = body.get(key, default)
+  if value is None:
+    return default
+  if not isinstance(value, kind):
+    raise BadRequest(f"{key} must be a {kind.__name__}")
+  return value
+
+
+def _number(body, key, default, low, high) -> float:
+  value = body.get(key)
+  if value is None:
+    return default
+  if not isinstance(value, (int, float)) or isinstance(value, bool) or not low <= value <= high:
+    raise BadRequest(f"{key} must be a number from {low} to {high}")
+  return float(value)
+
+
+def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None) -> dict:
+  return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+
+
+def create_app(served: Served):
+  """The FastAPI application; `served.engine` must be running."""
+  app = FastAPI(title="llava-jax", description="OpenAI-compatible chat completions on a LLaVA checkpoint")
+  engine = served.engine
+
+  def error(status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+    return JSONResponse(error_body(message, kind, code), status_code=status)
+
+  @app.get("/health")
+  def health():
+    alive = engine.thread.is_alive()
+    return JSONResponse({"status": "ok" if alive else "engine stopped"}, status_code=200 if alive else 503)
+
+  @app.get("/metrics")
+  def metrics():
+    return engine.metrics()
+
+  @app.get("/v1/models")
+  def models():
+    return {"object": "list", "data": [{"id": served.model_name, "object": "model", "created": 0,
+                                        "owned_by": "llava-jax"}]}
+
+  @app.post("/v1/chat/completions")
+  async def chat_completions(http: HttpRequest):
+    try:
+      body = json.loads(await http.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      return error(400, f"the body is not valid JSON: {e}")
+    model = body.get("model") if isinstance(body, dict) else None
+    if model is not None and model != served.model_name:
+      return error(404, f"the model {model!r} does not exist; this server serves {served.model_name!r}",
+                   code="model_not_found")
+    try:
+      # Decoding images and tokenizing take a while: off the event loop, so other clients are not held up.
+      request, stream, include_usage = await asyncio.to_thread(served.request_from_body, body)
+    except BadRequest as e:
+      return error(400, str(e))
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    try:
+      handle = engine.submit(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+    except BadRequest as e:
+      return error(400, str(e))
+    except QueueFull as e:
+      return error(429, str(e), kind="rate_limit_error", code="queue_full")
+    completion_id, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    if stream:
+      return StreamingResponse(_sse(served, handle, events, completion_id, created, include_usage),
+                               media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return await _complete(served, http, handle, events, completion_id, created, error)
+
+  return app
+
+
+async def _complete(served, http, handle, events, completion_id, created, error):
+  text = []
+  try:
+    while True:
+      try:
+        event = await asyncio.wait_for(events.get(), timeout=0.25)
+      except asyncio.TimeoutError:
+        if await http.is_disconnected():
+          handle.cancel()
+          log.info("request %d: client disconnected, row freed", handle.id)
+          return error(499, "client disconnected")
+        continue
+      if isinstance(event, Delta):
+        text.append(event.text)
+      elif isinstance(event, Failed):
+        return error(500, event.message, kind="server_error")
+      elif isinstance(event, Finished):
+        return {"id": completion_id, "object": "chat.completion", "created": created, "model": served.model_name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": event.text},
+                             "finish_reason": event.reason, "logprobs": None}],
+                "usage": _usage(event)}
+  finally:
+    handle.cancel()  # a no-op once finished; frees the row if this coroutine was cancelled mid-way
+
+
+def _usage(event: Finished) -> dict:
+  return {"prompt_tokens": event.prompt_tokens, "completion_tokens": event.completion_tokens,
+          "total_tokens": event.prompt_tokens + event.completion_tokens}
+
+
+async def _sse(served, handle, events, completion_id, created, include_usage):
+  def chunk(delta: dict, finish_reason=None, usage=None):
+    body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": served.model_name,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+    if usage is not None:
+      body["choices"], body["usage"] = [], usage
+    return f"data: {json.dumps(body)}\n\n"
+
+  try:
+    yield chunk({"role": "assistant", "content": ""})
+    while True:
+      event = await events.get()
+      if isinstance(event, Delta):
+        yield chunk({"content": event.text})
+      elif isinstance(event, Failed):
+        yield f"data: {json.dumps(error_body(event.message, 'server_error'))}\n\n"
+        break
+      elif isinstance(event, Finished):
+        yield chunk({}, finish_reason=event.reason)
+        if include_usage:
+          yield chunk({}, usage=_usage(event))
+        break
+    yield "data: [DONE]\n\n"
+  finally:
+    handle.cancel()  # the client went away (the response was cancelled) or the reply is complete

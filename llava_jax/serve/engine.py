@@ -1,0 +1,402 @@
+"""One engine owns the model and batches concurrent requests into one compiled decode step (continuous batching).
+
+The batch has a fixed number of rows (`max_batch`) and a static KV cache of `max_len` slots per row. A request is
+prefilled alone (one compile per prompt bucket, with or without images) straight into a free row of the batch
+cache; then one compiled step advances every row by one token. Rows sit at different lengths, so the step takes
+per-row cache slots, positions and sampling settings: it maps `llava_jax.generate.decode_step` over the rows
+(`jax.vmap`), which turns the cache write at a scalar slot into a per-row scatter. New requests join and finished
+ones leave at step boundaries; compiled shapes stay bounded (prompt buckets x image/no-image, and one step).
+
+The engine runs in its own thread; callers `submit` a `Request` and receive `Delta` / `Finished` events through a
+callback (thread-safe queue for plain threads, `loop.call_soon_threadsafe` for asyncio).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import logging
+import queue
+import threading
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llava_jax.generate import Sampling, decode_step, image_inputs, init_cache, prefill, stop_at
+
+log = logging.getLogger("llava_jax.serve")
+
+
+class QueueFull(Exception):
+  """The waiting queue is at its bound: the API answers 429."""
+
+
+class BadRequest(ValueError):
+  """The request cannot be served as given (too long, bad settings): the API answers 400."""
+
+
+@dataclasses.dataclass
+class Request:
+  """One chat completion: the rendered prompt's model inputs plus how to sample and when to stop."""
+  input_ids: np.ndarray                 # [T] int32, the rendered prompt (image tags expanded)
+  pixel_values: np.ndarray | None = None  # [N, H, W, 3] (LLaVA-1.5) or [N, P, H, W, 3] (NeXT), or None
+  image_sizes: np.ndarray | None = None   # [N, 2] for NeXT
+  max_tokens: int = 256
+  temperature: float = 0.0
+  top_p: float = 1.0
+  seed: int = 0
+  stop: Sequence[str] = ()
+  ignore_eos: bool = False  # vLLM's extension: replies of exactly max_tokens (benchmarks)
+
+
+@dataclasses.dataclass
+class Delta:
+  text: str
+
+
+@dataclasses.dataclass
+class Finished:
+  text: str                 # the whole reply (cut at a stop string)
+  reason: str               # "stop" (EOS or a stop string), "length" (max_tokens or the context), "cancelled"
+  prompt_tokens: int
+  completion_tokens: int
+
+
+@dataclasses.dataclass
+class Failed:
+  message: str
+
+
+class Handle:
+  """A submitted request: `cancel()` frees its row at the next step boundary (e.g. when the client is gone)."""
+
+  def __init__(self, request: Request, emit: Callable, request_id: int):
+    self.request, self.emit, self.id = request, emit, request_id
+    self.cancelled = threading.Event()
+    self.submitted = time.perf_counter()
+
+  def cancel(self):
+    self.cancelled.set()
+
+
+class QueueEvents:
+  """A thread-safe event sink for synchronous callers (the web page, tests): iterate to get events until done."""
+
+  def __init__(self):
+    self.queue: queue.Queue = queue.Queue()
+
+  def __call__(self, event):
+    self.queue.put(event)
+
+  def __iter__(self):
+    while True:
+      event = self.queue.get()
+      yield event
+      if isinstance(event, (Finished, Failed)):
+        return
+
+
+# -- compiled pieces -------------------------------------------------------------------------------------------
+
+
+def sample_rows(logits, temperature, top_p, seeds, counters):
+  """Per-row next token from fp32 logits [B, V]: greedy where temperature == 0, else temperature then top-p
+  (transformers' warper order, as `llava_jax.generate.filter_logits`), each row with its own key
+  fold_in(key(seed), counter), so a request samples the same whatever rows it shares the batch with."""
+  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+  order = jnp.argsort(scaled, axis=-1)  # ascending, as transformers sorts
+  sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
+  cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+  remove_sorted = (cumulative <= (1 - top_p)[:, None]).at[..., -1].set(False)  # keep at least one
+  rows = jnp.arange(logits.shape[0])[:, None]
+  remove = jnp.zeros_like(remove_sorted).at[rows, order].set(remove_sorted)
+  filtered = jnp.where(remove, -jnp.inf, scaled)
+  keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
+  sampled = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, filtered).astype(jnp.int32)
+  return jnp.where(temperature > 0, sampled, greedy)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("caches", "key_valid"))
+def _prefill_into_row(graphdef, state, caches, key_valid, row, input_ids, attention_mask, images, temperature,
+                      top_p, seed):
+  """Prefills one prompt [1, T] and writes its KV cache and valid keys into batch row `row`; samples its first
+  token. Returns (token, caches, key_valid, next position)."""
+  model = nnx.merge(graphdef, state)
+  cache_len = key_valid.shape[1]
+  logits, row_caches, row_valid, position = prefill(model, input_ids, attention_mask, images, cache_len)
+  caches = [(k.at[row].set(rk[0]), v.at[row].set(rv[0])) for (k, v), (rk, rv) in zip(caches, row_caches)]
+  key_valid = key_valid.at[row].set(row_valid[0])
+  token = sample_rows(logits, temperature[None], top_p[None], seed[None], jnp.zeros((1,), jnp.int32))
+  return token[0], caches, key_valid, position[0]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("caches", "key_valid"))
+def _batch_step(graphdef, state, caches, key_valid, tokens, positions, indices, temperature, top_p, seeds,
+                counters):
+  """One token for every row, each written at its own cache slot `indices[r]` (free rows compute garbage that
+  the next prefill into them overwrites). Returns (next tokens [B], caches, key_valid)."""
+  model = nnx.merge(graphdef, state)
+
+  def one_row(token, row_caches, row_valid, position, index):
+    batched = [(k[None], v[None]) for k, v in row_caches]
+    logits, new_caches, new_valid = decode_step(model, token[None], batched, row_valid[None], position[None],
+                                                index)
+    return logits[0], [(k[0], v[0]) for k, v in new_caches], new_valid[0]
+
+  logits, caches, key_valid = jax.vmap(one_row)(tokens, caches, key_valid, positions, indices)
+  return sample_rows(logits, temperature, top_p, seeds, counters), caches, key_valid
+
+
+# -- the engine ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Row:
+  handle: Handle
+  prompt_tokens: int
+  token: int            # the last sampled token, not yet in the cache
+  position: int         # its position
+  index: int            # its cache slot
+  ids: list = dataclasses.field(default_factory=list)
+  shown: str = ""       # text already emitted as deltas
+
+
+class Engine:
+  """Owns the model; serves `Request`s from a bounded queue in one background thread.
+
+  max_batch: rows decoded together. max_len: KV cache slots per row (prompt, padded to `prompt_bucket`, plus the
+  reply). max_queue: requests waiting for a row before `submit` raises QueueFull. eos_id: ends a reply;
+  stop_strings: the template's stop text, added to every request's `stop`. byte_token_ids: SentencePiece's
+  byte-fallback tokens (<0x..>), whose decoding a following byte can still rewrite, so streaming holds them back."""
+
+  def __init__(self, model, *, max_batch: int = 8, max_len: int = 1024, prompt_bucket: int = 32,
+               max_queue: int = 64, eos_id: int | None = None, pad_id: int = 0, decode: Callable | None = None,
+               stop_strings: Sequence[str] = (), byte_token_ids: Sequence[int] = (), log_every: int = 100):
+    if max_len % prompt_bucket:
+      raise ValueError(f"max_len {max_len} must be a multiple of prompt_bucket {prompt_bucket}")
+    self.model, self.max_batch, self.max_len, self.prompt_bucket = model, max_batch, max_len, prompt_bucket
+    self.eos_id, self.pad_id, self.decode_ids = eos_id, pad_id, decode or (lambda ids: "")
+    self.stop_strings, self.log_every = tuple(s for s in stop_strings if s), log_every
+    self.byte_token_ids = frozenset(int(i) for i in byte_token_ids)
+    self.graphdef, self.state = nnx.split(model)
+    self.caches = init_cache(model, max_batch, max_len)
+    self.key_valid = jnp.zeros((max_batch, max_len), bool)
+    self.rows: list[_Row | None] = [None] * max_batch
+    self.waiting: queue.Queue = queue.Queue(maxsize=max_queue)
+    self.wake = threading.Event()
+    self.ids = itertools.count()
+    self.stats = {"steps": 0, "rows_per_step": collections.Counter(), "prefills": 0, "completed": 0,
+                  "cancelled": 0, "failed": 0, "generated_tokens": 0, "rejected": 0}
+    self.lock = threading.Lock()
+    self.stopping = False
+    self.running = threading.Event()
+    self.running.set()
+    self.thread = threading.Thread(target=self._loop, name="llava-jax-engine", daemon=True)
+    self.thread.start()
+
+  # -- public ----------------------------------------------------------------------------------------------------
+
+  def check(self, request: Request) -> None:
+    """Raises BadRequest for what no row could serve (checked before queueing, so the client gets a 400)."""
+    n = len(request.input_ids)
+    padded = -(-n // self.prompt_bucket) * self.prompt_bucket
+    if padded >= self.max_len:
+      raise BadRequest(f"the prompt is {n} tokens ({padded} padded to the bucket of {self.prompt_bucket}), longer "
+                       f"than this server's context of {self.max_len} tokens allows")
+    if request.max_tokens < 1:
+      raise BadRequest(f"max_tokens must be at least 1, got {request.max_tokens}")
+    try:
+      Sampling(request.temperature, request.top_p)
+    except ValueError as e:
+      raise BadRequest(str(e)) from None
+
+  def submit(self, request: Request, emit: Callable) -> Handle:
+    """Queues a request; its events go to `emit` (called from the engine thread). Raises BadRequest or QueueFull."""
+    self.check(request)
+    handle = Handle(request, emit, next(self.ids))
+    try:
+      self.waiting.put_nowait(handle)
+    except queue.Full:
+      with self.lock:
+        self.stats["rejected"] += 1
+      raise QueueFull(f"{self.waiting.maxsize} requests are already waiting; retry later") from None
+    self.wake.set()
+    return handle
+
+  def metrics(self) -> dict:
+    with self.lock:
+      steps = self.stats["steps"]
+      hist = dict(sorted(self.stats["rows_per_step"].items()))
+      rows = sum(k * v for k, v in hist.items())
+      return {**{k: v for k, v in self.stats.items() if k != "rows_per_step"},
+              "rows_per_step": {str(k): v for k, v in hist.items()},
+              "mean_rows_per_step": rows / steps if steps else 0.0, "max_batch": self.max_batch,
+              "max_len": self.max_len, "active_rows": sum(r is not None for r in self.rows),
+              "queued": self.waiting.qsize()}
+
+  def pause(self):
+    """Stops taking requests from the queue (after the step in progress) until `resume`; for maintenance and to
+    test the queue's bound deterministically."""
+    self.running.clear()
+
+  def resume(self):
+    self.running.set()
+    self.wake.set()
+
+  def close(self):
+    self.stopping = True
+    self.resume()
+    self.thread.join(timeout=10)
+
+  # -- the loop --------------------------------------------------------------------------------------------------
+
+  def _loop(self):
+    while not self.stopping:
+      if not self.running.is_set():
+        self.running.wait(timeout=0.5)
+        continue
+      try:
+        self._admit()
+        if any(r is not None for r in self.rows):
+          self._step()
+        else:
+          self.wake.wait(timeout=0.5)
+          self.wake.clear()
+      except Exception as e:  # pylint: disable=broad-except
+        # Never let one bad batch take the server down: fail the rows in flight and go on.
+        log.exception("engine step failed")
+        for i, row in enumerate(self.rows):
+          if row is not None:
+            self._finish(i, None, failure=f"internal error: {e}")
+
+  def _admit(self):
+    """Prefills waiting requests into free rows (a step boundary)."""
+    for i in range(self.max_batch):
+      if self.rows[i] is not None:
+        continue
+      try:
+        handle = self.waiting.get_nowait()
+      except queue.Empty:
+        return
+      if handle.cancelled.is_set():
+        self._count("cancelled")
+        handle.emit(Finished("", "cancelled", len(handle.request.input_ids), 0))
+        continue
+      try:
+        self._prefill(i, handle)
+      except Exception as e:  # pylint: disable=broad-except
+        log.exception("prefill failed")
+        self._count("failed")
+        handle.emit(Failed(f"could not process the prompt: {e}"))
+
+  def _prefill(self, i: int, handle: Handle):
+    req = handle.request
+    ids = np.asarray(req.input_ids, np.int32)
+    n = len(ids)
+    padded = -(-n // self.prompt_bucket) * self.prompt_bucket
+    input_ids = np.full((1, padded), self.pad_id, np.int32)
+    mask = np.zeros((1, padded), np.int32)
+    input_ids[0, padded - n:], mask[0, padded - n:] = ids, 1
+    pixels = None if req.pixel_values is None else np.asarray(req.pixel_values, np.float32)
+    images = image_inputs(self.model, input_ids, pixels, None, req.image_sizes)
+    token, self.caches, self.key_valid, position = _prefill_into_row(
+        self.graphdef, self.state, self.caches, self.key_valid, jnp.int32(i), jnp.asarray(input_ids),
+        jnp.asarray(mask), images, jnp.float32(req.temperature), jnp.float32(req.top_p), jnp.uint32(req.seed))
+    self._count("prefills")
+    row = _Row(handle, n, int(token), int(position), padded)
+    self.rows[i] = row
+    self._advance(i, row.token)
+
+  def _step(self):
+    b = self.max_batch
+    tokens, positions, indices = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
+    temperature, top_p = np.zeros(b, np.float32), np.ones(b, np.float32)
+    seeds, counters = np.zeros(b, np.uint32), np.zeros(b, np.int32)
+    active = [i for i, r in enumerate(self.rows) if r is not None]
+    for i in active:
+      r = self.rows[i]
+      tokens[i], positions[i], indices[i] = r.token, r.position, r.index
+      temperature[i], top_p[i], seeds[i] = r.handle.request.temperature, r.handle.request.top_p, \
+          r.handle.request.seed
+      counters[i] = len(r.ids)
+    new, self.caches, self.key_valid = _batch_step(
+        self.graphdef, self.state, self.caches, self.key_valid, jnp.asarray(tokens), jnp.asarray(positions),
+        jnp.asarray(indices), jnp.asarray(temperature), jnp.asarray(top_p), jnp.asarray(seeds),
+        jnp.asarray(counters))
+    new = np.asarray(new)
+    with self.lock:
+      self.stats["steps"] += 1
+      self.stats["rows_per_step"][len(active)] += 1
+      steps = self.stats["steps"]
+    if self.log_every and steps % self.log_every == 0:
+      m = self.metrics()
+      log.info("step %d: mean rows per decode step %.2f, histogram %s, %d queued", steps,
+               m["mean_rows_per_step"], m["rows_per_step"], m["queued"])
+    for i in active:
+      r = self.rows[i]
+      r.position += 1
+      r.index += 1
+      r.token = int(new[i])
+      self._advance(i, r.token)
+
+  def _advance(self, i: int, token: int):
+    """Takes row i's newly sampled token: emits text, or finishes the row (EOS, stop string, limits, cancel)."""
+    r = self.rows[i]
+    if r.handle.cancelled.is_set():
+      return self._finish(i, "cancelled")
+    if self.eos_id is not None and token == self.eos_id and not r.handle.request.ignore_eos:
+      return self._finish(i, "stop")
+    r.ids.append(token)
+    text, stopped = stop_at(self.decode_ids(r.ids), self.stop_strings + tuple(r.handle.request.stop))
+    if stopped:
+      return self._finish(i, "stop")
+    if len(r.ids) >= r.handle.request.max_tokens or r.index >= self.max_len:
+      return self._finish(i, "length")
+    stable = len(r.ids)
+    while stable and r.ids[stable - 1] in self.byte_token_ids:
+      stable -= 1
+    if stable < len(r.ids):
+      text = stop_at(self.decode_ids(r.ids[:stable]), self.stop_strings + tuple(r.handle.request.stop))[0]
+    shown = _safe_prefix(text, self.stop_strings + tuple(r.handle.request.stop))
+    if shown.startswith(r.shown) and len(shown) > len(r.shown):
+      r.handle.emit(Delta(shown[len(r.shown):]))
+      r.shown = shown
+    return None
+
+  def _finish(self, i: int, reason: str | None, failure: str | None = None):
+    r = self.rows[i]
+    self.rows[i] = None
+    if failure is not None:
+      self._count("failed")
+      r.handle.emit(Failed(failure))
+      return
+    text = stop_at(self.decode_ids(r.ids), self.stop_strings + tuple(r.handle.request.stop))[0]
+    if reason != "cancelled" and text.startswith(r.shown) and len(text) > len(r.shown):
+      r.handle.emit(Delta(text[len(r.shown):]))
+    with self.lock:
+      self.stats["completed" if reason != "cancelled" else "cancelled"] += 1
+      self.stats["generated_tokens"] += len(r.ids)
+    r.handle.emit(Finished(text, reason, r.prompt_tokens, len(r.ids)))
+
+  def _count(self, key: str):
+    with self.lock:
+      self.stats[key] += 1
+
+
+def _safe_prefix(text: str, stops: Sequence[str]) -> str:
+  """What may be shown while streaming: not a half-decoded character (byte-fallback tokens end mid-way through
+  one) and not the start of a stop string that the next tokens may complete."""
+  text = text.rstrip("\ufffd") if text.endswith("\ufffd") else text
+  for stop in stops:
+    for k in range(min(len(stop) - 1, len(text)), 0, -1):
+      if text.endswith(stop[:k]):
+        text = text[:-k]
+        break
+  return text

@@ -17,6 +17,7 @@ from typing import Any
 import grain
 import numpy as np
 
+from llava_jax.data.anyres import NEWLINE
 from llava_jax.data.records import SKIP_KEY, SKIP_RUNS_KEY, SKIPPED_KEY, SkipRuns
 from llava_jax.data.text import IGNORE_INDEX
 
@@ -34,13 +35,21 @@ def pad_token_id(tokenizer) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Collate:
-  """Rows of examples -> one fixed-shape batch; the fields are `DataConfig`'s, plus the pad id and (H, W)."""
+  """Rows of examples -> one fixed-shape batch; the fields are `DataConfig`'s, plus the pad id and (H, W).
+
+  LLaVA-NeXT (`max_tiles` > 0): every image slot holds `max_tiles` tiles (the image's, then zeros), and
+  `image_feature_rows` places each image token's feature: slot s (s = row for padded batches, row * M + k
+  packed) owns rows [s * max_tiles * tile_features, (s + 1) * max_tiles * tile_features) of the flattened tile
+  features, and the row one past all slots' features is `image_newline` (see `Llava.embed`)."""
   batch_size: int
   max_length: int
   packing: bool
   max_images_per_row: int
   pad_id: int
   image_size: tuple[int, int]
+  max_tiles: int = 0        # LLaVA-NeXT: tile slots per image (`AnyresGeometry.max_tiles`); 0 = one tile (1.5)
+  tile_features: int = 0    # LLaVA-NeXT: features per tile (patches)
+  image_token_index: int = -1  # LLaVA-NeXT: where the image's features go
 
   def fits(self, row: list[dict], example: dict) -> bool:
     used = sum(len(e["input_ids"]) for e in row)
@@ -62,12 +71,13 @@ class Collate:
         "labels": np.full((b, length), IGNORE_INDEX, np.int32),
         "attention_mask": np.zeros((b, length), np.int32),
     }
+    tiles = (self.max_tiles,) if self.max_tiles else ()
+    slots = (b, self.max_images_per_row) if self.packing else (b,)
+    batch.update(pixel_values=np.zeros(slots + tiles + (h, w, 3), np.float32), image_mask=np.zeros(slots, bool))
     if self.packing:
-      m = self.max_images_per_row
-      batch.update(segment_ids=np.zeros((b, length), np.int32), positions=np.zeros((b, length), np.int32),
-                   pixel_values=np.zeros((b, m, h, w, 3), np.float32), image_mask=np.zeros((b, m), bool))
-    else:
-      batch.update(pixel_values=np.zeros((b, h, w, 3), np.float32), image_mask=np.zeros((b,), bool))
+      batch.update(segment_ids=np.zeros((b, length), np.int32), positions=np.zeros((b, length), np.int32))
+    if self.max_tiles:
+      batch.update(image_feature_rows=np.zeros((b, length), np.int32), image_sizes=np.zeros(slots + (2,), np.int32))
     for r, row in enumerate(rows):
       start, slot = 0, 0
       for segment, ex in enumerate(row, 1):
@@ -80,17 +90,33 @@ class Collate:
           batch["labels"][r, start] = IGNORE_INDEX
           batch["segment_ids"][r, start:end] = segment
           batch["positions"][r, start:end] = np.arange(n, dtype=np.int32)
-          if ex["pixel_values"] is not None:
-            batch["pixel_values"][r, slot] = ex["pixel_values"]
-            batch["image_mask"][r, slot] = True
-            slot += 1
-        elif ex["pixel_values"] is not None:
-          batch["pixel_values"][r] = ex["pixel_values"]
-          batch["image_mask"][r] = True
+        if ex["pixel_values"] is not None:
+          where = (r, slot) if self.packing else (r,)
+          self._place_image(batch, where, ex, start)
+          slot += 1
         start = end
     batch[SKIPPED_KEY] = list(skipped)
     batch[SKIP_RUNS_KEY] = runs
     return batch
+
+  def _place_image(self, batch: dict, where: tuple[int, ...], ex: dict, start: int) -> None:
+    """Puts an example's image into slot `where`; for LLaVA-NeXT also its tiles' feature rows."""
+    batch["image_mask"][where] = True
+    if not self.max_tiles:
+      batch["pixel_values"][where] = ex["pixel_values"]
+      return
+    tiles = ex["pixel_values"]
+    batch["pixel_values"][where][:len(tiles)] = tiles
+    batch["image_sizes"][where] = ex["image_size"]
+    slots = batch["image_mask"].size
+    slot = int(np.ravel_multi_index(where, batch["image_mask"].shape))
+    per_slot = self.max_tiles * self.tile_features
+    index = ex["feature_index"]
+    rows = np.where(index == NEWLINE, slots * per_slot, index + slot * per_slot).astype(np.int32)
+    positions = start + np.flatnonzero(ex["input_ids"] == self.image_token_index)
+    if len(positions) != len(rows):  # preprocessing guarantees it; a mismatch would misplace every feature
+      raise ValueError(f"sample {ex['id']}: {len(positions)} image tokens for {len(rows)} image features")
+    batch["image_feature_rows"][where[0], positions] = rows
 
 
 class BatchIterator(grain.DatasetIterator):

@@ -44,6 +44,17 @@ H, W = the processor's crop size, M = `max_images_per_row`):
                                   image tokens in row b is image pixel_values[b, k]
     image_mask      [B, M]  bool  slot k of row b holds an image
 
+  LLaVA-NeXT (`anyres` set, from the model's config: `AnyresGeometry.from_config`): each image is
+  its anyres tiles (base tile first) padded with zero tiles to P = `anyres.max_tiles` (the
+  pinpoints' maximum), so shapes never depend on the image sizes; its "<image>" becomes that
+  image's own `anyres.num_image_tokens(size)` tokens; `num_image_tokens` is not used:
+    pixel_values    [B, P, H, W, 3] (padded) or [B, M, P, H, W, 3] (packed)
+    image_feature_rows [B, L] int32  for each image token, the row of the flattened tile features
+                                  [S * P * per_tile, D] it takes (S = B or B * M image slots, slot
+                                  s = b or b * M + k, per_tile = patches per tile), S * P * per_tile
+                                  for `image_newline`, 0 elsewhere: what `Llava.embed` gathers with
+    image_sizes     [B, 2] or [B, M, 2] int32  (height, width) of each slot's image, 0 if none
+
 At the end of a finite run (`num_epochs` set) the last batch is filled up with empty
 rows (attention_mask all 0, labels all -100, no image). The model must not produce
 NaN for such rows; they carry no loss. A batch with no sample at all is never
@@ -80,6 +91,7 @@ import grain
 import numpy as np
 
 from llava_jax.data import image as image_lib
+from llava_jax.data.anyres import AnyresGeometry
 from llava_jax.data.collate import MAX_SKIPS_PER_BATCH, BatchIterDataset, Collate, pad_token_id
 from llava_jax.data.ordering import Blocks, EpochOrder
 from llava_jax.data.preprocess import DEFAULT_MAX_IMAGE_PIXELS, Preprocess
@@ -105,7 +117,7 @@ class DataConfig:
   batch_size: int = 16                   # rows per host
   num_image_tokens: int = 576            # image features per image
   image_token_index: int = 32000
-  aspect_ratio: str = "pad"              # "pad" (LLaVA-1.5) or "crop"
+  aspect_ratio: str = "pad"              # "pad" (LLaVA-1.5), "crop", or "anyres" (LLaVA-NeXT, with `anyres`)
   seed: int = 0
   shuffle: bool = True
   num_epochs: int | None = None          # None: repeat forever
@@ -121,14 +133,19 @@ class DataConfig:
   min_samples_for_fraction: int = 200    # ... checked once this many samples were seen
   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # decoded (and, for "pad", padded) pixels; larger: skipped
   allow_images_outside_dir: bool = False  # let "image" paths resolve outside image_dir ("../", absolute, symlinks)
+  anyres: AnyresGeometry | None = None   # LLaVA-NeXT tiling (the model's geometry); None: one tile (LLaVA-1.5)
 
   def __post_init__(self):
     if self.batch_size < 1 or self.max_length < 2 or self.max_images_per_row < 1:
       raise ValueError("batch_size, max_length and max_images_per_row must be positive")
     if self.num_image_tokens < 1 or self.num_image_tokens >= self.max_length:
       raise ValueError(f"num_image_tokens={self.num_image_tokens} must be in [1, max_length)")
-    if self.aspect_ratio not in ("pad", "crop", "square"):
-      raise ValueError(f"aspect_ratio must be 'pad' or 'crop', got {self.aspect_ratio!r}")
+    if self.aspect_ratio not in ("pad", "crop", "square", "anyres"):
+      raise ValueError(f"aspect_ratio must be 'pad', 'crop' or 'anyres', got {self.aspect_ratio!r}")
+    if (self.aspect_ratio == "anyres") != (self.anyres is not None):
+      raise ValueError(f"aspect_ratio={self.aspect_ratio!r} with anyres={self.anyres}: 'anyres' is LLaVA-NeXT's "
+                       "tiling and needs the model's geometry (a model with image_grid_pinpoints), and only it (the "
+                       "trainer's --config.data.aspect_ratio)")
     if self.num_epochs is not None and self.num_epochs < 1:
       raise ValueError("num_epochs must be None (forever) or positive")
     if self.max_consecutive_skips < 0 or self.min_samples_for_fraction < 1:
@@ -208,10 +225,17 @@ def make_dataset(config: DataConfig, tokenizer, image_processor: image_lib.Image
                           num_image_tokens=config.num_image_tokens, image_token_index=config.image_token_index,
                           aspect_ratio=config.aspect_ratio, image_dir=config.image_dir, strict=config.strict,
                           max_image_pixels=config.max_image_pixels,
-                          allow_images_outside_dir=config.allow_images_outside_dir)
+                          allow_images_outside_dir=config.allow_images_outside_dir, anyres=config.anyres)
   factory = _SampleFactory(source, config, preprocess, lengths, process_index, process_count)
+  anyres = config.anyres
+  if anyres is not None and image_processor.output_size != (anyres.tile, anyres.tile):
+    raise ValueError(f"the image processor's crop {image_processor.output_size} differs from the anyres tile "
+                     f"{anyres.tile} (the vision tower's image size)")
   collate = Collate(config.batch_size, config.max_length, config.packing, config.max_images_per_row,
-                    pad_token_id(tokenizer), image_processor.output_size)
+                    pad_token_id(tokenizer), image_processor.output_size,
+                    max_tiles=anyres.max_tiles if anyres else 0,
+                    tile_features=anyres.patches_per_side ** 2 + (anyres.strategy == "full") if anyres else 0,
+                    image_token_index=config.image_token_index)
   # A batch closes after at most this many skips, so the iterator sees a stall as it grows.
   max_skips = min(MAX_SKIPS_PER_BATCH, config.max_consecutive_skips or MAX_SKIPS_PER_BATCH)
   ds = BatchIterDataset(factory, collate, max_skips)

@@ -5,6 +5,14 @@ file under `image_dir` (the path must resolve inside it) or from the bytes a TFD
 carries, once its header shows it fits the pixel budget, and preprocessed as
 `CLIPImageProcessor` does (`image.preprocess_image`). Every way a sample can fail
 becomes a `text.DataError`; `Preprocess` turns it into a marker unless `strict`.
+
+LLaVA-NeXT (`anyres` set): the image becomes its anyres tiles (base tile first, only
+the tiles it needs: the batch pads them to `max_tiles`), its "<image>" expands to that
+image's own `num_image_tokens(size)`, and the example carries the image's size and
+`feature_index` (`data.anyres`: per image token, the row of this image's tile features,
+-1 for `image_newline`), which the batch turns into `image_feature_rows`. The text is
+checked and tokenized first; the token count needs the image, so expansion and
+truncation wait for it.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ from PIL import Image
 
 from llava_jax.data import image as image_lib
 from llava_jax.data import text as text_lib
+from llava_jax.data.anyres import AnyresGeometry
 from llava_jax.data.records import SKIP_KEY, skip_record
 from llava_jax.data.text import DataError, SkipReason
 
@@ -105,6 +114,8 @@ def load_image(record: dict, image_dir: str, sample_id: Any, *, max_pixels: int 
 
 class Preprocess:
   """Record -> example {"input_ids", "labels", "pixel_values" (None: no image), "id"}, or a skip marker.
+  With `anyres` (LLaVA-NeXT) pixel_values is [n_tiles, H, W, 3] and an image example also has "image_size"
+  (height, width) and "feature_index" (int32, one entry per image token).
 
   Picklable (worker processes get a copy); the fields are `DataConfig`'s of the same name.
   """
@@ -112,13 +123,14 @@ class Preprocess:
   def __init__(self, tokenizer, image_config: image_lib.ImageProcessorConfig, *, template: str,
                max_length: int, num_image_tokens: int, image_token_index: int, aspect_ratio: str = "pad",
                image_dir: str = "", strict: bool = False, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-               allow_images_outside_dir: bool = False):
+               allow_images_outside_dir: bool = False, anyres: AnyresGeometry | None = None):
     self._tokenizer = tokenizer
     self._image_config = image_config
     self.template, self.max_length, self.aspect_ratio = template, max_length, aspect_ratio
     self.num_image_tokens, self.image_token_index = num_image_tokens, image_token_index
     self.image_dir, self.strict = image_dir, strict
     self.max_image_pixels, self.allow_images_outside_dir = max_image_pixels, allow_images_outside_dir
+    self.anyres = anyres
     self._lock = threading.Lock()
 
   def __getstate__(self):
@@ -148,21 +160,54 @@ class Preprocess:
       raise DataError(SkipReason.MALFORMED_RECORD, f"'image' must be a file name, got {image_name!r}",
                       sample_id)
     with self._lock:  # HF fast tokenizers are not safe to share between threads
-      input_ids, labels = text_lib.preprocess_conversation(
-          record.get("conversations"), self._tokenizer, self.template, self.num_image_tokens,
-          self.max_length, self.image_token_index, has_image=has_image, sample_id=sample_id)
+      ids, labels, _ = text_lib.conversation_tokens(record.get("conversations"), self._tokenizer, self.template,
+                                                    has_image=has_image, sample_id=sample_id)
+    if self.anyres is None:
+      input_ids, labels = text_lib.expand_image_tokens(ids, labels, self.num_image_tokens, self.max_length,
+                                                       self.image_token_index, sample_id=sample_id)
+      self._check_tokens(input_ids, labels, has_image, sample_id)
+      pixels = self._pixels(record, sample_id) if has_image else None
+      return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels, "id": str(sample_id)}
+    img = self._image(record, sample_id) if has_image else None
+    size = (img.height, img.width) if has_image else None
+    counts = [self.anyres.num_image_tokens(size)] if has_image else []
+    input_ids, labels = text_lib.expand_image_tokens(ids, labels, counts, self.max_length, self.image_token_index,
+                                                     sample_id=sample_id)
+    self._check_tokens(input_ids, labels, has_image, sample_id)
+    if has_image and int(np.sum(input_ids == self.image_token_index)) != counts[0]:
+      # The text itself tokenized to the image id: the rows of the image's features would be misplaced.
+      raise DataError(SkipReason.TAG_WITHOUT_IMAGE, "the text tokenizes to the image token as well", sample_id)
+    example = {"input_ids": input_ids, "labels": labels, "pixel_values": None, "id": str(sample_id)}
+    if has_image:
+      try:
+        example["pixel_values"] = self.anyres.tiles(img, self._image_config)
+      except (OSError, ValueError) as e:
+        raise DataError(SkipReason.UNREADABLE_IMAGE, f"{record['image']}: {e}", sample_id) from None
+      example.update(image_size=np.asarray(size, np.int32), feature_index=self.anyres.feature_index(size))
+    return example
+
+  def _check_tokens(self, input_ids, labels, has_image: bool, sample_id) -> None:
     if not has_image and np.any(input_ids == self.image_token_index):
       raise DataError(SkipReason.TAG_WITHOUT_IMAGE, "text-only sample tokenizes to the image token",
                       sample_id)
     if np.all(labels == text_lib.IGNORE_INDEX):
       raise DataError(SkipReason.NO_TARGETS, "every label is masked (reply truncated away?)", sample_id)
-    pixels = None
-    if has_image:
-      img = load_image(record, self.image_dir, sample_id, max_pixels=self.max_image_pixels,
-                       padded_to_square=self.aspect_ratio == "pad",
-                       allow_outside_dir=self.allow_images_outside_dir)
-      try:
-        pixels = image_lib.preprocess_image(img, self._image_config, self.aspect_ratio)
-      except (OSError, ValueError) as e:  # e.g. a colour mode Pillow cannot convert to RGB
-        raise DataError(SkipReason.UNREADABLE_IMAGE, f"{record['image']}: {e}", sample_id) from None
-    return {"input_ids": input_ids, "labels": labels, "pixel_values": pixels, "id": str(sample_id)}
+
+  def _image(self, record: dict, sample_id):
+    """The decoded image, RGB; anyres fits it into a canvas (no pad to square), so only its own pixels count."""
+    img = load_image(record, self.image_dir, sample_id, max_pixels=self.max_image_pixels,
+                     padded_to_square=self.anyres is None and self.aspect_ratio == "pad",
+                     allow_outside_dir=self.allow_images_outside_dir)
+    try:
+      return image_lib.to_rgb(img)
+    except (OSError, ValueError) as e:  # e.g. a colour mode Pillow cannot convert to RGB
+      raise DataError(SkipReason.UNREADABLE_IMAGE, f"{record['image']}: {e}", sample_id) from None
+
+  def _pixels(self, record: dict, sample_id) -> np.ndarray:
+    img = load_image(record, self.image_dir, sample_id, max_pixels=self.max_image_pixels,
+                     padded_to_square=self.aspect_ratio == "pad",
+                     allow_outside_dir=self.allow_images_outside_dir)
+    try:
+      return image_lib.preprocess_image(img, self._image_config, self.aspect_ratio)
+    except (OSError, ValueError) as e:  # e.g. a colour mode Pillow cannot convert to RGB
+      raise DataError(SkipReason.UNREADABLE_IMAGE, f"{record['image']}: {e}", sample_id) from None

@@ -12,7 +12,8 @@ exactly those labels) but raise `TokenizationMismatchError` instead, so that the
 pipeline skips and counts the sample.
 
 After masking, the single -200 placeholder is expanded to `num_image_tokens` copies
-of `image_token_index` (the HF / our model convention: one id per image feature),
+of `image_token_index` (the HF / our model convention: one id per image feature; for
+LLaVA-NeXT a count per image, which depends on its size: `expand_image_tokens`),
 with ignored labels, and the result is truncated to `max_length`, which is where the
 reference truncates too (after splicing in the image features).
 
@@ -244,8 +245,50 @@ def _reference_ids_and_labels(turns, template: Template, tokenizer, sample_id):
   return ids, labels
 
 
+def conversation_tokens(conversations: Sequence[dict], tokenizer, template: str | Template, *,
+                        has_image: bool | None = None, sample_id: Any = None) -> tuple[np.ndarray, np.ndarray, bool]:
+  """The first half of `preprocess_conversation`: (ids, labels, has_image) with one IMAGE_PLACEHOLDER per image,
+  before expansion and truncation. Split out so that LLaVA-NeXT, whose image token count depends on the image's
+  size, can read the image between the two halves while text errors still come first."""
+  template = get_template(template)
+  turns = _check_turns(conversations, template, sample_id)
+  if has_image is None:
+    has_image = any(DEFAULT_IMAGE_TOKEN in value for _, value in turns)
+  _check_image_tags(turns, has_image, template, sample_id)
+  if has_image:
+    turns = move_image_to_front(turns)
+  ids, labels = _reference_ids_and_labels(turns, template, tokenizer, sample_id)
+  return np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), has_image
+
+
+def expand_image_tokens(ids: np.ndarray, labels: np.ndarray, num_image_tokens: int | Sequence[int], max_length: int,
+                        image_token_index: int, *, sample_id: Any = None) -> tuple[np.ndarray, np.ndarray]:
+  """The second half: each IMAGE_PLACEHOLDER becomes its image's count of `image_token_index` (ignored labels),
+  then truncation to `max_length`. `num_image_tokens` is one count for every image (LLaVA-1.5) or one per image
+  in order (LLaVA-NeXT: `AnyresGeometry.num_image_tokens(size)`). An image cut by `max_length` is a DataError."""
+  is_image = ids == IMAGE_PLACEHOLDER
+  n_images = int(is_image.sum())
+  counts = ([int(num_image_tokens)] * n_images if np.ndim(num_image_tokens) == 0 else
+            [int(c) for c in num_image_tokens])
+  if len(counts) != n_images:
+    raise DataError(SkipReason.IMAGE_WITHOUT_TAG if len(counts) > n_images else SkipReason.TAG_WITHOUT_IMAGE,
+                    f"{n_images} <image> tags for {len(counts)} images", sample_id)
+  repeats = np.ones(len(ids), np.int64)
+  repeats[is_image] = counts
+  expanded_image = np.repeat(is_image, repeats)
+  input_ids = np.repeat(ids, repeats)
+  input_ids[expanded_image] = image_token_index
+  labels = np.repeat(labels, repeats)
+  labels[expanded_image] = IGNORE_INDEX
+  if expanded_image[:max_length].sum() != sum(counts):
+    # The model needs one token per image feature; a partial image cannot be spliced in.
+    raise DataError(SkipReason.IMAGE_TRUNCATED,
+                    f"max_length={max_length} cuts off (some of) the {sum(counts)} image tokens", sample_id)
+  return input_ids[:max_length].astype(np.int32), labels[:max_length].astype(np.int32)
+
+
 def preprocess_conversation(conversations: Sequence[dict], tokenizer, template: str | Template,
-                            num_image_tokens: int, max_length: int, image_token_index: int, *,
+                            num_image_tokens: int | Sequence[int], max_length: int, image_token_index: int, *,
                             has_image: bool | None = None,
                             sample_id: Any = None) -> tuple[np.ndarray, np.ndarray]:
   """Token ids and labels (int32 numpy, length <= max_length) of one LLaVA sample.
@@ -254,7 +297,8 @@ def preprocess_conversation(conversations: Sequence[dict], tokenizer, template: 
     conversations: the record's "conversations": [{"from": "human"|"gpt", "value": str}].
     tokenizer: a Hugging Face tokenizer (LLaMA-style: adds BOS).
     template: a name from `conversation.TEMPLATES` or a `Template`.
-    num_image_tokens: image features per image (576 for CLIP ViT-L/14 at 336 px).
+    num_image_tokens: image features per image (576 for CLIP ViT-L/14 at 336 px), or a list with one count per
+      image (LLaVA-NeXT, where the count depends on the image's size).
     max_length: truncation length, applied after the image tokens are expanded.
     image_token_index: the id that stands for one image feature (32000 in llava-hf).
     has_image: whether the sample has an image; default: whether any turn has "<image>".
@@ -264,26 +308,6 @@ def preprocess_conversation(conversations: Sequence[dict], tokenizer, template: 
     DataError: the sample must be skipped (see `SkipReason`); `TokenizationMismatchError`
       where the reference would have masked all labels.
   """
-  template = get_template(template)
-  turns = _check_turns(conversations, template, sample_id)
-  if has_image is None:
-    has_image = any(DEFAULT_IMAGE_TOKEN in value for _, value in turns)
-  _check_image_tags(turns, has_image, template, sample_id)
-  if has_image:
-    turns = move_image_to_front(turns)
-  ids, labels = _reference_ids_and_labels(turns, template, tokenizer, sample_id)
-
-  ids = np.asarray(ids, dtype=np.int64)
-  is_image = ids == IMAGE_PLACEHOLDER
-  repeats = np.where(is_image, num_image_tokens, 1)
-  expanded_image = np.repeat(is_image, repeats)
-  input_ids = np.repeat(ids, repeats)
-  input_ids[expanded_image] = image_token_index
-  labels = np.repeat(labels, repeats)
-  labels[expanded_image] = IGNORE_INDEX
-  if has_image and expanded_image[:max_length].sum() != num_image_tokens:
-    # The model needs one token per image feature; a partial image cannot be spliced in.
-    raise DataError(SkipReason.IMAGE_TRUNCATED,
-                    f"max_length={max_length} cuts off (some of) the {num_image_tokens} image tokens",
-                    sample_id)
-  return input_ids[:max_length].astype(np.int32), labels[:max_length].astype(np.int32)
+  ids, labels, _ = conversation_tokens(conversations, tokenizer, template, has_image=has_image,
+                                       sample_id=sample_id)
+  return expand_image_tokens(ids, labels, num_image_tokens, max_length, image_token_index, sample_id=sample_id)

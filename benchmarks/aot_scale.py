@@ -2,6 +2,7 @@
 
   python benchmarks/aot_scale.py                                   # 7B and 13B, stage1/stage2/lora, 8/32/64/256
   python benchmarks/aot_scale.py --sizes 7b --devices 32 --stages stage2
+  python benchmarks/aot_scale.py --sizes 7b --devices 32 --stages stage2 --attention blockwise
 
 Nothing is allocated: the train state and the batch are `jax.ShapeDtypeStruct`s carrying their shardings (the
 Trainer builds them with `nnx.eval_shape`), and `jit(...).lower(...).compile()` runs XLA's SPMD partitioner for a
@@ -22,6 +23,10 @@ Printed per (model, stage, devices):
   time      the step time if every device ran the compiled FLOPs at the TPU's peak (v5p 459, v5e 197 bf16
             TFLOP/s): a compute-bound lower bound that ignores communication and memory stalls; the MFU bound is
             model FLOPs / (devices x peak x that time).
+`--attention` picks the attention implementation (models/attention.py; default the config's). `splash` is a
+Pallas TPU kernel: it compiles only for a TPU backend (off TPU it would run in Pallas interpret mode, whose
+buffers say nothing about the kernel's), so on this CPU the script refuses it; `blockwise` is the plain-JAX
+stand-in with the same memory shape ([T, block] scores per head, never [T, T]).
 The CPU compiler is not the TPU one (different fusion, layouts and no memory-space assignment), so the memory
 figures are an estimate of the TPU's, not a measurement of it; docs/PERFORMANCE.md discusses the gap.
 """
@@ -44,6 +49,7 @@ HBM_GB = {"v5p": 95.0, "v5e": 16.0}
 # give every batch shard a row, a factor of 2 at a time moves from fsdp to tensor parallelism.
 PRESET_FOR = {8: "gpu-8", 32: "v5p-64", 256: "v5e-256"}
 STAGES = ("stage1", "stage2", "lora")
+ATTENTION_IMPLS = ("xla", "cudnn", "blockwise", "splash")  # llava_jax.models.attention.IMPLS (kept jax-free here)
 SIZES = {"7b": "llava_v1_5_7b.py", "13b": "llava_v1_5_13b.py", "tiny": "tiny.py"}  # tiny: a seconds-long smoke run
 
 
@@ -65,7 +71,7 @@ def mesh_for(devices: int, batch: int, accum: int) -> tuple[int, int, int]:
   return data, fsdp, tensor
 
 
-def compile_step(model_cfg, config, mesh_shape, rows: int, seq: int, accum: int, scan: bool):
+def compile_step(model_cfg, config, mesh_shape, rows: int, seq: int, accum: int, scan: bool, attention: str):
   """(compiled step, Trainer) for abstract inputs: no array is allocated."""
   import jax
   import jax.numpy as jnp
@@ -78,7 +84,8 @@ def compile_step(model_cfg, config, mesh_shape, rows: int, seq: int, accum: int,
   rules = rules_from_config(config.sharding_rules)
   lora = run_config.lora_config(config)
   trainer = Trainer(model_cfg, config.stage, run_config.optim_config(config), config.total_steps, mesh, rules,
-                    grad_accum_steps=accum, lora=lora, remat=config.remat, scan_layers=scan, seed=config.seed)
+                    grad_accum_steps=accum, lora=lora, remat=config.remat, scan_layers=scan, seed=config.seed,
+                    attention_impl=attention)
   size = model_cfg.vision.image_size
   shapes = {"input_ids": ((rows, seq), jnp.int32), "labels": ((rows, seq), jnp.int32),
             "attention_mask": ((rows, seq), jnp.int32), "pixel_values": ((rows, size, size, 3), jnp.float32),
@@ -102,9 +109,13 @@ def worker(args) -> None:
   from llava_jax.train import run_config
 
   assert jax.device_count() == args.devices, (jax.device_count(), args.devices)
+  if args.attention == "splash" and jax.default_backend() != "tpu":
+    raise SystemExit(f"--attention splash compiles only for a TPU (this backend: {jax.default_backend()}); "
+                     "use --attention blockwise for the same memory shape in plain JAX")
   for size in args.sizes:
     for stage in args.stages:
       config = load_config(size, stage)
+      attention = args.attention or config.attention_impl
       model_cfg = run_config.model_config(config)
       rows, seq = config.batch_size, config.data.seq_len
       accum = config.grad_accum_steps if args.accum == "auto" else int(args.accum)
@@ -113,7 +124,7 @@ def worker(args) -> None:
         t0 = time.perf_counter()
         try:
           compiled, trainer = compile_step(model_cfg, config, mesh_shape, rows, seq, accum,
-                                           scan=config.scan_layers)
+                                           scan=config.scan_layers, attention=attention)
         except Exception as e:  # pylint: disable=broad-except  (one failed configuration must not hide the rest)
           print(f"FAILED {size} {stage} on {args.devices} devices, mesh {mesh_shape}: {type(e).__name__}: {e}",
                 flush=True)
@@ -132,6 +143,7 @@ def worker(args) -> None:
       if compiled is None:
         continue
       result = dict(size=size, stage=stage, devices=args.devices, mesh=mesh_shape, rows=rows, seq=seq,
+                    attention=attention,
                     accum=accum, compile_s=compile_s, argument=mem.argument_size_in_bytes,
                     output=mem.output_size_in_bytes, alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes,
                     state_bytes=_state_bytes_per_device(trainer.abstract_state),
@@ -149,7 +161,7 @@ def worker(args) -> None:
         def flops(vision_run: int, text_layers: int) -> float:
           cfg = model_cfg.replace(vision=_replace(model_cfg.vision, num_hidden_layers=vision_run + 1),
                                   text=_replace(model_cfg.text, num_hidden_layers=text_layers))
-          _, small = compile_step(cfg, config, mesh_shape, micro, seq, 1, scan=False)
+          _, small = compile_step(cfg, config, mesh_shape, micro, seq, 1, scan=False, attention=attention)
           return small.flops_per_step
 
         f11, f21, f12 = flops(1, 1), flops(2, 1), flops(1, 2)
@@ -179,13 +191,16 @@ def run_device_count(devices: int, args) -> list[dict]:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--devices", str(devices),
          "--sizes", ",".join(args.sizes), "--stages", ",".join(args.stages), "--accum", str(args.accum)]
   cmd += ["--flops-on", args.flops_on]
+  if args.attention:
+    cmd += ["--attention", args.attention]
   results = []
   with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT) as proc:
     for line in proc.stdout:
       if line.startswith("RESULT "):
         r = json.loads(line[len("RESULT "):])
         results.append(r)
-        print(f"  compiled {r['size']} {r['stage']} on {devices} devices in {r['compile_s']:.0f} s", flush=True)
+        print(f"  compiled {r['size']} {r['stage']} on {devices} devices ({r['attention']} attention) in "
+              f"{r['compile_s']:.0f} s", flush=True)
       else:
         print("  " + line.rstrip(), flush=True)
   if proc.returncode:
@@ -244,6 +259,8 @@ def main(argv=None):
   parser.add_argument("--flops-on", default="32",
                       help="device counts (comma-separated, 'all' or 'none') whose rows also measure XLA's FLOP "
                            "count: three more small compiles per step")
+  parser.add_argument("--attention", choices=ATTENTION_IMPLS, default=None,
+                      help="attention implementation (default: the config's attention_impl); splash needs a TPU")
   parser.add_argument("--json", help="also write the results here")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -258,7 +275,7 @@ def main(argv=None):
     return
   device_counts = [int(d) for d in args.devices.split(",")]
   print(f"AOT compile on this CPU ({os.cpu_count()} cores): sizes {args.sizes}, stages {args.stages}, devices "
-        f"{device_counts}", flush=True)
+        f"{device_counts}, attention {args.attention or 'from the config'}", flush=True)
   t0 = time.perf_counter()
   results = []
   for n in device_counts:

@@ -7,6 +7,7 @@ The original LLaVA format (`LlavaLlamaForCausalLM` with `mm_*` keys) is read too
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import json
 import os
@@ -169,6 +170,8 @@ class LlavaConfig:
         vision_feature_layer=layer if isinstance(layer, int) else tuple(layer),
         vision_feature_select_strategy=hf.vision_feature_select_strategy,
         image_grid_pinpoints=tuple(map(tuple, hf.image_grid_pinpoints)) if next_ else None,
+        # Written by our export of a converted original checkpoint; transformers ignores it.
+        anyres_semantics=raw.get("anyres_semantics", "hf") if next_ else "hf",
     )
     fields.update(overrides)
     return cls(**fields)
@@ -213,6 +216,8 @@ class LlavaConfig:
       out = transformers.LlavaNextConfig(**common, image_grid_pinpoints=[list(p) for p in self.image_grid_pinpoints])
       out = out.to_dict()
       out["architectures"] = ["LlavaNextForConditionalGeneration"]
+      if self.anyres_semantics != "hf":  # transformers computes "hf"; our loader reads this back
+        out["anyres_semantics"] = self.anyres_semantics
       return out
     out = transformers.LlavaConfig(**common).to_dict()
     out["architectures"] = ["LlavaForConditionalGeneration"]
@@ -331,7 +336,10 @@ def _from_original_llava(raw: dict, vision: VisionConfig | None = None, **overri
   if raw.get("image_aspect_ratio") == "anyres" or "spatial_unpad" in str(raw.get("mm_patch_merge_type", "")):
     # LLaVA-1.6. The list is kept literally: the reference reads its pairs as (width, height), transformers as
     # (height, width); `anyres_semantics="original"` reproduces the reference's reading (data/anyres.py).
-    pinpoints = tuple(tuple(p) for p in raw.get("image_grid_pinpoints") or ())
+    pinpoints = raw.get("image_grid_pinpoints") or ()
+    if isinstance(pinpoints, str):  # the reference also accepts the list as a Python literal string
+      pinpoints = ast.literal_eval(pinpoints)
+    pinpoints = tuple(tuple(p) for p in pinpoints)
     if not pinpoints:
       raise ConfigError("an anyres (LLaVA-1.6) config without image_grid_pinpoints")
   fields = dict(vision=vision, text=text, image_token_index=text.vocab_size, projector_type=projector,

@@ -4,12 +4,15 @@ The table is derived from the model itself: each parameter path (e.g. `language_
 maps to the key transformers 5 writes (`language_model.model.layers.3.mlp.up_proj.weight`) and a layout change
 (`linear`: transpose; `conv`: OIHW -> HWIO). Other layouts are read by renaming their keys to that canonical one:
 
-  llava_hf   transformers 5 `save_pretrained`, in-memory (`model.language_model.*`) and hub (`vision_tower.vision_model.*`,
-             `language_model.model.*`, `language_model.lm_head.*`) spellings
+  llava_hf   transformers 5 `save_pretrained`, in-memory (`model.language_model.*`, `model.image_newline`) and
+             hub (`vision_tower.vision_model.*`, `language_model.model.*`, `language_model.lm_head.*`) spellings,
+             for LLaVA-1.5 and LLaVA-NeXT (whose `image_newline` is a top-level parameter)
   clip       a CLIPModel / CLIPVisionModel checkpoint (`vision_model.*`, or bare `encoder.*` as transformers 5
              saves a CLIPVisionModel; the text tower is ignored)
-  llm        a LlamaForCausalLM checkpoint (`model.*`, `lm_head.*`)
-  original   original LLaVA (`model.mm_projector.*`, `model.layers.*`, `lm_head.*`), vision tower from a CLIP dir
+  llm        a LlamaForCausalLM / MistralForCausalLM checkpoint (`model.*`, `lm_head.*`)
+  original   original LLaVA (`model.mm_projector.*`, `model.layers.*`, `lm_head.*`; 1.6 adds `model.image_newline`
+             and its trained tower `model.vision_tower.vision_tower.vision_model.*`), the tower's config (and, for
+             1.5, its weights) from a CLIP dir
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class Entry:
 def _hf_key(path: tuple) -> tuple[str, str]:
   *module, leaf = (str(p) for p in path)
   kind = "conv" if module[-1:] == ["patch_embedding"] else "linear" if leaf == "kernel" else "plain"
-  name = ".".join(module) + "." + {"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)
+  name = ".".join(module + [{"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)])
   if name.startswith("language_model."):
     name = "language_model.model." + name[len("language_model."):]
   elif name.startswith("lm_head."):
@@ -98,9 +101,11 @@ RULES = {
         (r"^model\.language_model\.", "language_model.model."),
         (r"^model\.vision_tower\.", "vision_tower."),
         (r"^model\.multi_modal_projector\.", "multi_modal_projector."),
+        (r"^model\.image_newline$", "image_newline"),  # LLaVA-NeXT
         (r"^lm_head\.", "language_model.lm_head."),
         (r"^vision_tower\.vision_model\.", "vision_tower."),
         (r"^(vision_tower|multi_modal_projector|language_model)\.", r"\1."),
+        (r"^image_newline$", "image_newline"),
     ],
     "clip": [
         (r"^(text_model|text_projection|visual_projection|logit_scale)\b", None),
@@ -113,6 +118,7 @@ RULES = {
         (r"^model\.mm_projector\.2\.", "multi_modal_projector.linear_2."),
         (r"^model\.mm_projector\.(weight|bias)$", r"multi_modal_projector.linear_1.\1"),
         (r"^model\.vision_tower\.vision_tower\.vision_model\.", "vision_tower."),
+        (r"^model\.image_newline$", "image_newline"),  # LLaVA-1.6
         *_LLM_RULES,
     ],
 }
@@ -259,8 +265,9 @@ def convert_checkpoint(out: str, hf: str | None = None, clip: str | None = None,
 
 
 def export_hf(model, out_dir: str, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False):
-  """Writes a directory that transformers' LlavaForConditionalGeneration loads (config, sharded safetensors, and
-  the tokenizer / processor files the model came with)."""
+  """Writes a directory that transformers' LlavaForConditionalGeneration (LlavaNextForConditionalGeneration for
+  a NeXT model) loads: config, sharded safetensors in the canonical layout, and the tokenizer / processor files
+  the model came with. An existing `out_dir` is refused unless `overwrite` (`--overwrite` on the CLI)."""
   hf_config = model.config.to_hf_dict()  # raises early for what transformers cannot represent
   hf_config["dtype"] = np.dtype(model.config.param_dtype).name
   with atomic_directory(out_dir, overwrite) as tmp:

@@ -58,3 +58,67 @@ def reference_logits(model, input_ids, pixel_values=None, attention_mask=None) -
     kwargs["pixel_values"] = to_torch_pixels(pixel_values).to(model.dtype)
   with torch.no_grad():
     return model(**kwargs).logits.float().numpy()
+
+
+# -- LLaVA-NeXT (1.6) ------------------------------------------------------------------------------------------
+
+# The 1.6 pinpoints scaled by 56 / 336, as (height, width): a 56-px CLIP with 14-px patches, 4x4 features a tile.
+PINPOINTS_56 = [[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]
+NEXT_PROCESSOR_56 = {"image_processor_type": "LlavaNextImageProcessor", "size": {"shortest_edge": 56},
+                     "crop_size": {"height": 56, "width": 56}, "image_grid_pinpoints": PINPOINTS_56, "resample": 3}
+
+
+def next_vision_config(**kw):
+  return vision_config(**{"image_size": 56, "patch_size": 14, **kw})
+
+
+def mistral_text_config(**kw):
+  """Mistral: LLaMA's blocks with GQA, rope_theta 1e6 (v0.2) and an optional sliding window (v0.1)."""
+  base = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=64, max_position_embeddings=512, rms_norm_eps=1e-5,
+              rope_parameters=dict(rope_type="default", rope_theta=1e6), sliding_window=None)
+  base.update(kw)
+  return transformers.MistralConfig(**base)
+
+
+def yi_text_config(**kw):
+  """Nous-Hermes-2-Yi style: the LLaMA architecture with another vocabulary and rope_theta 5e6, GQA."""
+  base = dict(vocab_size=80, num_key_value_heads=1, rms_norm_eps=1e-6, max_position_embeddings=512,
+              rope_parameters=dict(rope_type="default", rope_theta=5e6))
+  base.update(kw)
+  return text_config(**base)
+
+
+def _spread_weights(model, seed):
+  torch.manual_seed(seed)
+  with torch.no_grad():  # HF's init (std 0.02, zero biases, unit norms) makes every layer nearly the identity
+    for name, p in model.named_parameters():
+      if name.endswith("image_newline"):  # as large as a projected feature, so a misplaced newline shows
+        p.copy_(torch.randn_like(p))
+      elif p.ndim == 1 and ("norm" in name or "layrnorm" in name):
+        p.copy_(1 + 0.1 * torch.randn_like(p))
+      else:
+        p.copy_(torch.randn_like(p) * (0.1 if p.ndim == 1 else 1.0 / np.sqrt(p.shape[-1])))
+  return model
+
+
+def llava_next_model(vision=None, text=None, seed=0, **kw) -> transformers.LlavaNextForConditionalGeneration:
+  """A random LlavaNextForConditionalGeneration on the 56-px tower and the scaled 1.6 pinpoints."""
+  text = text or text_config(max_position_embeddings=512)
+  kw = {"image_grid_pinpoints": PINPOINTS_56, "image_token_index": IMAGE_TOKEN, **kw}
+  cfg = transformers.LlavaNextConfig(vision_config=(vision or next_vision_config()).to_dict(),
+                                     text_config=text.to_dict(), **kw)
+  torch.manual_seed(seed)
+  return _spread_weights(transformers.LlavaNextForConditionalGeneration(cfg).eval(), seed)
+
+
+def next_reference_logits(model, input_ids, pixel_values=None, attention_mask=None, image_sizes=None) -> np.ndarray:
+  """HF NeXT logits; pixel_values [N, P, H, W, 3] (P at least each image's tiles), image_sizes [N, 2]."""
+  ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long)
+  mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(np.asarray(attention_mask))
+  kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+  if pixel_values is not None:
+    kwargs["pixel_values"] = torch.from_numpy(np.ascontiguousarray(np.asarray(pixel_values).transpose(0, 1, 4, 2, 3)))
+    kwargs["image_sizes"] = torch.as_tensor(np.asarray(image_sizes), dtype=torch.long)
+  with torch.no_grad():
+    return model(**kwargs).logits.float().numpy()

@@ -76,6 +76,20 @@ def test_logits_match_transformers(name, pad_side, tmp_path):
   assert_same_logits(hf, ours, ids, mask, hf_tiny.pixels(2))
 
 
+@pytest.mark.parametrize("impl", ["blockwise", "splash"])
+def test_attention_impls_match_transformers(impl, tmp_path):
+  """The memory-efficient kernels (splash in Pallas interpret mode on CPU) in the whole model, vision tower
+  included: GQA, left padding (padded keys as segment ids)."""
+  hf = hf_tiny.llava_model(text=hf_tiny.text_config(num_key_value_heads=2))
+  hf.save_pretrained(tmp_path / "hf")
+  ours = load_hf_checkpoint(str(tmp_path / "hf"), attention_impl=impl)
+  assert ours.options.attention_impl == impl
+  n = image_tokens(hf)
+  rows = [[1, 5, 7, 9] + [IMAGE_TOKEN] * n + [11, 12, 13, 14, 15], [1] + [IMAGE_TOKEN] * n + [21, 22]]
+  ids, mask = batch(rows, "left")
+  assert_same_logits(hf, ours, ids, mask, hf_tiny.pixels(2))
+
+
 def test_two_images_in_one_row_and_rows_without_images(tmp_path):
   hf = hf_tiny.llava_model(text=hf_tiny.text_config(num_key_value_heads=2))
   ours = convert(hf, tmp_path)

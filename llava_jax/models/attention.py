@@ -1,31 +1,286 @@
-"""The one attention entry point. `impl="xla"` is plain einsum attention with the softmax in fp32; fused
-kernels (cuDNN, Pallas splash) plug in here without touching the models."""
+"""The one attention entry point, with four implementations that compute the same function:
+
+- `xla`: einsum attention with the softmax in fp32; materialises the [T, S] scores (the reference).
+- `cudnn`: `jax.nn.dot_product_attention`'s cuDNN kernel (GPU only).
+- `blockwise`: plain JAX, any backend. Keys in blocks with an online softmax (flash attention's recurrence) and a
+  custom VJP that recomputes each block's probabilities from the saved log-sum-exp, so neither pass keeps more
+  than [T, block] scores per head.
+- `splash`: the Pallas TPU splash-attention kernel (causal or full mask, segment ids, GQA); off TPU it runs in
+  Pallas interpret mode (slow: for tests only).
+
+Masks come in two forms. A dense bool array [B, 1, T, S] (`causal_mask`) serves every case, including generation
+with a KV cache. `SelfAttentionMask` describes the mask of a full forward pass (queries are the keys, no cache) by
+the row's padding and segments, so the kernels never build [T, S]: `Llava.__call__` passes it, and
+`LlamaModel` turns it into the dense form once, before the layers, for `xla`/`cudnn` (`prepare_mask`).
+`splash` takes only the structured form (and no mask, for the vision tower); given a dense mask (generation's
+prefill and decode steps, T = 1 with a cache) it uses the `xla` path: splash is for training and full forwards.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 
-IMPLS = ("xla", "cudnn")
+IMPLS = ("xla", "cudnn", "blockwise", "splash")
+BLOCKWISE_KEY_BLOCK = 512   # keys per step of `blockwise`; measured on CPU in docs/PERFORMANCE.md
+SPLASH_MAX_BLOCK = 512      # splash's q/kv tile; the sequence is padded to a multiple of the tile (>= 128)
+_NEG = float(jnp.finfo(jnp.float32).min)
+_PAD_ID, _TAIL_ID = -1, -2  # segment ids of left/packing padding and of the kernels' own tail padding
+
+
+def causal_mask(key_valid, query_len: int, query_offset=0, segment_ids=None, sliding_window=None):
+  """bool [B, 1, T, S]: query i (at key slot `query_offset + i`) sees the valid keys at or before it (and, with a
+  `sliding_window` (Mistral v0.1), fewer than that many slots back), and, for packed rows (`segment_ids` [B, T],
+  T == S), only its own segment."""
+  s = key_valid.shape[-1]
+  query_slot = (jnp.arange(query_len) + query_offset)[:, None]
+  causal = jnp.arange(s)[None, :] <= query_slot  # [T, S]
+  if sliding_window is not None:
+    causal = causal & (jnp.arange(s)[None, :] > query_slot - sliding_window)
+  mask = causal[None] & key_valid.astype(bool)[:, None, :]
+  if segment_ids is not None:
+    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
+  return mask[:, None]
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["key_valid", "segment_ids"],
+                   meta_fields=["sliding_window"])
+@dataclasses.dataclass(frozen=True)
+class SelfAttentionMask:
+  """The causal mask of a full forward pass, described instead of materialised: key_valid bool [B, T] (False at
+  padding), segment_ids int [B, T] for packed rows or None, and Mistral's sliding window or None."""
+  key_valid: jax.Array
+  segment_ids: jax.Array | None = None
+  sliding_window: int | None = None
+
+  def dense(self):
+    return causal_mask(self.key_valid, self.key_valid.shape[-1], 0, self.segment_ids, self.sliding_window)
+
+  def row_ids(self):
+    """int32 [B, T]: each token's segment, `_PAD_ID` at padding. A query may see key j <= i with the same id:
+    for a real query exactly the dense mask; a padding query sees padding keys (never an empty row)."""
+    ids = jnp.ones(self.key_valid.shape, jnp.int32) if self.segment_ids is None else self.segment_ids
+    return jnp.where(self.key_valid.astype(bool), ids.astype(jnp.int32), _PAD_ID)
+
+
+def prepare_mask(mask, impl: str):
+  """The mask the layers get: dense for `xla`/`cudnn` (built once, not per layer), as given for the kernels."""
+  if isinstance(mask, SelfAttentionMask) and impl in ("xla", "cudnn"):
+    return mask.dense()
+  return mask
 
 
 def dot_product_attention(q, k, v, mask=None, *, scale: float, impl: str = "xla"):
   """Grouped-query attention.
 
-  q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K; mask: bool, broadcastable to [B, 1, T, S], True where
-  a query may attend. A row with nothing to attend to (a padding query) yields finite garbage, never NaN.
+  q: [B, T, H, D]; k, v: [B, S, K, D] with H a multiple of K; mask: None (all keys), a `SelfAttentionMask`
+  (T == S), or bool broadcastable to [B, 1, T, S], True where a query may attend. A row with nothing to attend to
+  (a padding query) yields finite garbage, never NaN; padding queries' outputs differ between implementations.
   """
+  if impl not in IMPLS:
+    raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+  if impl == "splash" and (mask is None or isinstance(mask, SelfAttentionMask)):
+    return splash_attention(q, k, v, mask, scale=scale)
+  if impl == "blockwise":
+    return blockwise_attention(q, k, v, mask, scale=scale)
+  if isinstance(mask, SelfAttentionMask):
+    mask = mask.dense()
   if impl == "cudnn":
     return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
-  if impl != "xla":
-    raise ValueError(f"attention impl {impl!r} is not one of {IMPLS}")
+  return xla_attention(q, k, v, mask, scale=scale)
+
+
+def xla_attention(q, k, v, mask=None, *, scale: float):
+  """The reference: all scores at once, softmax in fp32."""
   b, t, h, d = q.shape
   kv_heads = k.shape[2]
   q = q.reshape(b, t, kv_heads, h // kv_heads, d)
   logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
   if mask is not None:
     mask = jnp.broadcast_to(mask, (b, 1, t, k.shape[1]))[:, :, None]  # [B, 1, 1, T, S]
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    logits = jnp.where(mask, logits, _NEG)
   probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
   return out.reshape(b, t, h, d)
+
+
+# -- blockwise: plain JAX, online softmax over key blocks, custom VJP ---------------------------------------------
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def blockwise_attention(q, k, v, mask=None, *, scale: float, block: int = BLOCKWISE_KEY_BLOCK):
+  """Memory-efficient attention in plain JAX: the same function as `xla_attention`, keys `block` at a time."""
+  b, t, h, d = q.shape
+  s, kv_heads = k.shape[1], k.shape[2]
+  block = min(block, s)
+  padded = _round_up(s, block)
+  if padded != s:
+    pad = ((0, 0), (0, padded - s), (0, 0), (0, 0))
+    k, v = jnp.pad(k, pad), jnp.pad(v, pad)
+  # The mask as arrays the custom VJP carries (no gradient) and a static description of how to read them.
+  if mask is None:
+    kind, arrays = ("none", None), ()
+  elif isinstance(mask, SelfAttentionMask):
+    if t != s:
+      raise ValueError(f"a SelfAttentionMask needs as many queries as keys, got {t} and {s}")
+    ids = mask.row_ids()
+    kind, arrays = ("self", mask.sliding_window), (ids, jnp.pad(ids, ((0, 0), (0, padded - s)),
+                                                               constant_values=_TAIL_ID))
+  else:
+    dense = jnp.asarray(mask, bool)
+    dense = dense.reshape((1,) * (4 - dense.ndim) + dense.shape)
+    dense = jnp.broadcast_to(dense, dense.shape[:2] + (t, s))
+    kind, arrays = ("dense", None), (jnp.pad(dense, ((0, 0), (0, 0), (0, 0), (0, padded - s))),)
+  out = _blockwise(q.reshape(b, t, kv_heads, h // kv_heads, d), k, v, arrays, kind, float(scale), s, block)
+  return out.reshape(b, t, h, d)
+
+
+def _block_mask(arrays, kind, start, block: int, t: int, s: int):
+  """bool, broadcastable to the [B, K, G, T, block] scores of keys start..start+block, or None (all visible)."""
+  key_slot = start + jnp.arange(block)
+  name, window = kind
+  if name == "none":
+    return None if s % block == 0 else (key_slot < s)[None, None, None, None, :]
+  if name == "dense":
+    dense = jax.lax.dynamic_slice_in_dim(arrays[0], start, block, axis=3)  # [B or 1, 1, T, block]
+    return dense[:, :, None]
+  query_ids, key_ids = arrays
+  key_ids = jax.lax.dynamic_slice_in_dim(key_ids, start, block, axis=1)  # [B, block]
+  query_slot = jnp.arange(t)[:, None]
+  visible = key_slot[None, :] <= query_slot  # [T, block]
+  if window is not None:
+    visible = visible & (key_slot[None, :] > query_slot - window)
+  visible = visible[None] & (query_ids[:, :, None] == key_ids[:, None, :])  # [B, T, block]
+  return visible[:, None, None]
+
+
+def _key_blocks(x, block: int):
+  """[B, S, K, D] -> [S / block, B, block, K, D]: the scan's leading axis."""
+  b, s, kv_heads, d = x.shape
+  return jnp.moveaxis(x.reshape(b, s // block, block, kv_heads, d), 1, 0)
+
+
+def _scores(q, k_block, mask, scale):
+  logits = jnp.einsum("btkgd,bskd->bkgts", q, k_block, preferred_element_type=jnp.float32) * scale
+  return logits if mask is None else jnp.where(mask, logits, _NEG)
+
+
+def _blockwise_forward(q, k, v, arrays, kind, scale, s, block):
+  b, t, kv_heads, groups, d = q.shape
+  starts = jnp.arange(k.shape[1] // block) * block
+
+  def step(carry, xs):
+    running_max, total, acc = carry
+    k_block, v_block, start = xs
+    logits = _scores(q, k_block, _block_mask(arrays, kind, start, block, t, s), scale)
+    new_max = jnp.maximum(running_max, logits.max(-1))
+    probs = jnp.exp(logits - new_max[..., None])
+    rescale = jnp.exp(running_max - new_max)
+    total = rescale * total + probs.sum(-1)
+    acc = rescale[..., None] * acc + jnp.einsum("bkgts,bskd->bkgtd", probs.astype(v.dtype), v_block,
+                                                preferred_element_type=jnp.float32)
+    return (new_max, total, acc), None
+
+  init = (jnp.full((b, kv_heads, groups, t), -jnp.inf, jnp.float32), jnp.zeros((b, kv_heads, groups, t), jnp.float32),
+          jnp.zeros((b, kv_heads, groups, t, d), jnp.float32))
+  (running_max, total, acc), _ = jax.lax.scan(step, init, (_key_blocks(k, block), _key_blocks(v, block), starts))
+  out = jnp.einsum("bkgtd->btkgd", acc / total[..., None]).astype(q.dtype)
+  return out, running_max + jnp.log(total)  # out [B, T, K, G, D], log-sum-exp [B, K, G, T]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _blockwise(q, k, v, arrays, kind, scale, s, block):
+  return _blockwise_forward(q, k, v, arrays, kind, scale, s, block)[0]
+
+
+def _blockwise_fwd(q, k, v, arrays, kind, scale, s, block):
+  out, logsumexp = _blockwise_forward(q, k, v, arrays, kind, scale, s, block)
+  return out, (q, k, v, arrays, out, logsumexp)
+
+
+def _blockwise_bwd(kind, scale, s, block, residuals, d_out):
+  """Flash attention's backward: per key block, probabilities from the saved log-sum-exp, then dV, dS, dQ, dK."""
+  q, k, v, arrays, out, logsumexp = residuals
+  t = q.shape[1]
+  d_out32 = d_out.astype(jnp.float32)
+  delta = jnp.einsum("btkgd,btkgd->bkgt", d_out32, out.astype(jnp.float32))  # rowsum(dO * O)
+  starts = jnp.arange(k.shape[1] // block) * block
+
+  def step(d_q, xs):
+    k_block, v_block, start = xs
+    logits = _scores(q, k_block, _block_mask(arrays, kind, start, block, t, s), scale)
+    probs = jnp.exp(logits - logsumexp[..., None])
+    d_v = jnp.einsum("bkgts,btkgd->bskd", probs.astype(d_out.dtype), d_out, preferred_element_type=jnp.float32)
+    d_probs = jnp.einsum("btkgd,bskd->bkgts", d_out, v_block, preferred_element_type=jnp.float32)
+    d_logits = probs * (d_probs - delta[..., None]) * scale
+    d_q = d_q + jnp.einsum("bkgts,bskd->btkgd", d_logits.astype(q.dtype), k_block,
+                           preferred_element_type=jnp.float32)
+    d_k = jnp.einsum("bkgts,btkgd->bskd", d_logits.astype(q.dtype), q, preferred_element_type=jnp.float32)
+    return d_q, (d_k.astype(k.dtype), d_v.astype(v.dtype))
+
+  d_q, (d_k, d_v) = jax.lax.scan(step, jnp.zeros(q.shape, jnp.float32),
+                                 (_key_blocks(k, block), _key_blocks(v, block), starts))
+  unblock = lambda x: jnp.moveaxis(x, 0, 1).reshape(k.shape)
+  return d_q.astype(q.dtype), unblock(d_k), unblock(d_v), None
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+# -- splash: the Pallas TPU kernel ---------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=32)
+def _splash_kernel(num_heads: int, length: int, block: int, causal: bool, sliding_window: int | None,
+                   interpret: bool):
+  """The kernel for one example ([H, L, D] queries): its block-sparsity tables are computed once per shape."""
+  from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=import-outside-toplevel
+      splash_attention_kernel as kernel_lib, splash_attention_mask as mask_lib)
+
+  shape = (length, length)
+  if sliding_window is not None:  # key j visible from query i iff i - (window - 1) <= j <= i
+    head_mask = mask_lib.LocalMask(shape, window_size=(sliding_window - 1, 0), offset=0)
+  else:
+    head_mask = mask_lib.CausalMask(shape) if causal else mask_lib.FullMask(shape)
+  blocks = kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                                 block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
+                                 block_kv_dq=block)
+  with jax.ensure_compile_time_eval():  # concrete tables even when first built under jit (they are cached)
+    kernel = kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([head_mask] * num_heads), block_sizes=blocks,
+                                        head_shards=1, q_seq_shards=1, interpret=interpret)
+  return kernel, kernel_lib.SegmentIds
+
+
+def splash_attention(q, k, v, mask: SelfAttentionMask | None = None, *, scale: float, interpret: bool | None = None):
+  """Splash attention for a full forward pass: causal with `mask` (padding and packed segments as segment ids),
+  bidirectional over all keys without (the vision tower). Pads the length to the kernel's tile and vmaps the
+  per-example kernel over the batch. `interpret` defaults to True off TPU.
+
+  Under a multi-device mesh the kernel is not partitioned by XLA: wrap the caller in `shard_map` over the batch
+  (and head) axes for real pod runs; the CPU tests exercise the single-device kernel.
+  """
+  b, t, h, d = q.shape
+  if k.shape[1] != t:
+    raise ValueError(f"splash attention here is self-attention: {t} queries, {k.shape[1]} keys")
+  if interpret is None:
+    interpret = jax.default_backend() != "tpu"
+  block = min(SPLASH_MAX_BLOCK, _round_up(t, 128))
+  length = _round_up(t, block)
+  ids = jnp.zeros((b, t), jnp.int32) if mask is None else mask.row_ids()
+  ids = jnp.pad(ids, ((0, 0), (0, length - t)), constant_values=_TAIL_ID)
+  window = None if mask is None else mask.sliding_window
+  kernel, segment_ids = _splash_kernel(h, length, block, mask is not None, window, bool(interpret))
+  heads_first = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, length - t), (0, 0)))
+  per_example = lambda q1, k1, v1, ids1: kernel(q1, k1, v1, segment_ids=segment_ids(ids1, ids1))
+  out = jax.vmap(per_example)(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v), ids)
+  return jnp.swapaxes(out[:, :, :t], 1, 2).astype(q.dtype)
+
+
+__all__ = ["IMPLS", "SelfAttentionMask", "blockwise_attention", "causal_mask", "dot_product_attention",
+           "prepare_mask", "splash_attention", "xla_attention"]

@@ -117,5 +117,7 @@ class CLIPVisionTower(nnx.Module):
       x = layer(x)
       return x, x
 
-    _, outputs = run_layers(list(self.encoder.layers)[:num_layers], x, call, self.options)
+    # Remat as the decoder: it costs nothing while the tower is frozen (no gradient reaches it) and bounds its
+    # activations when LLaVA-NeXT's stage 2 trains it.
+    _, outputs = run_layers(list(self.encoder.layers)[:num_layers], x, call, self.options, remat=self.options.remat)
     return [x] + outputs

@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from llava_jax.config import TextConfig
-from llava_jax.models.attention import dot_product_attention
+from llava_jax.models.attention import dot_product_attention, prepare_mask
 from llava_jax.models.layers import Dense, Embed, RMSNorm, activation
 from llava_jax.models.options import ModelOptions
 from llava_jax.models.stack import run_layers
@@ -155,9 +155,11 @@ class LlamaModel(nnx.Module):
 
   def __call__(self, inputs_embeds, positions, mask, *, caches=None, cache_index=None,
                return_hidden: bool = False) -> DecoderOutput:
-    """inputs_embeds [B, T, D], positions [B, T] int, mask bool [B, 1, T, S]; `caches` (one (k, v) per layer,
-    each [B, S, K, D]) are written at `cache_index` and returned updated."""
+    """inputs_embeds [B, T, D], positions [B, T] int, mask bool [B, 1, T, S] or a `SelfAttentionMask`
+    (models/attention.py); `caches` (one (k, v) per layer, each [B, S, K, D]) are written at `cache_index` and
+    returned updated."""
     cos, sin = rope_cos_sin(self.config, positions, self.dtype)
+    mask = prepare_mask(mask, self.options.attention_impl)  # dense once here, not per layer, where the impl needs it
     x = inputs_embeds.astype(self.dtype)
 
     def call(layer, x, cache):

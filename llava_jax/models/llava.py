@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from llava_jax.config import LlavaConfig
+from llava_jax.models.attention import SelfAttentionMask, causal_mask
 from llava_jax.models.clip import CLIPVisionTower
 from llava_jax.models.layers import Dense, activation, normal_init, param, torch_linear_init
 from llava_jax.models.llama import DecoderOutput, LlamaModel
@@ -55,15 +56,7 @@ def attention_mask_4d(key_valid, query_len: int, query_offset=0, segment_ids=Non
   """bool [B, 1, T, S]: query i (at key slot `query_offset + i`) sees the valid keys at or before it (and, with a
   `sliding_window` (Mistral v0.1), fewer than that many slots back), and, for packed rows (`segment_ids` [B, T],
   T == S), only its own segment."""
-  s = key_valid.shape[-1]
-  query_slot = (jnp.arange(query_len) + query_offset)[:, None]
-  causal = jnp.arange(s)[None, :] <= query_slot  # [T, S]
-  if sliding_window is not None:
-    causal = causal & (jnp.arange(s)[None, :] > query_slot - sliding_window)
-  mask = causal[None] & key_valid.astype(bool)[:, None, :]
-  if segment_ids is not None:
-    mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-  return mask[:, None]
+  return causal_mask(key_valid, query_len, query_offset, segment_ids, sliding_window)  # models/attention.py
 
 
 def image_feature_rows(cfg: LlavaConfig, input_ids, image_sizes, tiles_per_image: int) -> np.ndarray:
@@ -98,7 +91,6 @@ class Llava(nnx.Module):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     kw = dict(rngs=rngs, param_dtype=jnp.dtype(cfg.param_dtype), dtype=jnp.dtype(cfg.dtype))
     self.config, self.options, self.assets_dir = cfg, options, assets_dir
-    # The vision tower gets no gradient in any stage, so remat would buy nothing there.
     self.vision_tower = CLIPVisionTower(cfg.vision, options=options, **kw)
     self.multi_modal_projector = MultiModalProjector(cfg, **kw)
     self.language_model = LlamaModel(cfg.text, options=options, **kw)
@@ -186,11 +178,11 @@ class Llava(nnx.Module):
 
   # -- forward ---------------------------------------------------------------------------------------------------
 
-  def feature_rows(self, input_ids, pixel_values, image_sizes, image_feature_rows=None):
+  def feature_rows(self, input_ids, pixel_values, image_sizes, rows=None):
     """LLaVA-NeXT's `image_feature_rows`, computed on the host from concrete `image_sizes` [N, 2] (height,
-    width) unless given; None for LLaVA-1.5 or without images."""
-    if not self.config.is_next or pixel_values is None or image_feature_rows is not None:
-      return image_feature_rows
+    width) unless given as `rows`; None for LLaVA-1.5 or without images."""
+    if not self.config.is_next or pixel_values is None or rows is not None:
+      return rows
     if image_sizes is None or not (_is_concrete(input_ids) and _is_concrete(image_sizes)):
       raise ValueError("a LLaVA-NeXT model needs concrete image_sizes [N, 2] (height, width) with pixel_values; "
                        "under jit pass image_feature_rows (llava_jax.models.llava.image_feature_rows) instead")
@@ -211,8 +203,8 @@ class Llava(nnx.Module):
     attention_mask = attention_mask.astype(bool)
     if positions is None:
       positions = positions_from_mask(attention_mask)
-    mask = attention_mask_4d(attention_mask, t, segment_ids=segment_ids,
-                             sliding_window=self.config.text.sliding_window)
+    # Described, not materialised: the memory-efficient kernels never build [T, T] (models/attention.py).
+    mask = SelfAttentionMask(attention_mask, segment_ids, self.config.text.sliding_window)
     embeds = self.embed(input_ids, pixel_values, image_mask, image_feature_rows)
     out = self.decode(embeds, positions, mask, return_hidden=return_hidden)
     logits = self.logits_from_hidden(out.hidden)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-ATTENTION_IMPLS = ("xla", "cudnn")
+from llava_jax.models.attention import IMPLS as ATTENTION_IMPLS  # what each is: models/attention.py
+
 REMAT_POLICY_NAMES = ("none", "full", "dots_saveable")
 
 

@@ -1,0 +1,199 @@
+"""The attention implementations (models/attention.py) compute one function: `blockwise` and `splash` (Pallas,
+interpret mode on CPU) against `xla` in outputs and gradients, on tiny shapes that still cross block edges."""
+
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llava_jax.models import attention
+from llava_jax.models.attention import SelfAttentionMask
+from llava_jax.models.llava import attention_mask_4d
+from llava_jax.models.options import ModelOptions
+
+TOL = 1e-4
+SCALE = 0.35
+
+
+def qkv(b, t, s, heads, kv_heads, d=8, seed=0):
+  rng = np.random.default_rng(seed)
+  make = lambda *shape: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  return make(b, t, heads, d), make(b, s, kv_heads, d), make(b, s, kv_heads, d)
+
+
+def padded_packed_mask(t, sliding_window=None):
+  """Row 0 left-padded by 7; row 1 packs two samples (5 + 20 tokens at t = 40) then 15 padding slots."""
+  valid = np.ones((2, t), bool)
+  valid[0, :7] = False
+  segments = np.ones((2, t), np.int32)
+  segments[1, 5:25], segments[1, 25:] = 2, 0
+  valid[1, 25:] = False
+  return SelfAttentionMask(jnp.asarray(valid), jnp.asarray(segments), sliding_window), valid
+
+
+def value_and_grads(fn, q, k, v, real_queries):
+  """A loss over the real queries only (padding queries' outputs are unspecified), its gradients and the output."""
+  weight = jnp.asarray(real_queries, jnp.float32)[:, :, None, None]
+
+  def loss(q, k, v):
+    out = fn(q, k, v)
+    return jnp.sum(weight * out * jnp.cos(out)), out
+
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  return np.asarray(out) * np.asarray(weight), [np.asarray(g) for g in grads]
+
+
+def assert_matches_xla(fn, mask, q, k, v, real_queries):
+  out, grads = value_and_grads(fn, q, k, v, real_queries)
+  dense = mask.dense() if isinstance(mask, SelfAttentionMask) else mask
+  ref_out, ref_grads = value_and_grads(lambda *a: attention.xla_attention(*a, dense, scale=SCALE), q, k, v,
+                                       real_queries)
+  np.testing.assert_allclose(out, ref_out, atol=TOL, rtol=0)
+  for name, got, ref in zip("qkv", grads, ref_grads):
+    np.testing.assert_allclose(got, ref, atol=TOL, rtol=0, err_msg=f"d{name}")
+
+
+def test_self_attention_mask_is_the_definition():
+  """Causal, padded keys masked, same segment, sliding window: the dense form against the rule written out."""
+  t, window = 40, 6
+  mask, valid = padded_packed_mask(t, window)
+  segments = np.asarray(mask.segment_ids)
+  expected = np.zeros((2, 1, t, t), bool)
+  for b in range(2):
+    for i in range(t):
+      for j in range(t):
+        expected[b, 0, i, j] = valid[b, j] and j <= i and i - j < window and segments[b, i] == segments[b, j]
+  np.testing.assert_array_equal(np.asarray(mask.dense()), expected)
+  np.testing.assert_array_equal(np.asarray(attention_mask_4d(mask.key_valid, t, 0, mask.segment_ids, window)),
+                                expected)
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_blockwise_matches_xla_across_key_blocks(window):
+  """Blocks of 16 over 40 keys: several blocks, a padded last one, blocks wholly masked for some rows."""
+  mask, valid = padded_packed_mask(40, window)
+  q, k, v = qkv(2, 40, 40, heads=4, kv_heads=2)
+  fn = lambda q, k, v: attention.blockwise_attention(q, k, v, mask, scale=SCALE, block=16)
+  assert_matches_xla(fn, mask, q, k, v, valid)
+
+
+def test_blockwise_without_mask_and_with_a_cache_mask():
+  """The vision tower (no mask, all keys) and prefill into a longer cache (dense mask, 12 queries, 40 slots)."""
+  q, k, v = qkv(2, 37, 37, heads=4, kv_heads=4, seed=1)
+  fn = lambda q, k, v: attention.blockwise_attention(q, k, v, None, scale=SCALE, block=16)
+  assert_matches_xla(fn, None, q, k, v, np.ones((2, 37), bool))
+
+  key_valid = np.zeros((2, 40), bool)
+  key_valid[0, 3:12], key_valid[1, :12] = True, True
+  dense = attention_mask_4d(jnp.asarray(key_valid), 12)
+  q, k, v = qkv(2, 12, 40, heads=4, kv_heads=1, seed=2)
+  fn = lambda q, k, v: attention.blockwise_attention(q, k, v, dense, scale=SCALE, block=16)
+  assert_matches_xla(fn, dense, q, k, v, key_valid[:, :12])
+
+
+@pytest.mark.parametrize("window", [None, 9])
+def test_splash_matches_xla(window):
+  """Pallas splash in interpret mode: left padding and packed segments as segment ids, GQA (4 heads on 2)."""
+  mask, valid = padded_packed_mask(40, window)
+  q, k, v = qkv(2, 40, 40, heads=4, kv_heads=2, seed=3)
+  fn = lambda q, k, v: attention.dot_product_attention(q, k, v, mask, scale=SCALE, impl="splash")
+  assert_matches_xla(fn, mask, q, k, v, valid)
+
+
+def test_splash_without_mask_is_bidirectional():
+  q, k, v = qkv(1, 20, 20, heads=2, kv_heads=2, seed=4)
+  fn = lambda q, k, v: attention.splash_attention(q, k, v, None, scale=SCALE)
+  assert_matches_xla(fn, None, q, k, v, np.ones((1, 20), bool))
+
+
+def test_dense_masks_take_the_xla_path_under_splash():
+  """Generation's decode step (one query against a cache) is not splash's job: the dense mask goes to `xla`."""
+  key_valid = jnp.asarray(np.arange(24)[None] < np.array([[10], [17]]))
+  dense = attention_mask_4d(key_valid, 1, 16)
+  q, k, v = qkv(2, 1, 24, heads=4, kv_heads=2, seed=5)
+  got = attention.dot_product_attention(q, k, v, dense, scale=SCALE, impl="splash")
+  np.testing.assert_allclose(got, attention.xla_attention(q, k, v, dense, scale=SCALE), atol=1e-6)
+
+
+def _largest_intermediate(jaxpr) -> int:
+  """Elements of the largest value any equation (inside scans and custom rules too) produces."""
+  largest = 0
+  for eqn in jaxpr.eqns:
+    for var in eqn.outvars:
+      largest = max(largest, int(np.prod(getattr(var.aval, "shape", ()))))
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          largest = max(largest, _largest_intermediate(inner))
+  return largest
+
+
+def test_blockwise_gradient_never_holds_all_scores():
+  """The point of `blockwise`: forward and backward hold [T, block] scores per head, never [T, T]."""
+  b, t, heads, block = 1, 256, 2, 32
+  mask = SelfAttentionMask(jnp.ones((b, t), bool))
+  q, k, v = qkv(b, t, t, heads=heads, kv_heads=heads)
+  all_scores = b * heads * t * t
+
+  def largest(fn):
+    grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), argnums=(0, 1, 2))
+    return _largest_intermediate(jax.make_jaxpr(grad)(q, k, v).jaxpr)
+
+  assert largest(lambda q, k, v: attention.xla_attention(q, k, v, mask.dense(), scale=SCALE)) >= all_scores
+  blockwise = largest(lambda q, k, v: attention.blockwise_attention(q, k, v, mask, scale=SCALE, block=block))
+  assert blockwise <= all_scores * block // t
+
+
+def test_options_accept_every_impl():
+  for impl in attention.IMPLS:
+    assert ModelOptions(attention_impl=impl).attention_impl == impl
+  with pytest.raises(ValueError, match="flash"):
+    ModelOptions(attention_impl="flash")
+  with pytest.raises(ValueError, match="not one of"):
+    attention.dot_product_attention(*qkv(1, 2, 2, 1, 1), scale=1.0, impl="flash")
+
+
+
+def test_aot_benchmark_offers_every_impl():
+  """benchmarks/aot_scale.py keeps its own (jax-free) list for --attention: it must be this one."""
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "aot_scale.py")
+  spec = importlib.util.spec_from_file_location("aot_scale", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  assert module.ATTENTION_IMPLS == attention.IMPLS
+
+
+@pytest.mark.slow  # about a minute of CPU per impl
+@pytest.mark.parametrize("impl", ["blockwise", "splash"])
+def test_scanned_rematerialised_model_gradients_match_xla(impl):
+  """The training configuration (scanned layers, full remat, fp32 logits) with packed rows: the kernels' custom
+  VJPs inside scan and checkpoint give xla's gradients."""
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from llava_jax.config import LlavaConfig, TextConfig, VisionConfig  # pylint: disable=import-outside-toplevel
+  from llava_jax.models.llava import Llava  # pylint: disable=import-outside-toplevel
+
+  cfg = LlavaConfig(vision=VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=28, patch_size=14),
+                    text=TextConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8))
+  ids = jnp.asarray(np.random.default_rng(7).integers(1, 60, (2, 24)))
+  segments = jnp.asarray([[1] * 10 + [2] * 14, [1] * 20 + [0] * 4])
+  positions = jnp.asarray([list(range(10)) + list(range(14)), list(range(20)) + [0] * 4])
+
+  def loss_and_grads(attention_impl):
+    options = ModelOptions(attention_impl=attention_impl, scan_layers=True, remat="full", logits_dtype="float32")
+    model = Llava(cfg, rngs=nnx.Rngs(0), options=options)
+    loss = lambda m: jnp.sum(jnp.where(segments[..., None] > 0, jnp.tanh(m(ids, positions=positions,
+                                                                           segment_ids=segments)), 0.0))
+    value, grads = nnx.value_and_grad(loss)(model)
+    return value, jax.tree.leaves(grads)
+
+  value, grads = loss_and_grads(impl)
+  ref_value, ref_grads = loss_and_grads("xla")
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for got, ref in zip(grads, ref_grads):
+    np.testing.assert_allclose(got, ref, atol=TOL, rtol=0)

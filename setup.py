@@ -42,5 +42,7 @@ setup(
         # TFDS builders writing ArrayRecord (no TensorFlow needed).
         "tfds": ["tensorflow-datasets==4.9.10"],
     },
-    entry_points={"console_scripts": ["llava-jax=llava_jax.cli:main"]},
+    entry_points={"console_scripts": ["llava-jax=llava_jax.cli:main"],
+                  # lmms-eval finds external backends here (inert unless lmms-eval is installed).
+                  "lmms_eval.models": ["llava_jax=llava_jax.eval.lmms_eval_adapter:manifest"]},
 )

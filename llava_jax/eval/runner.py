@@ -6,7 +6,8 @@ batch rows split over a 1-D "data" mesh of this process's devices and the parame
 split across processes (`jax.process_index()` takes every `jax.process_count()`-th one); each process appends its
 answers to its own part file, flushed after every batch, and process 0 merges the parts into OUT/answers.jsonl in
 question order. Rerunning into the same OUT reads the answers file and the parts first and skips every question
-already answered, so a killed run resumes.
+already answered, so a killed run resumes. LLaVA-NeXT checkpoints get anyres tiles and `image_sizes`
+(`_batch_inputs`).
 """
 
 from __future__ import annotations
@@ -112,8 +113,6 @@ def generate_answers(model, processor, questions: list[Question], out: str, *, b
 
   from flax import nnx
 
-  from llava_jax.generate import image_inputs
-
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   os.makedirs(out, exist_ok=True)
@@ -148,19 +147,8 @@ def generate_answers(model, processor, questions: list[Question], out: str, *, b
       real = len(batch)
       batch, images = batch + [batch[0]] * (rows - real), images + [images[0]] * (rows - real)  # static rows
       prompts = [processor.prompt([q.text], image=im is not None) for q, im in zip(batch, images)]
-      present = [im for im in images if im is not None]
-      inputs = processor(prompts, present or None)
-      pixels, image_mask = None, None
-      if present:
-        arrays = inputs["pixel_values"]
-        pixels = np.zeros((rows,) + arrays.shape[1:], np.float32)
-        image_mask = np.zeros((rows,), bool)
-        pixels[:len(present)], image_mask[:len(present)] = arrays, True  # real images first, in row order
-        pixels = jax.device_put(jnp.asarray(pixels), batch_sharding)
-        image_mask = jax.device_put(jnp.asarray(image_mask), batch_sharding)
-      ids, mask = _pad_to_bucket(inputs["input_ids"], inputs["attention_mask"], prompt_bucket, pad)
+      ids, mask, images = _batch_inputs(model, processor, prompts, images, rows, prompt_bucket, pad, batch_sharding)
       graphdef, state = nnx.split(model)
-      images = image_inputs(model, ids, pixels, image_mask)
       tokens = np.asarray(_greedy(graphdef, state, jax.device_put(ids, batch_sharding),
                                   jax.device_put(mask, batch_sharding), images, max_new_tokens=max_new_tokens,
                                   eos_id=eos, pad_id=pad))
@@ -179,6 +167,41 @@ def generate_answers(model, processor, questions: list[Question], out: str, *, b
   return {"questions": len(questions), "already_answered": sum(q.key in done for q in questions),
           "answered_now": answered,
           "image_errors": errors, "seconds": seconds, "questions_per_second": answered / seconds if seconds else 0.0}
+
+
+def _batch_inputs(model, processor, prompts, images, rows: int, bucket: int, pad: int, batch_sharding):
+  """Token ids, mask and `image_inputs` of one batch at a fixed shape: `rows` image slots (real images first, in
+  row order; the slots of text-only rows blank) so mixed batches compile once per prompt bucket.
+
+  LLaVA-NeXT (anyres) images are tiled to the geometry's most tiles per image and placed by `image_sizes`; the
+  feature rows are computed for the real images, then their newline row (one past the real images' features) is
+  moved one past the blank slots' features too."""
+  from llava_jax.generate import image_inputs
+
+  present = [im for im in images if im is not None]
+  anyres = getattr(processor, "anyres", None)
+  if anyres is not None:
+    inputs = processor(prompts, present or None, max_tiles=anyres.max_tiles)
+  else:
+    inputs = processor(prompts, present or None)
+  ids, mask = _pad_to_bucket(inputs["input_ids"], inputs["attention_mask"], bucket, pad)
+  if not present:
+    return ids, mask, image_inputs(model, ids)
+  arrays = inputs["pixel_values"]
+  pixels = np.zeros((rows,) + arrays.shape[1:], np.float32)
+  image_mask = np.zeros((rows,), bool)
+  pixels[:len(present)], image_mask[:len(present)] = arrays, True
+  if anyres is None:
+    return ids, mask, image_inputs(model, ids, jax.device_put(jnp.asarray(pixels), batch_sharding),
+                                   jax.device_put(jnp.asarray(image_mask), batch_sharding))
+  out = image_inputs(model, ids, arrays, None, inputs["image_sizes"])
+  feature_rows = np.array(out["image_feature_rows"])  # a writable copy
+  per_image = arrays.shape[1] * model.config.num_image_tokens  # feature rows of one image's tile slots
+  is_image = ids == model.config.image_token_index
+  feature_rows[is_image & (feature_rows == len(present) * per_image)] = rows * per_image
+  out["pixel_values"] = jax.device_put(jnp.asarray(pixels), batch_sharding)
+  out["image_feature_rows"] = jax.device_put(jnp.asarray(feature_rows), batch_sharding)
+  return ids, mask, out
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "pad_id"))

@@ -8,6 +8,8 @@ behind.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 
 import jax
@@ -21,6 +23,8 @@ from llava_jax.config import LlavaConfig
 from llava_jax.models.llava import Llava
 from llava_jax.models.options import ModelOptions
 from llava_jax.tree import check_tree, flatten, keys_to_int, keys_to_str, set_path, unflatten
+
+log = logging.getLogger(__name__)
 
 
 def abstract_params(cfg: LlavaConfig) -> dict:
@@ -103,7 +107,8 @@ def restore_params(directory: str, cfg: LlavaConfig, shardings: dict | None = No
   checkpointer = ocp.StandardCheckpointer()
   stored = {}
   for part in parts:
-    tree = keys_to_int(_tree_of(checkpointer.metadata(os.path.join(params_dir, part))))
+    with _named_errors(os.path.join(params_dir, part)):
+      tree = keys_to_int(_tree_of(checkpointer.metadata(os.path.join(params_dir, part))))
     stored.update({p: (part, m) for p, m in flatten(tree)})
   problems = check_tree(expected, {p: m.shape for p, (_, m) in stored.items()}, "stored")
   if problems:
@@ -114,21 +119,39 @@ def restore_params(directory: str, cfg: LlavaConfig, shardings: dict | None = No
   for part in parts:
     target = unflatten((path, jax.ShapeDtypeStruct(meta.shape, dtype, sharding=flat_shardings[path]))
                        for path, (p, meta) in stored.items() if p == part)
-    restored = checkpointer.restore(os.path.join(params_dir, part), keys_to_str(target))
+    with _named_errors(os.path.join(params_dir, part)):
+      restored = checkpointer.restore(os.path.join(params_dir, part), keys_to_str(target))
     for path, array in flatten(keys_to_int(restored)):
       set_path(params, path, array)
   return params
 
 
 def _restore_workdir_params(workdir: str, cfg: LlavaConfig, expected: dict, flat_shardings: dict) -> dict:
-  """The model params at a training workdir's latest finished step, LoRA adapters merged into the kernels."""
+  """The model params at a training workdir's newest finished step that restores (a damaged newer one is
+  skipped with a warning), LoRA adapters merged into the kernels."""
   import orbax.checkpoint as ocp
 
   steps = ocp.utils.checkpoint_steps(os.path.join(workdir, files.CHECKPOINTS))  # finished ones only
   if not steps:
     raise CheckpointError(f"{workdir} is a training workdir without a finished checkpoint yet")
-  step_dir = os.path.join(workdir, files.CHECKPOINTS, str(max(steps)))
+  problems = []
+  for step in sorted(steps, reverse=True):
+    step_dir = os.path.join(workdir, files.CHECKPOINTS, str(step))
+    try:
+      with _named_errors(step_dir):
+        return _restore_step_params(step_dir, cfg, expected, flat_shardings)
+    except CheckpointError as e:
+      problems.append(str(e))
+      log.warning("%s; trying the step before", e)
+  raise CheckpointError(f"no step of {workdir} restores:\n  " + "\n  ".join(problems))
+
+
+def _restore_step_params(step_dir: str, cfg: LlavaConfig, expected: dict, flat_shardings: dict) -> dict:
+  import orbax.checkpoint as ocp
+
   meta = ocp.Checkpointer(ocp.JsonCheckpointHandler()).restore(os.path.join(step_dir, files.META_ITEM))
+  if not isinstance(meta, dict):
+    raise CheckpointError(f"{step_dir}/{files.META_ITEM}: not a JSON object")
   dtype = jnp.dtype(cfg.param_dtype)
   target = {"model": unflatten((p, jax.ShapeDtypeStruct(shape, dtype, sharding=flat_shardings[p]))
                                for p, shape in expected.items())}
@@ -141,6 +164,20 @@ def _restore_workdir_params(workdir: str, cfg: LlavaConfig, expected: dict, flat
   if adapters is not None:
     return lora.merge(params["model"], params["lora"], adapters.scale)
   return params["model"]
+
+
+@contextlib.contextmanager
+def _named_errors(path: str):
+  """Orbax / TensorStore failures (bare Exceptions with pybind reprs, TypeErrors on damaged metadata) as a
+  CheckpointError naming `path`."""
+  try:
+    yield
+  except CheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (no common type to catch)
+    text = " ".join(str(e).split())
+    raise CheckpointError(f"{path} does not restore ({type(e).__name__}: {text[:300]}); the files are damaged or "
+                          "incomplete: restore them from a copy") from None
 
 
 def load_checkpoint(directory: str, dtype=None, attention_impl: str = "xla") -> Llava:
@@ -156,4 +193,7 @@ def load_checkpoint(directory: str, dtype=None, attention_impl: str = "xla") -> 
 def _tree_of(metadata):
   """Orbax returns a metadata object (or a plain tree, by version); we want the tree of array metadata."""
   tree = getattr(metadata, "item_metadata", None) or getattr(metadata, "tree", None) or metadata
-  return dict(tree)
+  try:
+    return dict(tree)
+  except (TypeError, ValueError):
+    raise ValueError(f"unreadable array metadata ({type(metadata).__name__})") from None  # named by the caller

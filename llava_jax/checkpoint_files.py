@@ -18,12 +18,13 @@ trainer (`llava_jax.train.checkpointing`) agree on the format without importing 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
 import tempfile
 
-from llava_jax.config import LlavaConfig
+from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
 
 CONFIG_NAME = "llava_config.json"
 PARAMS_DIR = "params"
@@ -39,7 +40,8 @@ PARAMS_ITEM, OPT_STATE_ITEM, META_ITEM, DATA_ITEM = "params", "opt_state", "meta
 
 
 class CheckpointError(ValueError):
-  """A checkpoint directory that is incomplete or does not fit its config."""
+  """A checkpoint directory that is incomplete, corrupt or does not fit its config; the message names the path.
+  `llava-jax` commands turn it into exit status 2 with the message, no traceback."""
 
 
 def is_workdir(directory: str) -> bool:
@@ -54,16 +56,56 @@ def assets_dir(directory: str) -> str | None:
 
 
 def read_config(directory: str) -> LlavaConfig:
+  """The LlavaConfig of a checkpoint or workdir; a missing, unparsable or unknown-field file is a CheckpointError
+  naming the file (and the field)."""
   path = os.path.join(directory, CONFIG_NAME)
   if not os.path.exists(path):
     raise CheckpointError(f"{directory} is not a llava-jax checkpoint: no {CONFIG_NAME}")
-  with open(path) as f:
-    return LlavaConfig.from_dict(json.load(f))
+  try:
+    with open(path) as f:
+      raw = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{path} is not valid JSON ({e}); restore it from a copy, or rewrite it with "
+                          "LlavaConfig.to_dict()") from None
+  if not isinstance(raw, dict) or not isinstance(raw.get("text"), dict) or not isinstance(raw.get("vision"), dict):
+    raise CheckpointError(f"{path}: expected a JSON object with 'text' and 'vision' objects (LlavaConfig.to_dict())")
+  unknown = _unknown_fields(raw)
+  if unknown:
+    raise CheckpointError(f"{path}: unknown field(s) {', '.join(unknown)}; this llava-jax does not know them "
+                          "(a file from a newer version, or edited by hand?)")
+  try:
+    return LlavaConfig.from_dict(raw)
+  except (TypeError, ValueError) as e:
+    raise CheckpointError(f"{path}: {e}") from None
+
+
+def _unknown_fields(raw: dict) -> list[str]:
+  names = lambda cls: {f.name for f in dataclasses.fields(cls)}
+  unknown = [k for k in raw if k not in names(LlavaConfig)]
+  unknown += [f"text.{k}" for k in raw["text"] if k not in names(TextConfig)]
+  unknown += [f"vision.{k}" for k in raw["vision"] if k not in names(VisionConfig)]
+  return unknown
+
+
+def write_text_atomic(path: str, text: str) -> None:
+  """Writes `path` through a temporary sibling and os.replace: a reader (or a killed writer) never sees half a
+  file."""
+  directory = os.path.dirname(os.path.abspath(path))
+  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=directory)
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def write_config(directory: str, cfg: LlavaConfig) -> None:
-  with open(os.path.join(directory, CONFIG_NAME), "w") as f:
-    json.dump(cfg.to_dict(), f, indent=2)
+  write_text_atomic(os.path.join(directory, CONFIG_NAME), json.dumps(cfg.to_dict(), indent=2))
 
 
 @contextlib.contextmanager

@@ -1,20 +1,33 @@
-"""`llava-jax` console script: convert, export-hf, generate, chat, demo."""
+"""`llava-jax` console script: convert, export-hf, generate, chat, eval, demo, serve, web."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 
 
 def _convert(args):
   from llava_jax.convert import convert_checkpoint
 
-  cfg = convert_checkpoint(args.out, hf=args.hf, clip=args.clip, llm=args.llm, projector_type=args.projector,
-                           dtype=args.dtype, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
+  with _overwrite_hint(args.out):
+    cfg = convert_checkpoint(args.out, hf=args.hf, clip=args.clip, llm=args.llm, projector_type=args.projector,
+                             dtype=args.dtype, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
   t, v = cfg.text, cfg.vision
-  print(f"wrote {args.out}: LLaMA {t.num_hidden_layers}x{t.hidden_size} (vocab {t.vocab_size}), CLIP "
-        f"{v.num_hidden_layers}x{v.hidden_size} at {v.image_size}px, {cfg.projector_type} projector, "
+  anyres = f", anyres ({cfg.anyres_semantics} semantics)" if cfg.is_next else ""
+  print(f"wrote {args.out}: {t.model_type} {t.num_hidden_layers}x{t.hidden_size} (vocab {t.vocab_size}), CLIP "
+        f"{v.num_hidden_layers}x{v.hidden_size} at {v.image_size}px, {cfg.projector_type} projector{anyres}, "
         f"{cfg.param_dtype}")
+
+
+@contextlib.contextmanager
+def _overwrite_hint(out: str):
+  """The library says `overwrite=True`; on the command line the switch is `--overwrite`."""
+  try:
+    yield
+  except FileExistsError:
+    raise FileExistsError(f"{out} already exists; remove it or pass --overwrite") from None
 
 
 def _export(args):
@@ -22,8 +35,35 @@ def _export(args):
   from llava_jax.convert import export_hf
 
   model = load_checkpoint(args.ckpt, dtype=args.dtype)
-  export_hf(model, args.out, max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite)
+  with _overwrite_hint(args.out):
+    export_hf(model, args.out, max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.overwrite)
   print(f"wrote {args.out}")
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+  return value
+
+
+def _read_image(path: str | None):
+  """The --image file, decoded in full now: a missing, non-image or truncated file is an error naming it."""
+  if path is None:
+    return None
+  from PIL import Image
+
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"--image {path} does not exist")
+  try:
+    with Image.open(path) as im:
+      im.load()
+      return im.copy()
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # PIL's ways to fail
+    raise ValueError(f"--image {path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
 def _load_for_generation(args):
@@ -44,6 +84,13 @@ def _reply(model, processor, turns, image, args, out=None) -> str:
 
   out = out or sys.stdout
   inputs = processor(processor.prompt(turns, image=image is not None), [image] if image is not None else None)
+  max_new_tokens = args.max_new_tokens
+  context = model.config.text.max_position_embeddings
+  room = context - inputs["input_ids"].shape[1]
+  if max_new_tokens > room:  # the prompt fits (the processor checked); the reply is cut at the context's end
+    print(f"note: --max-new-tokens {max_new_tokens} lowered to {room}: the prompt takes "
+          f"{inputs['input_ids'].shape[1]} of the model's {context} positions", file=sys.stderr)
+    max_new_tokens = max(room, 1)  # the first new token needs no position of its own
   pixels = None if inputs["pixel_values"] is None else jnp.asarray(inputs["pixel_values"])
   eos = processor.tokenizer.eos_token_id
   stops = [s for s in (processor.template.stop_str,) if s]
@@ -57,8 +104,8 @@ def _reply(model, processor, turns, image, args, out=None) -> str:
       shown = text
 
   for token in stream(model, inputs["input_ids"], pixels, inputs["attention_mask"],
-                      max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                      eos_token_id=eos, seed=args.seed):
+                      max_new_tokens=max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                      eos_token_id=eos, seed=args.seed, image_sizes=inputs.get("image_sizes")):  # NeXT
     if int(token[0]) == eos:
       break
     ids.append(int(token[0]))
@@ -74,11 +121,13 @@ def _reply(model, processor, turns, image, args, out=None) -> str:
 
 
 def _generate(args):
+  image = _read_image(args.image)  # before the (slow) model load
   model, processor = _load_for_generation(args)
-  _reply(model, processor, [args.prompt], args.image, args)
+  _reply(model, processor, [args.prompt], image, args)
 
 
 def _chat(args):
+  image = _read_image(args.image)
   model, processor = _load_for_generation(args)
   turns = []
   print(f"chatting about {args.image} (template {processor.template.name}); an empty line or Ctrl-D ends")
@@ -91,7 +140,7 @@ def _chat(args):
       break
     turns.append(user)
     print("ASSISTANT: ", end="", flush=True)
-    turns.append(_reply(model, processor, turns, args.image, args))
+    turns.append(_reply(model, processor, turns, image, args))
 
 
 def _add_generation_flags(p):
@@ -99,7 +148,7 @@ def _add_generation_flags(p):
   p.add_argument("--image", help="image file")
   p.add_argument("--temperature", type=float, default=0.2, help="0 for greedy (default 0.2, as the reference)")
   p.add_argument("--top-p", type=float, default=1.0)
-  p.add_argument("--max-new-tokens", type=int, default=512)
+  p.add_argument("--max-new-tokens", type=_positive_int, default=512)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--template", help="conversation template (default: the checkpoint's, else vicuna_v1)")
   p.add_argument("--aspect-ratio", choices=["pad", "crop"], help="image handling (default: checkpoint's, else pad)")
@@ -111,6 +160,58 @@ def _demo(args):
 
   steps = {k: v for k, v in (("stage1_steps", args.stage1_steps), ("stage2_steps", args.stage2_steps)) if v}
   demo.run(args.workdir, **steps)  # unset: demo.run's defaults
+
+
+def _eval(args):
+  from llava_jax.eval import evaluate
+
+  if (args.ckpt is None) == (args.answers is None):
+    raise ValueError("give exactly one of --ckpt (generate, then score) and --answers (score an answers file)")
+  evaluate(args.task, args.data, args.out, ckpt=args.ckpt, answers=args.answers, template=args.template,
+           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompt_bucket=args.prompt_bucket,
+           dtype=args.dtype, limit=args.limit, progress=not args.quiet)
+
+
+def _serve_flags(p):
+  p.add_argument("--ckpt", required=True, help="checkpoint directory (llava-jax convert / train)")
+  p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--max-batch", type=int, default=8, help="rows decoded together in one compiled step")
+  p.add_argument("--max-tokens", type=int, default=512, help="cap (and default) of a reply's max_tokens")
+  p.add_argument("--max-len", type=int, help="KV cache slots per row: prompt + reply (default: the model's "
+                 "context, at most 2048, + --max-tokens)")
+  p.add_argument("--prompt-bucket", type=int, default=32, help="prompts are padded to a multiple of this (one "
+                 "compiled prefill per bucket)")
+  p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; more get 429")
+  p.add_argument("--template", help="conversation template (default: the checkpoint's, else vicuna_v1)")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
+  p.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
+
+
+def _serve(args, web: bool = False):
+  import logging
+
+  import uvicorn
+
+  from llava_jax import serve
+
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+  served = serve.load(args.ckpt, max_batch=args.max_batch, max_len=args.max_len, max_tokens=args.max_tokens,
+                      prompt_bucket=args.prompt_bucket, max_queue=args.max_queue, template=args.template,
+                      dtype=args.dtype, allow_local_images=getattr(args, "allow_local_images", None),
+                      model_name=args.model_name)
+  if web:
+    from llava_jax.serve.web import create_web_app
+
+    app = create_web_app(served)
+  else:
+    from llava_jax.serve.api import create_app
+
+    app = create_app(served)
+  try:
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+  finally:
+    served.engine.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -151,6 +252,37 @@ def build_parser() -> argparse.ArgumentParser:
 
   sub.add_parser("train", help="train from a config: llava-jax train --config configs/tiny.py:stage1 --workdir W "
                  "[--config.key=value ...]; rerun to resume")
+
+  p = sub.add_parser("eval", help="answer a benchmark's questions (reference layout) and score them as the reference",
+                     description="llava-jax eval --task TASK --data DIR --ckpt CKPT --out OUT (generate, then score); "
+                                 "--answers FILE instead of --ckpt scores an existing answers file. Rerunning into "
+                                 "the same OUT resumes. See docs/EVALUATION.md.")
+  p.add_argument("--task", required=True, choices=["pope", "textvqa", "scienceqa", "gqa", "mme", "mmbench", "seed",
+                                                   "vqav2", "shapes"])
+  p.add_argument("--data", required=True, help="the task's folder, e.g. playground/data/eval/pope")
+  p.add_argument("--out", required=True, help="output folder: answers.jsonl, metrics.json, run.json")
+  p.add_argument("--ckpt", help="checkpoint directory to generate the answers with")
+  p.add_argument("--answers", help="an answers file (the reference's format) to score instead of generating")
+  p.add_argument("--template", help="conversation template (default: the checkpoint's, else vicuna_v1)")
+  p.add_argument("--batch-size", type=int, default=8, help="rows per generate call (rounded up to the devices)")
+  p.add_argument("--max-new-tokens", type=int, help="default: the reference's for the task (128, or 1024)")
+  p.add_argument("--prompt-bucket", type=int, default=32, help="prompts are left-padded to a multiple of this")
+  p.add_argument("--limit", type=int, help="only the first N questions")
+  p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
+  p.add_argument("--quiet", action="store_true", help="no progress bar")
+  p.set_defaults(func=_eval)
+
+  p = sub.add_parser("serve", help="OpenAI-compatible chat completions server (batches concurrent requests)",
+                     description="POST /v1/chat/completions (stream too), GET /v1/models, /health, /metrics. "
+                                 "See docs/SERVING.md.")
+  _serve_flags(p)
+  p.add_argument("--allow-local-images", metavar="DIR", help="also accept image paths inside DIR (default: only "
+                 "base64 data URIs)")
+  p.set_defaults(func=_serve)
+
+  p = sub.add_parser("web", help="Gradio chat page (image upload, chat, regenerate) on the batching engine")
+  _serve_flags(p)
+  p.set_defaults(func=lambda args: _serve(args, web=True), port=7860)
 
   p = sub.add_parser("demo", help="the main job on the tiny default: make data and weights, convert, train "
                      "stage 1 and 2, answer held-out questions")

@@ -3,6 +3,10 @@
 One path for the CLI, notebooks and evaluation: the conversation template renders the prompt, each "<image>"
 becomes `num_image_tokens` image-token ids, images go through CLIP preprocessing (LLaVA-1.5's pad-to-square by
 default), and a batch is left-padded for generation.
+
+LLaVA-NeXT (a model whose config has `image_grid_pinpoints`) instead follows `LlavaNextProcessor`: each image is
+cut into anyres tiles (`llava_jax.data.anyres`), its "<image>" becomes that image's own number of tokens, and the
+batch carries `image_sizes` so that the model can place the tile features.
 """
 
 from __future__ import annotations
@@ -14,25 +18,42 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from llava_jax.data.anyres import AnyresGeometry
 from llava_jax.data.conversation import get_template
-from llava_jax.data.image import ImageProcessorConfig, preprocess_image
+from llava_jax.data.image import ImageProcessorConfig, preprocess_image, to_rgb
 from llava_jax.data.text import encode_prompt
 
 SETTINGS_FILE = "llava_jax_processor.json"  # in a checkpoint's assets: {"template", "image_aspect_ratio"}
 
 
+class PromptTooLongError(ValueError):
+  """A prompt longer than the model's context; `length` and `limit` in tokens."""
+
+  def __init__(self, message: str, length: int, limit: int):
+    super().__init__(message)
+    self.length, self.limit = length, limit
+
+
 class Processor:
 
   def __init__(self, tokenizer, image_config: ImageProcessorConfig, *, num_image_tokens: int,
-               image_token_index: int, template: str = "vicuna_v1", aspect_ratio: str = "pad"):
-    self.tokenizer, self.image_config = tokenizer, image_config
+               image_token_index: int, template: str = "vicuna_v1", aspect_ratio: str = "pad",
+               anyres: AnyresGeometry | None = None, max_tiles: int | None = None, max_length: int | None = None):
+    """`anyres` switches to LLaVA-NeXT's tiling; `max_tiles` then fixes the tile slots per image (e.g.
+    `anyres.max_tiles` for static shapes) instead of the batch's maximum. `max_length` (the model's context,
+    `text.max_position_embeddings`): a longer prompt is a PromptTooLongError, not silent garbage."""
+    self.tokenizer, self.image_config, self.max_length = tokenizer, image_config, max_length
     self.num_image_tokens, self.image_token_index = num_image_tokens, image_token_index
     self.template, self.aspect_ratio = get_template(template), aspect_ratio
+    self.anyres, self.max_tiles = anyres, max_tiles
+    if anyres is not None and image_config.crop_height != anyres.tile:
+      raise ValueError(f"the image processor's tiles ({image_config.crop_height} px crop) differ from the vision "
+                       f"tower's image size {anyres.tile}")
 
   @classmethod
   def from_model(cls, model, template: str | None = None, aspect_ratio: str | None = None) -> "Processor":
     """Reads the tokenizer and image-processor files a loaded checkpoint carries (`model.assets_dir`)."""
-    from transformers import AutoTokenizer
+    from llava_jax.hub import load_tokenizer
 
     assets = getattr(model, "assets_dir", None)
     if not assets or not os.path.exists(os.path.join(assets, "preprocessor_config.json")):
@@ -43,27 +64,32 @@ class Processor:
       with open(os.path.join(assets, SETTINGS_FILE)) as f:
         settings = json.load(f)
     cfg = model.config
-    return cls(AutoTokenizer.from_pretrained(assets), ImageProcessorConfig.from_pretrained(assets),
+    with open(os.path.join(assets, "preprocessor_config.json")) as f:
+      preprocessor = json.load(f)
+    return cls(load_tokenizer(assets), ImageProcessorConfig.from_dict(preprocessor),
                num_image_tokens=cfg.num_image_tokens, image_token_index=cfg.image_token_index,
+               max_length=cfg.text.max_position_embeddings,
                template=template or settings.get("template", "vicuna_v1"),
-               aspect_ratio=aspect_ratio or settings.get("image_aspect_ratio", "pad"))
+               aspect_ratio=aspect_ratio or settings.get("image_aspect_ratio", "pad"),
+               anyres=anyres_geometry(cfg, preprocessor))
 
   def prompt(self, turns: Sequence[str], image: bool) -> str:
     """The template's generation prompt for alternating user/assistant turns ending with the user's."""
     return self.template.generation_prompt(list(turns), image=image)
 
-  def __call__(self, prompts: str | Sequence[str], images=None) -> dict:
+  def __call__(self, prompts: str | Sequence[str], images=None, max_tiles: int | None = None) -> dict:
     """Rendered prompts (with "<image>" tags) and images (PIL / arrays / paths, in tag order) -> left-padded
-    {input_ids [B, T] int32, attention_mask [B, T] int32, pixel_values [N, H, W, 3] float32 or None}."""
+    {input_ids [B, T] int32, attention_mask [B, T] int32, pixel_values [N, H, W, 3] float32 or None}.
+
+    With anyres (LLaVA-NeXT): pixel_values is [N, P, H, W, 3], each image's tiles (base first) then zero
+    tiles up to P (`max_tiles`, else the processor's, else the batch's maximum), and `image_sizes` [N, 2]
+    int32 (height, width) is added; each "<image>" becomes its image's `num_image_tokens`."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if self.anyres is not None:
+      return self._call_anyres(prompts, images, max_tiles)
     rows = [encode_prompt(p, self.tokenizer, self.num_image_tokens, self.image_token_index) for p in prompts]
-    t = max(len(r) for r in rows)
-    pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-    input_ids = np.full((len(rows), t), pad, np.int32)
-    attention_mask = np.zeros((len(rows), t), np.int32)
-    for i, row in enumerate(rows):
-      input_ids[i, t - len(row):], attention_mask[i, t - len(row):] = row, 1
-    images = [] if images is None else [images] if not isinstance(images, (list, tuple)) else list(images)
+    input_ids, attention_mask = self._left_pad(rows)
+    images = _as_list(images)
     n_tags = int((input_ids == self.image_token_index).sum()) // self.num_image_tokens
     if n_tags != len(images):
       raise ValueError(f"the prompts hold {n_tags} <image> tags but {len(images)} images were given")
@@ -72,6 +98,43 @@ class Processor:
       pixel_values = np.stack([preprocess_image(self._open(im), self.image_config, self.aspect_ratio)
                                for im in images])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+  def _left_pad(self, rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    t = max(len(r) for r in rows)
+    if self.max_length is not None and t > self.max_length:
+      raise PromptTooLongError(f"the prompt is {t} tokens (image tokens included), {t - self.max_length} more than "
+                               f"the model's context of {self.max_length} (text.max_position_embeddings); shorten "
+                               "it", length=t, limit=self.max_length)
+    pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+    input_ids = np.full((len(rows), t), pad, np.int32)
+    attention_mask = np.zeros((len(rows), t), np.int32)
+    for i, row in enumerate(rows):
+      input_ids[i, t - len(row):], attention_mask[i, t - len(row):] = row, 1
+    return input_ids, attention_mask
+
+  def _call_anyres(self, prompts: Sequence[str], images, max_tiles: int | None) -> dict:
+    images = [to_rgb(self._open(im)) for im in _as_list(images)]
+    # One image id per tag first, then each tag widened to its own image's token count, in tag order.
+    rows = [encode_prompt(p, self.tokenizer, 1, self.image_token_index) for p in prompts]
+    n_tags = sum(int((r == self.image_token_index).sum()) for r in rows)
+    if n_tags != len(images):
+      raise ValueError(f"the prompts hold {n_tags} <image> tags but {len(images)} images were given")
+    sizes = np.asarray([(im.height, im.width) for im in images], np.int32).reshape(-1, 2)
+    counts = iter([self.anyres.num_image_tokens(hw) for hw in sizes])
+    rows = [np.repeat(r, [next(counts) if t == self.image_token_index else 1 for t in r]).astype(np.int32)
+            for r in rows]
+    input_ids, attention_mask = self._left_pad(rows)
+    if not images:
+      return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": None, "image_sizes": None}
+    tiles = [self.anyres.tiles(im, self.image_config) for im in images]
+    slots = max_tiles or self.max_tiles or max(len(t) for t in tiles)
+    if slots < max(len(t) for t in tiles):
+      raise ValueError(f"max_tiles={slots} is fewer than the {max(len(t) for t in tiles)} tiles an image needs")
+    pixel_values = np.zeros((len(tiles), slots) + tiles[0].shape[1:], np.float32)
+    for i, t in enumerate(tiles):
+      pixel_values[i, :len(t)] = t
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values,
+            "image_sizes": sizes}
 
   def decode(self, ids) -> str:
     return self.tokenizer.decode([int(i) for i in ids], skip_special_tokens=True)
@@ -85,3 +148,19 @@ class Processor:
         im.load()
         return im.copy()
     return image
+
+
+def _as_list(images) -> list:
+  return [] if images is None else [images] if not isinstance(images, (list, tuple)) else list(images)
+
+
+def anyres_geometry(cfg, preprocessor: dict | None = None) -> AnyresGeometry | None:
+  """The model's anyres settings: its config's pinpoints, else the preprocessor config's; None for LLaVA-1.5."""
+  geometry = AnyresGeometry.from_config(cfg)
+  if geometry is None and preprocessor and preprocessor.get("image_grid_pinpoints"):
+    vision = cfg.vision
+    geometry = AnyresGeometry(pinpoints=preprocessor["image_grid_pinpoints"], tile=vision.image_size,
+                              patches_per_side=vision.image_size // vision.patch_size,
+                              strategy=getattr(cfg, "vision_feature_select_strategy", "default") or "default",
+                              semantics=getattr(cfg, "anyres_semantics", "hf") or "hf")
+  return geometry

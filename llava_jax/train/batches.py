@@ -10,21 +10,26 @@ import os
 import numpy as np
 
 from llava_jax.config import IGNORE_INDEX, LlavaConfig
+from llava_jax.data.anyres import NEWLINE, AnyresGeometry
 
 KINDS = ("synthetic", "llava")
 
 
 class SyntheticIterator:
-  """Random token rows with one image each (every fourth row text-only), deterministic in (seed, step, host).
+  """Random token rows with one image each (every fourth row text-only), deterministic in (seed, step).
+
+  Each host draws the whole global batch and keeps its rows (`process_index` of `process_count`), so the global
+  batch, and the training run, does not depend on the number of hosts.
 
   A row is: BOS, a prompt, the image's tokens, more prompt, then an answer that alone is supervised; right
   padding. `num_distinct` > 0 cycles through that many batches (a small fixed set to overfit).
   """
 
   def __init__(self, batch_size: int, seq_len: int, model_cfg: LlavaConfig, seed: int = 0,
-               num_distinct: int = 0, process_index: int = 0):
+               num_distinct: int = 0, process_index: int = 0, process_count: int = 1):
     self.batch_size, self.seq_len, self.model_cfg = batch_size, seq_len, model_cfg
     self.seed, self.num_distinct, self.process_index = seed, num_distinct, process_index
+    self.process_count = process_count
     self.index = 0
     n_img = model_cfg.num_image_tokens
     if seq_len < n_img + 8:
@@ -41,15 +46,26 @@ class SyntheticIterator:
 
   def batch(self, which: int) -> dict:
     cfg = self.model_cfg
-    rng = np.random.default_rng([self.seed, which, self.process_index])
-    b, t, n_img = self.batch_size, self.seq_len, cfg.num_image_tokens
+    rng = np.random.default_rng([self.seed, which, 0])
+    b, t, n_img = self.batch_size * self.process_count, self.seq_len, cfg.num_image_tokens
     vocab = cfg.text.vocab_size
     size = cfg.vision.image_size
     ids = np.zeros((b, t), np.int32)
     labels = np.full((b, t), IGNORE_INDEX, np.int32)
     mask = np.zeros((b, t), np.int32)
     image_mask = np.array([r % 4 != 3 for r in range(b)])
+    geometry = AnyresGeometry.from_config(cfg)
+    if geometry is not None:  # LLaVA-NeXT: an image size per row, its own token count, tiles and feature rows
+      tiles, per_tile = geometry.max_tiles, cfg.num_image_tokens
+      pixels = np.zeros((b, tiles, size, size, cfg.vision.num_channels), np.float32)
+      feature_rows = np.zeros((b, t), np.int32)
+      image_sizes = np.zeros((b, 2), np.int32)
     for r in range(b):
+      if geometry is not None and image_mask[r]:
+        image_sizes[r] = self._image_size(rng, geometry, t - 8)
+        n_img = geometry.num_image_tokens(image_sizes[r])
+        pixels[r, :geometry.num_tiles(image_sizes[r])] = rng.standard_normal(
+            (geometry.num_tiles(image_sizes[r]), size, size, cfg.vision.num_channels))
       length = int(rng.integers(max(n_img + 8, (t * 3) // 4), t + 1))
       row = rng.integers(3, vocab, length).astype(np.int32)
       row[row == cfg.image_token_index] = 3
@@ -59,13 +75,37 @@ class SyntheticIterator:
         start = int(rng.integers(1, 4))
         row[start:start + n_img] = cfg.image_token_index
         text_start = start + n_img
+        if geometry is not None:  # slot r owns rows r * tiles * per_tile ...; the newline is one past all slots
+          index = geometry.feature_index(image_sizes[r])
+          feature_rows[r, start:start + n_img] = np.where(index == NEWLINE, b * tiles * per_tile,
+                                                          index + r * tiles * per_tile)
       answer = int(rng.integers(2, max(3, (length - text_start) // 2 + 1)))
       ids[r, :length], mask[r, :length] = row, 1
       labels[r, length - answer:length] = row[length - answer:]
+    rows = slice(self.process_index * self.batch_size, (self.process_index + 1) * self.batch_size)
+    if geometry is not None:  # this host's rows, numbered from its first (the pipeline's contract)
+      local = feature_rows[rows]
+      offset = self.process_index * self.batch_size * tiles * per_tile
+      local = np.where(local == b * tiles * per_tile, self.batch_size * tiles * per_tile, local - offset)
+      local[ids[rows] != cfg.image_token_index] = 0
+      return {"input_ids": ids[rows], "labels": labels[rows], "attention_mask": mask[rows],
+              "pixel_values": pixels[rows], "image_mask": image_mask[rows], "image_feature_rows": local,
+              "image_sizes": image_sizes[rows]}
     pixels = rng.standard_normal((b, size, size, cfg.vision.num_channels)).astype(np.float32)
     pixels[~image_mask] = 0
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels,
-            "image_mask": image_mask}
+    return {"input_ids": ids[rows], "labels": labels[rows], "attention_mask": mask[rows],
+            "pixel_values": pixels[rows], "image_mask": image_mask[rows]}
+
+  @staticmethod
+  def _image_size(rng, geometry, max_tokens: int) -> tuple[int, int]:
+    """A random (height, width) from half a tile to the largest pinpoint, whose tokens fit `max_tokens`."""
+    top = max(max(p) for p in geometry.pinpoints)
+    for _ in range(100):
+      hw = tuple(int(x) for x in rng.integers(geometry.tile // 2, top + 1, 2))
+      if geometry.num_image_tokens(hw) <= max_tokens:
+        return hw
+    raise ValueError(f"data.seq_len leaves {max_tokens} tokens for an image: too few for this model's anyres tiles "
+                     f"(up to {geometry.max_num_image_tokens}); raise --config.data.seq_len")
 
   def get_state(self) -> dict:
     return {"index": self.index}
@@ -81,18 +121,18 @@ def make_iterator(data_cfg, model_cfg: LlavaConfig, host_batch_size: int, *, see
 
   if data_cfg.kind == "synthetic":
     return SyntheticIterator(host_batch_size, data_cfg.seq_len, model_cfg, seed=seed,
-                             num_distinct=data_cfg.num_distinct_batches, process_index=jax.process_index())
+                             num_distinct=data_cfg.num_distinct_batches, process_index=jax.process_index(),
+                             process_count=jax.process_count())
   if data_cfg.kind != "llava":
     raise ValueError(f"data.kind {data_cfg.kind!r} is not one of {KINDS}")
-  import transformers  # pylint: disable=import-outside-toplevel
-
   import llava_jax.data as data_pkg  # pylint: disable=import-outside-toplevel
+  from llava_jax.hub import load_tokenizer  # pylint: disable=import-outside-toplevel
 
   tokenizer_dir = data_cfg.tokenizer or assets_dir
   if not tokenizer_dir:
     raise ValueError("data.kind='llava' needs a tokenizer: set --config.data.tokenizer=DIR, or start from a "
                      "checkpoint that carries one (--config.init_checkpoint)")
-  tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+  tokenizer = load_tokenizer(tokenizer_dir)  # a local folder only: a typo must not become a Hub request
   image_processor = _image_processor(data_cfg, model_cfg, assets_dir)
   json_path = data_cfg.json_path.split(",") if "," in data_cfg.json_path else data_cfg.json_path
   config = data_pkg.DataConfig(
@@ -101,7 +141,7 @@ def make_iterator(data_cfg, model_cfg: LlavaConfig, host_batch_size: int, *, see
       batch_size=host_batch_size, num_image_tokens=model_cfg.num_image_tokens,
       image_token_index=model_cfg.image_token_index, aspect_ratio=data_cfg.aspect_ratio, seed=seed,
       shuffle=data_cfg.shuffle, group_by_modality_length=data_cfg.group_by_modality_length,
-      packing=data_cfg.packing, num_workers=data_cfg.num_workers)
+      packing=data_cfg.packing, num_workers=data_cfg.num_workers, anyres=AnyresGeometry.from_config(model_cfg))
   return data_pkg.make_iterator(config, tokenizer, image_processor)
 
 

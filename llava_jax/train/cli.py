@@ -39,6 +39,11 @@ def parse(argv: list[str]):
     raise ValueError(f"unexpected arguments {rest[1:]}\n{USAGE}")
   if fv.config is None or not fv.workdir:
     raise ValueError(f"--config and --workdir are required\n{USAGE}")
+  if isinstance(fv.config, config_flags.config_flags._ErrorConfig):  # pylint: disable=protected-access
+    error = object.__getattribute__(fv.config, "_error")  # the config file could not be read
+    spec = next((argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"),
+                next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "?"))
+    raise ValueError(f"--config {spec}: cannot read the config file ({error})\n{USAGE}") from None
   return fv.config, fv.workdir
 
 
@@ -58,11 +63,10 @@ def load_config(spec: str, overrides: dict | None = None):
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Console entry: returns the exit status (0 done, 2 bad config, 143 preempted after saving)."""
+  """Console entry: returns the exit status (docs/FAILURES.md): 0 done; 2 a bad config, checkpoint or data problem
+  (the message says what to change, no traceback); 3 training diverged (non-finite steps in a row); 143 / 130
+  stopped by SIGTERM / SIGINT after its save completed."""
   # pylint: disable=import-outside-toplevel  (jax is slow to import)
-  from llava_jax.train import loop
-  from llava_jax.train.preemption import PREEMPTED_EXIT_CODE
-
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
   argv = sys.argv[1:] if argv is None else argv
   if "-h" in argv or "--help" in argv:
@@ -70,12 +74,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
   try:
     config, workdir = parse(argv)
+  except ValueError as e:
+    return _error(e)
+  from llava_jax.train import loop
+  from llava_jax.train.metrics import NONFINITE_EXIT_CODE, NonfiniteLossError
+
+  try:
     result = loop.train(config, workdir)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"llava-jax train: error: {e}", file=sys.stderr)
-    return 2
-  return PREEMPTED_EXIT_CODE if result["preempted"] else 0
+  except NonfiniteLossError as e:
+    print(f"llava-jax train: stopped: {e}", file=sys.stderr)
+    return NONFINITE_EXIT_CODE
+  except (ValueError, FileNotFoundError, NotADirectoryError) as e:  # config, CheckpointError, data errors
+    return _error(e)
+  return result["exit_code"]
 
 
+def _error(e: Exception) -> int:
+  print(f"llava-jax train: error: {e}", file=sys.stderr)
+  return 2
 if __name__ == "__main__":
   sys.exit(main())

@@ -3,10 +3,14 @@
 
 The trainable tree is `{"model": params, "lora": adapters}`. Every leaf gets a label:
 
-  frozen     vision tower always; the LLM in stage1 and lora      -> optax.set_to_zero(), no moment buffers
+  frozen     vision tower (unless trained); the LLM in stage1, lora -> optax.set_to_zero(), no moment buffers
   projector  multi_modal_projector                                -> AdamW at `projector_lr` (default: lr)
-  llm        language_model and lm_head, stage2 only              -> AdamW at lr
+  llm        language_model, lm_head, image_newline, stage2 only  -> AdamW at lr
   lora       the adapters, lora only                              -> AdamW at lr
+  vision     vision tower, stage2 with `train_vision_tower` only  -> AdamW at `vision_tower_lr` (default: lr)
+
+LLaVA-1.6 trained the vision tower in stage 2 at its own, smaller rate (`mm_vision_tower_lr` 2e-6 with the
+reference LLaVA-NeXT's `mm_tunable_parts="mm_vision_tower,mm_mlp_adapter,mm_language_model"`).
 
 Defaults are the reference's (LLaVA's scripts on HF Trainer): warm-up ratio 0.03, cosine to 0, weight decay 0,
 clipping 1.0, betas (0.9, 0.999), eps 1e-8.
@@ -34,6 +38,8 @@ class OptimConfig:
   b2: float = 0.999
   eps: float = 1e-8
   clip_norm: float = 1.0  # global norm over all trainable gradients; 0 disables
+  vision_tower_lr: float | None = None  # None: same as lr; used only with train_vision_tower
+  train_vision_tower: bool = False      # stage2 only: the vision tower gets the "vision" group, not frozen
 
 
 def check_stage(stage: str) -> None:
@@ -42,11 +48,17 @@ def check_stage(stage: str) -> None:
                      ":stage2 (projector + LLM) or :lora (LoRA adapters + projector), or set --config.stage")
 
 
-def stage_labels(params: dict, stage: str) -> dict:
+def stage_labels(params: dict, stage: str, train_vision_tower: bool = False) -> dict:
   """A tree like `params` ({"model": ..., "lora": ...}) holding each leaf's optimizer group."""
   check_stage(stage)
+  if train_vision_tower and stage != "stage2":
+    raise ValueError(f"train_vision_tower is a stage2 setting (as LLaVA-1.6 trained it), not {stage}; set "
+                     "--config.train_vision_tower=False or use :stage2")
   llm = "llm" if stage == "stage2" else FROZEN
-  groups = {"vision_tower": FROZEN, "multi_modal_projector": "projector", "language_model": llm, "lm_head": llm}
+  # LLaVA-NeXT's image_newline trains with the LLM: LLaVA-NeXT's train.py unfreezes it under "mm_language_model"
+  # (every parameter outside vision_tower and mm_projector), not under "mm_mlp_adapter".
+  groups = {"vision_tower": "vision" if train_vision_tower else FROZEN, "multi_modal_projector": "projector",
+            "image_newline": llm, "language_model": llm, "lm_head": llm}
 
   def label(path, _):
     top = path[0].key
@@ -77,8 +89,10 @@ def make_optimizer(cfg: OptimConfig, labels: dict, total_steps: int) -> tuple[op
     return optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps, weight_decay=cfg.weight_decay,
                        mask=lambda tree: jax.tree.map(lambda x: x.ndim > 1, tree))
 
+  vision_lr = lr if cfg.vision_tower_lr is None else warmup_cosine(cfg.vision_tower_lr, total_steps,
+                                                                 cfg.warmup_ratio)
   available = {FROZEN: optax.set_to_zero(), "projector": adamw(projector_lr), "llm": adamw(lr),
-               "lora": adamw(lr)}
+               "lora": adamw(lr), "vision": adamw(vision_lr)}
   used = sorted(set(jax.tree.leaves(labels)))
   tx = optax.multi_transform({k: available[k] for k in used}, labels)
   if cfg.clip_norm > 0:

@@ -79,7 +79,10 @@ def base_config(stage: str = "stage1") -> ml_collections.ConfigDict:
   c.total_steps = 100
   c.batch_size = 8
   c.grad_accum_steps = 1
-  c.optimizer = dict(lr=STAGE_LR[stage], projector_lr=config_dict.placeholder(float), warmup_ratio=0.03,
+  # train_vision_tower (stage2 only): the vision tower trains at optimizer.vision_tower_lr (unset: lr), as LLaVA-1.6.
+  c.train_vision_tower = False
+  c.optimizer = dict(lr=STAGE_LR[stage], projector_lr=config_dict.placeholder(float),
+                     vision_tower_lr=config_dict.placeholder(float), warmup_ratio=0.03,
                      weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0)
   if stage == "lora":
     c.optimizer.projector_lr = 2e-5
@@ -90,6 +93,7 @@ def base_config(stage: str = "stage1") -> ml_collections.ConfigDict:
   c.sharding_rules = DEFAULT_RULES
 
   # Data: "synthetic" random rows, or "llava" (LLaVA JSON + image folder, or TFDS) through the grain pipeline.
+  # A setting the chosen kind does not use (e.g. json_path with kind="synthetic") is an error, not ignored.
   c.data = dict(
       kind="synthetic", seq_len=48, num_distinct_batches=0,
       json_path="", image_dir="", tfds_name="", tfds_data_dir="",
@@ -97,6 +101,8 @@ def base_config(stage: str = "stage1") -> ml_collections.ConfigDict:
       aspect_ratio="pad", shuffle=True, group_by_modality_length=False, packing=False, num_workers=0)
 
   c.checkpoint = dict(every_steps=50, keep=3, async_save=True)
+  # A step with a non-finite loss or gradients skips its update; this many in a row stop the run (exit 3).
+  c.nonfinite = dict(max_consecutive=5)
   c.log = dict(every_steps=10, progress=True, tensorboard=True, peak_tflops=0.0)  # 0: by device kind
   return c
 
@@ -125,4 +131,63 @@ def llava_v1_5(arg: str, vision: dict, text: dict, default_preset: str = "v5p-64
   c.data.num_workers = 4
   c.checkpoint.every_steps = 500
   c.log.every_steps = 10
+  return c
+
+
+# -- LLaVA-1.6 (LLaVA-NeXT) ------------------------------------------------------------------------------------------
+
+# The anyres canvases of every llava-v1.6 checkpoint, as (height, width): up to 672x672, 336x1008, 1008x336.
+PINPOINTS_1_6 = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+# Samples of the 1.6 stage-2 mix: "760K" in the LLaVA-NeXT release blog (2024-01-30); the mix itself was not published.
+NEXT_FINETUNE_SAMPLES = 760_000
+NEXT_VISION_TOWER_LR = 2e-6  # mm_vision_tower_lr of LLaVA-NeXT's scripts/train/finetune_clip.sh
+# Mistral-7B-Instruct-v0.2 (llava-v1.6-mistral-7b): GQA 32/8, rope_theta 1e6, no sliding window (v0.1 had 4096).
+MISTRAL_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=32768,
+                  rope_parameters=dict(rope_theta=1e6, rope_type="default"), sliding_window=None,
+                  model_type="mistral")
+# Nous-Hermes-2-Yi-34B (llava-v1.6-34b): the LLaMA architecture with Yi-34B's dimensions (Yi-34B config.json:
+# 64000 vocab, 7168 hidden, 20480 MLP, 60 layers, 56 heads, 8 KV heads, rope_theta 5e6, 4096 positions).
+YI_34B = dict(vocab_size=64000, hidden_size=7168, intermediate_size=20480, num_hidden_layers=60,
+              num_attention_heads=56, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
+              rope_parameters=dict(rope_theta=5e6, rope_type="default"))
+NEXT_TEMPLATES = {"mistral": "mistral_instruct", "vicuna": "vicuna_v1", "yi": "chatml_direct"}
+
+
+def llava_v1_6(arg: str, vision: dict, text: dict, template: str,
+               default_preset: str = "v5p-64") -> ml_collections.ConfigDict:
+  """The LLaVA-1.6 recipe around a given model; `arg` is "STAGE[,PRESET]" as for `llava_v1_5`.
+
+  What differs from 1.5: anyres tiles over `PINPOINTS_1_6` (up to 2,928 image tokens per image, so max length
+  4096), the backbone's own template in stage 2, and in stage 2 the vision tower trained at 2e-6
+  (`train_vision_tower`, `optimizer.vision_tower_lr`) besides the projector and LLM at 2e-5. Stage 1 is 1.5's
+  (LLaVA-Pretrain 558k, `plain`, lr 1e-3, batch 256). The 1.6 stage-2 data (760K samples) was described but not
+  released, and its batch size and lr were not published: we keep 1.5's batch 128 and lr 2e-5 (the LLaVA-NeXT
+  repository's later CLIP script uses lr 1e-5 with mm_vision_tower_lr 2e-6); point data.json_path at your mix.
+  """
+  c = llava_v1_5(arg, vision, text, default_preset)
+  c.model.image_grid_pinpoints = PINPOINTS_1_6
+  c.data.seq_len = 4096
+  c.data.aspect_ratio = "anyres"
+  if c.stage != "stage1":
+    c.data.template = template
+  if c.stage != "stage1":
+    c.total_steps = -(-NEXT_FINETUNE_SAMPLES // c.batch_size)
+  if c.stage == "stage2":
+    c.train_vision_tower = True
+    c.optimizer.vision_tower_lr = NEXT_VISION_TOWER_LR
+  return c
+
+
+# The tiny model's anyres canvases: the 1.6 pinpoints scaled from 336 px tiles to its 28 px ones (1/12).
+TINY_PINPOINTS = tuple((h // 12, w // 12) for h, w in PINPOINTS_1_6)
+
+
+def tiny_next(stage: str = "stage2") -> ml_collections.ConfigDict:
+  """The tiny model as a LLaVA-NeXT: anyres over `TINY_PINPOINTS` (up to 5 tiles, 88 image tokens per image),
+  a sequence long enough for one such image and a short conversation, and `vicuna_v1` past stage 1."""
+  c = base_config(stage)
+  c.model.image_grid_pinpoints = TINY_PINPOINTS
+  c.data.seq_len = 160
+  c.data.aspect_ratio = "anyres"
   return c

@@ -8,6 +8,7 @@ the trainable leaves of the stage, so frozen towers cost no weight gradients and
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
@@ -26,7 +27,9 @@ from llava_jax.sharding import DEFAULT_RULES, batch_sharding, logical_axes_tree,
 from llava_jax.tree import get_path
 from llava_jax.train.optim import FROZEN, OptimConfig, make_optimizer, stage_labels
 
-BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "image_mask", "segment_ids", "positions")
+# LLaVA-NeXT batches add `image_feature_rows` (host-computed tile-feature rows: data/pipeline.py's contract).
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "image_mask", "segment_ids", "positions",
+              "image_feature_rows")
 
 
 def cross_entropy_sum(logits, labels):
@@ -46,6 +49,28 @@ def cross_entropy_sum(logits, labels):
 
 def count_supervised(labels):
   return jnp.sum(labels[:, 1:] != IGNORE_INDEX, dtype=jnp.int32)
+
+
+def all_finite(tree):
+  """A scalar bool: every element of every leaf is finite."""
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def step_feature_rows(rows, pixel_values, tile_features: int, host_rows: int, accum: int = 1):
+  """LLaVA-NeXT `image_feature_rows` [B, T] as the model needs them inside the step.
+
+  Each host's pipeline numbers its rows' image slots from 0 (slot features at local_row * per_row, newline at
+  host_rows * per_row), but the step sees the global batch, or with gradient accumulation micro-batches of rows
+  k, k + n, ...: renumber to the batch the model is called on. Each host's rows are one contiguous block of
+  `host_rows` rows of the global batch (`shard_batch`), so a row's local index is b % host_rows.
+  """
+  b = rows.shape[0]
+  per_row = (pixel_values.size // b // math.prod(pixel_values.shape[-3:])) * tile_features  # slots x tiles x F
+  row = jnp.arange(b, dtype=rows.dtype)[:, None]
+  within_row = rows - (row % host_rows) * per_row
+  target_row, target_rows = (row // accum, b // accum)
+  return jnp.where(rows == host_rows * per_row, target_rows * per_row, within_row + target_row * per_row)
 
 
 def partition(tree, labels):
@@ -91,7 +116,7 @@ class Trainer:
       lora_shardings = lora_lib.shardings(lora_abstract, kernel_axes, mesh, rules)
 
     params_abstract = {"model": abstract_model, "lora": lora_abstract}
-    self.labels = stage_labels(params_abstract, stage)
+    self.labels = stage_labels(params_abstract, stage, train_vision_tower=optim.train_vision_tower)
     self.tx, self.lr_schedule = make_optimizer(optim, self.labels, total_steps)
     replicated = NamedSharding(mesh, PartitionSpec())
     param_sh = {"model": model_shardings, "lora": lora_shardings}
@@ -107,6 +132,7 @@ class Trainer:
     self._compiled: dict[Any, Any] = {}
     self.flops_per_step: float | None = None
     self.compile_seconds: float | None = None
+    self._all_finite = None
 
   # -- state -------------------------------------------------------------------------------------------------
 
@@ -151,7 +177,7 @@ class Trainer:
       lora_lib.attach(model, params["lora"], self.lora.scale, self.lora.dropout, key)
     logits = model(batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"],
                    image_mask=batch.get("image_mask"), positions=batch.get("positions"),
-                   segment_ids=batch.get("segment_ids"))
+                   segment_ids=batch.get("segment_ids"), image_feature_rows=batch.get("image_feature_rows"))
     return cross_entropy_sum(logits, batch["labels"])
 
   def _train_step(self, state, batch, batch_shardings):
@@ -168,6 +194,10 @@ class Trainer:
 
     grad_fn = jax.value_and_grad(loss_fn)
     n = self.grad_accum_steps
+    if "image_feature_rows" in batch:  # host-local slot numbers -> the (micro-)batch the model is called on
+      host_rows = batch["input_ids"].shape[0] // jax.process_count()
+      batch = dict(batch, image_feature_rows=step_feature_rows(
+          batch["image_feature_rows"], batch["pixel_values"], self.model_cfg.num_image_tokens, host_rows, n))
     if n == 1:
       loss, grads = grad_fn(trainable, batch, step_key)
     else:
@@ -188,10 +218,24 @@ class Trainer:
     full_grads = combine(grads, jax.tree.map(jnp.zeros_like, frozen))
     updates, opt_state = self.tx.update(full_grads, state["opt_state"], params)
     new_trainable = optax.apply_updates(trainable, partition(updates, self.labels)[0])
+    # A non-finite loss, gradient or updated weight skips the update: params and optimizer state (its count too,
+    # as optax.apply_if_finite) stay as they were, the step still advances, and the loop counts it.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_trainable)
+    keep_if_finite = lambda new, old: jnp.where(finite, new, old)
+    new_trainable = jax.tree.map(keep_if_finite, new_trainable, trainable)
+    opt_state = jax.tree.map(keep_if_finite, opt_state, state["opt_state"])
     new_state = {"step": state["step"] + 1, "params": combine(new_trainable, frozen), "opt_state": opt_state}
     metrics = {"loss": loss, "grad_norm": grad_norm, "supervised_tokens": total,
-               "lr": jnp.asarray(self.lr_schedule(state["step"]), jnp.float32)}
+               "lr": jnp.asarray(self.lr_schedule(state["step"]), jnp.float32),
+               "nonfinite": jnp.logical_not(finite).astype(jnp.int32)}
     return new_state, metrics
+
+  def params_finite(self, state) -> bool:
+    """Whether every parameter of `state` is finite (checked before a checkpoint is written)."""
+    if self._all_finite is None:
+      self._all_finite = jax.jit(all_finite)
+    with jax.set_mesh(self.mesh):
+      return bool(self._all_finite(state["params"]).addressable_data(0))
 
   def check_batch(self, batch: dict) -> None:
     missing = [k for k in ("input_ids", "labels", "attention_mask") if k not in batch]

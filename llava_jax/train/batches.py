@@ -141,7 +141,10 @@ def make_iterator(data_cfg, model_cfg: LlavaConfig, host_batch_size: int, *, see
       batch_size=host_batch_size, num_image_tokens=model_cfg.num_image_tokens,
       image_token_index=model_cfg.image_token_index, aspect_ratio=data_cfg.aspect_ratio, seed=seed,
       shuffle=data_cfg.shuffle, group_by_modality_length=data_cfg.group_by_modality_length,
-      packing=data_cfg.packing, num_workers=data_cfg.num_workers, anyres=AnyresGeometry.from_config(model_cfg))
+      packing=data_cfg.packing, num_workers=data_cfg.num_workers, anyres=AnyresGeometry.from_config(model_cfg),
+      max_consecutive_skips=data_cfg.max_consecutive_skips, max_skip_fraction=data_cfg.max_skip_fraction,
+      min_samples_for_fraction=data_cfg.min_samples_for_fraction, max_image_pixels=data_cfg.max_image_pixels,
+      allow_images_outside_dir=data_cfg.allow_images_outside_dir)
   return data_pkg.make_iterator(config, tokenizer, image_processor)
 
 

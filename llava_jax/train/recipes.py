@@ -98,7 +98,10 @@ def base_config(stage: str = "stage1") -> ml_collections.ConfigDict:
       kind="synthetic", seq_len=48, num_distinct_batches=0,
       json_path="", image_dir="", tfds_name="", tfds_data_dir="",
       template="plain" if stage == "stage1" else "vicuna_v1", tokenizer="", image_processor="",
-      aspect_ratio="pad", shuffle=True, group_by_modality_length=False, packing=False, num_workers=0)
+      aspect_ratio="pad", shuffle=True, group_by_modality_length=False, packing=False, num_workers=0,
+      # A pipeline that only skips stops the run (exit 2) with counts per reason instead of spinning:
+      max_consecutive_skips=1000, max_skip_fraction=0.1, min_samples_for_fraction=200,
+      max_image_pixels=64_000_000, allow_images_outside_dir=False)
 
   c.checkpoint = dict(every_steps=50, keep=3, async_save=True)
   # A step with a non-finite loss or gradients skips its update; this many in a row stop the run (exit 3).

@@ -122,3 +122,27 @@ def next_reference_logits(model, input_ids, pixel_values=None, attention_mask=No
     kwargs["image_sizes"] = torch.as_tensor(np.asarray(image_sizes), dtype=torch.long)
   with torch.no_grad():
     return model(**kwargs).logits.float().numpy()
+
+
+CLIP_PREPROCESSOR_28 = {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 28},
+                        "crop_size": {"height": 28, "width": 28}, "do_resize": True, "do_center_crop": True,
+                        "resample": 3}
+
+
+def converted_checkpoint(root, max_position_embeddings: int | None = None) -> str:
+  """A tiny llava-hf directory with a real SentencePiece tokenizer (+ `<image>`, as llava-hf adds it) and a CLIP
+  preprocessor config, converted with `llava-jax convert`; returns the checkpoint directory."""
+  import json  # pylint: disable=import-outside-toplevel
+
+  from llava_jax.cli import main as cli  # pylint: disable=import-outside-toplevel
+  from llava_jax.data.synthetic import build_tokenizer  # pylint: disable=import-outside-toplevel
+
+  build_tokenizer(str(root / "hf"))
+  vocab = len(transformers.AutoTokenizer.from_pretrained(root / "hf")) + 1
+  context = {} if max_position_embeddings is None else {"max_position_embeddings": max_position_embeddings}
+  hf = llava_model(text=text_config(vocab_size=vocab, num_key_value_heads=2, **context))
+  hf.config.image_token_id = hf.config.image_token_index = vocab - 1
+  hf.save_pretrained(root / "hf")
+  (root / "hf" / "preprocessor_config.json").write_text(json.dumps(CLIP_PREPROCESSOR_28))
+  assert cli(["convert", "--hf", str(root / "hf"), "--out", str(root / "ckpt"), "--quiet"]) == 0
+  return str(root / "ckpt")

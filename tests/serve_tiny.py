@@ -5,34 +5,19 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import socket
 import threading
 import time
 
 import numpy as np
-import transformers
 from PIL import Image
 
 import hf_tiny
-from llava_jax.cli import main as cli
-from llava_jax.data.synthetic import build_tokenizer
 
 
 def make_checkpoint(root) -> str:
   """llava-hf layout -> `llava-jax convert`; the context is 512 positions so that image prompts fit."""
-  build_tokenizer(str(root / "hf"))
-  tok = transformers.AutoTokenizer.from_pretrained(root / "hf")
-  vocab = len(tok) + 1  # + the image token, as llava-hf adds <image>
-  hf = hf_tiny.llava_model(text=hf_tiny.text_config(vocab_size=vocab, num_key_value_heads=2,
-                                                    max_position_embeddings=512))
-  hf.config.image_token_id = hf.config.image_token_index = vocab - 1
-  hf.save_pretrained(root / "hf")
-  (root / "hf" / "preprocessor_config.json").write_text(json.dumps({
-      "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 28},
-      "crop_size": {"height": 28, "width": 28}, "do_resize": True, "do_center_crop": True, "resample": 3}))
-  assert cli(["convert", "--hf", str(root / "hf"), "--out", str(root / "ckpt"), "--quiet"]) == 0
-  return str(root / "ckpt")
+  return hf_tiny.converted_checkpoint(root, max_position_embeddings=512)
 
 
 def image(seed: int, size=(40, 30)) -> Image.Image:

@@ -1,7 +1,6 @@
 """Issue 12, CLI side: bad generate / chat inputs, a prompt longer than the context and a tokenizer path that is
 not a local folder are named errors with exit 2, never tracebacks or Hub requests."""
 
-import json
 import time
 
 import numpy as np
@@ -13,7 +12,6 @@ import hf_tiny
 import train_util
 from llava_jax import load_checkpoint
 from llava_jax.cli import main as cli
-from llava_jax.data.synthetic import build_tokenizer
 from llava_jax.processor import Processor, PromptTooLongError
 from llava_jax.train import cli as train_cli
 
@@ -24,17 +22,7 @@ CONTEXT = 64  # the tiny model's max_position_embeddings
 def ckpt(tmp_path_factory):
   """A tiny converted checkpoint with a 64-position context, a real tokenizer and a CLIP preprocessor config."""
   root = tmp_path_factory.mktemp("cli")
-  build_tokenizer(str(root / "hf"))
-  tok = transformers.AutoTokenizer.from_pretrained(root / "hf")
-  vocab = len(tok) + 1
-  hf = hf_tiny.llava_model(text=hf_tiny.text_config(vocab_size=vocab, num_key_value_heads=2,
-                                                    max_position_embeddings=CONTEXT))
-  hf.config.image_token_id = hf.config.image_token_index = vocab - 1
-  hf.save_pretrained(root / "hf")
-  (root / "hf" / "preprocessor_config.json").write_text(json.dumps({
-      "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 28},
-      "crop_size": {"height": 28, "width": 28}, "do_resize": True, "do_center_crop": True, "resample": 3}))
-  assert cli(["convert", "--hf", str(root / "hf"), "--out", str(root / "ckpt"), "--quiet"]) == 0
+  hf_tiny.converted_checkpoint(root, max_position_embeddings=CONTEXT)
   Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(root / "ok.png")
   (root / "notes.png").write_text("not an image at all")
   whole = (root / "ok.png").read_bytes()

@@ -1,18 +1,15 @@
 """The processor (text + image -> inputs) and the generate / chat commands on a tiny converted checkpoint."""
 
 import io
-import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import transformers
 from PIL import Image
 
 import hf_tiny
 from llava_jax import load_checkpoint
 from llava_jax.cli import main as cli
-from llava_jax.data.synthetic import build_tokenizer
 from llava_jax.data.text import encode_prompt
 from llava_jax.generate import generate
 from llava_jax.processor import Processor
@@ -22,16 +19,7 @@ from llava_jax.processor import Processor
 def ckpt(tmp_path_factory):
   """A tiny llava-hf directory with a real SentencePiece tokenizer and a CLIP preprocessor config, converted."""
   root = tmp_path_factory.mktemp("proc")
-  build_tokenizer(str(root / "hf"))
-  tok = transformers.AutoTokenizer.from_pretrained(root / "hf")
-  vocab = len(tok) + 1  # + the image token, as llava-hf adds <image>
-  hf = hf_tiny.llava_model(text=hf_tiny.text_config(vocab_size=vocab, num_key_value_heads=2))
-  hf.config.image_token_id = hf.config.image_token_index = vocab - 1
-  hf.save_pretrained(root / "hf")
-  (root / "hf" / "preprocessor_config.json").write_text(json.dumps({
-      "image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 28},
-      "crop_size": {"height": 28, "width": 28}, "do_resize": True, "do_center_crop": True, "resample": 3}))
-  assert cli(["convert", "--hf", str(root / "hf"), "--out", str(root / "ckpt"), "--quiet"]) == 0
+  hf_tiny.converted_checkpoint(root)
   image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 30, 3), np.uint8))
   image.save(root / "cat.png")
   return root

@@ -50,7 +50,8 @@ HBM_GB = {"v5p": 95.0, "v5e": 16.0}
 PRESET_FOR = {8: "gpu-8", 32: "v5p-64", 256: "v5e-256"}
 STAGES = ("stage1", "stage2", "lora")
 ATTENTION_IMPLS = ("xla", "cudnn", "blockwise", "splash")  # llava_jax.models.attention.IMPLS (kept jax-free here)
-SIZES = {"7b": "llava_v1_5_7b.py", "13b": "llava_v1_5_13b.py", "tiny": "tiny.py"}  # tiny: a seconds-long smoke run
+SIZES = {"7b": "llava_v1_5_7b.py", "13b": "llava_v1_5_13b.py", "tiny": "tiny.py",  # tiny: a seconds-long smoke run
+         "1.6-7b": "llava_v1_6_mistral_7b.py", "1.6-34b": "llava_v1_6_34b.py", "tiny-next": "tiny_next.py"}
 
 
 def load_config(size: str, stage: str):
@@ -90,9 +91,20 @@ def compile_step(model_cfg, config, mesh_shape, rows: int, seq: int, accum: int,
   shapes = {"input_ids": ((rows, seq), jnp.int32), "labels": ((rows, seq), jnp.int32),
             "attention_mask": ((rows, seq), jnp.int32), "pixel_values": ((rows, size, size, 3), jnp.float32),
             "image_mask": ((rows,), jnp.bool_)}
+  if model_cfg.is_next:  # every row's image in the pinpoints' maximum of tiles, placed by host-computed rows
+    shapes["pixel_values"] = ((rows, tiles_per_image(model_cfg), size, size, 3), jnp.float32)
+    shapes["image_feature_rows"] = ((rows, seq), jnp.int32)
   batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(mesh, len(s), rules)) for k, (s, d) in
            shapes.items()}
   return trainer.compile(trainer.abstract_state, batch), trainer
+
+
+def tiles_per_image(model_cfg) -> int:
+  """Tile slots per image: 1 for LLaVA-1.5, the pinpoints' maximum (base tile included) for LLaVA-NeXT."""
+  from llava_jax.data.anyres import AnyresGeometry  # pylint: disable=import-outside-toplevel
+
+  geometry = AnyresGeometry.from_config(model_cfg)
+  return 1 if geometry is None else geometry.max_tiles
 
 
 def _replace(dc, **kw):
@@ -150,8 +162,9 @@ def worker(args) -> None:
                     scanned_flops=trainer.flops_per_step)
       del compiled, trainer
       lora_r = config.lora.r if stage == "lora" else 0
-      model = fl.train_step(model_cfg, stage, rows, seq, rows, lora_r=lora_r)
-      hardware = fl.train_step(model_cfg, stage, rows, seq, rows, lora_r=lora_r, remat=config.remat != "none",
+      tiles = rows * tiles_per_image(model_cfg)  # the tower runs every tile slot
+      model = fl.train_step(model_cfg, stage, rows, seq, tiles, lora_r=lora_r)
+      hardware = fl.train_step(model_cfg, stage, rows, seq, tiles, lora_r=lora_r, remat=config.remat != "none",
                                hardware=True)
       result.update(model_flops=model.total, hardware_flops=hardware.total)
       if args.flops_on == "all" or str(args.devices) in args.flops_on.split(","):

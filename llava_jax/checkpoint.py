@@ -82,7 +82,7 @@ def write_checkpoint(directory: str, cfg: LlavaConfig, params, asset_dirs=(), ov
 
 def save_checkpoint(model: Llava, directory: str, asset_dirs=None, overwrite: bool = False):
   """Saves a model (params, config, and the assets it was loaded with) as a checkpoint directory."""
-  asset_dirs = asset_dirs if asset_dirs is not None else [getattr(model, "assets_dir", None)]
+  asset_dirs = asset_dirs if asset_dirs is not None else [model.assets_dir]
   write_checkpoint(directory, model.config, params_of(model), asset_dirs, overwrite)
 
 

@@ -274,6 +274,6 @@ def export_hf(model, out_dir: str, max_shard_bytes: int = 5 * 2**30, overwrite: 
     write_safetensors(iter_hf_tensors(model.config, params_of(model)), tmp, max_shard_bytes)
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config, f, indent=2)
-    assets = getattr(model, "assets_dir", None)
+    assets = model.assets_dir
     if assets:
       copy_assets([assets], tmp)

@@ -55,7 +55,7 @@ class Processor:
     """Reads the tokenizer and image-processor files a loaded checkpoint carries (`model.assets_dir`)."""
     from llava_jax.hub import load_tokenizer
 
-    assets = getattr(model, "assets_dir", None)
+    assets = model.assets_dir
     if not assets or not os.path.exists(os.path.join(assets, "preprocessor_config.json")):
       raise FileNotFoundError("this model carries no tokenizer / preprocessor_config.json (assets/); convert it "
                               "from a directory that has them")
@@ -156,11 +156,4 @@ def _as_list(images) -> list:
 
 def anyres_geometry(cfg, preprocessor: dict | None = None) -> AnyresGeometry | None:
   """The model's anyres settings: its config's pinpoints, else the preprocessor config's; None for LLaVA-1.5."""
-  geometry = AnyresGeometry.from_config(cfg)
-  if geometry is None and preprocessor and preprocessor.get("image_grid_pinpoints"):
-    vision = cfg.vision
-    geometry = AnyresGeometry(pinpoints=preprocessor["image_grid_pinpoints"], tile=vision.image_size,
-                              patches_per_side=vision.image_size // vision.patch_size,
-                              strategy=getattr(cfg, "vision_feature_select_strategy", "default") or "default",
-                              semantics=getattr(cfg, "anyres_semantics", "hf") or "hf")
-  return geometry
+  return AnyresGeometry.from_config(cfg, None if cfg.is_next else (preprocessor or {}).get("image_grid_pinpoints"))

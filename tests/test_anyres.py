@@ -228,15 +228,16 @@ def test_feature_index_with_the_full_strategy_keeps_the_base_cls_and_skips_grid_
 
 
 def test_geometry_reads_a_model_config():
-  vision = types.SimpleNamespace(image_size=56, patch_size=14)
-  cfg = types.SimpleNamespace(vision=vision, image_grid_pinpoints=PINPOINTS_56,
-                              vision_feature_select_strategy="default")
+  from llava_jax.config import LlavaConfig, VisionConfig
+
+  cfg = LlavaConfig(vision=VisionConfig(image_size=56, patch_size=14, num_hidden_layers=2),
+                    image_grid_pinpoints=PINPOINTS_56)
   geometry = anyres.AnyresGeometry.from_config(cfg)
   assert (geometry.tile, geometry.patches_per_side, geometry.semantics, geometry.max_tiles) == (56, 4, "hf", 5)
   assert geometry.num_image_tokens((112, 112)) == 16 + 8 * 8 + 8
-  assert anyres.AnyresGeometry.from_config(types.SimpleNamespace(vision=vision)) is None
-  cfg.anyres_semantics = "original"
-  assert anyres.AnyresGeometry.from_config(cfg).num_tiles((20, 20)) == 3
+  assert anyres.AnyresGeometry.from_config(cfg.replace(image_grid_pinpoints=None)) is None
+  assert anyres.AnyresGeometry.from_config(cfg.replace(image_grid_pinpoints=None), PINPOINTS_56).max_tiles == 5
+  assert anyres.AnyresGeometry.from_config(cfg.replace(anyres_semantics="original")).num_tiles((20, 20)) == 3
 
 
 # ---------------------------------------------------------------- pixels

@@ -13,6 +13,7 @@ import skimage.data
 import transformers
 from PIL import Image
 
+from llava_jax.config import LlavaConfig, VisionConfig
 from llava_jax.data.anyres import AnyresGeometry, num_image_tokens, unpadded_grid
 from llava_jax.data.conversation import get_template
 from llava_jax.data.image import ImageProcessorConfig
@@ -173,9 +174,8 @@ def test_original_semantics_changes_the_grid_of_small_images(tokenizer):
 def fake_model(assets, **config):
   """What `from_model` reads of a loaded model: its assets and its config's image fields."""
   image_token_index = transformers.AutoTokenizer.from_pretrained(assets).convert_tokens_to_ids("<image>")
-  vision = types.SimpleNamespace(image_size=56, patch_size=14)
-  cfg = types.SimpleNamespace(vision=vision, num_image_tokens=16, image_token_index=image_token_index,
-                              vision_feature_select_strategy="default", **config)
+  cfg = LlavaConfig(vision=VisionConfig(image_size=56, patch_size=14, num_hidden_layers=2),
+                    image_token_index=image_token_index, **config)
   return types.SimpleNamespace(assets_dir=str(assets), config=cfg)
 
 

@@ -259,15 +259,15 @@ class AnyresGeometry:
     max_tiles(self.pinpoints, self.tile)  # every pinpoint a multiple of the tile
 
   @classmethod
-  def from_config(cls, cfg) -> AnyresGeometry | None:
-    """None when the config has no pinpoints (LLaVA-1.5)."""
-    pinpoints = getattr(cfg, "image_grid_pinpoints", None)
+  def from_config(cls, cfg, pinpoints=None) -> AnyresGeometry | None:
+    """A `LlavaConfig`'s anyres settings (`pinpoints` overrides its `image_grid_pinpoints`); None when there are
+    no pinpoints (LLaVA-1.5)."""
+    pinpoints = pinpoints or cfg.image_grid_pinpoints
     if not pinpoints:
       return None
     vision = cfg.vision
     return cls(pinpoints=pinpoints, tile=vision.image_size, patches_per_side=vision.image_size // vision.patch_size,
-               strategy=getattr(cfg, "vision_feature_select_strategy", "default") or "default",
-               semantics=getattr(cfg, "anyres_semantics", "hf") or "hf")
+               strategy=cfg.vision_feature_select_strategy, semantics=cfg.anyres_semantics)
 
   @property
   def max_tiles(self) -> int:

@@ -179,7 +179,7 @@ def _batch_inputs(model, processor, prompts, images, rows: int, bucket: int, pad
   from llava_jax.generate import image_inputs
 
   present = [im for im in images if im is not None]
-  anyres = getattr(processor, "anyres", None)
+  anyres = processor.anyres
   if anyres is not None:
     inputs = processor(prompts, present or None, max_tiles=anyres.max_tiles)
   else:

@@ -36,8 +36,7 @@ class Served:
                allow_local_images: str | None = None, max_images: int = 1):
     self.engine, self.processor, self.model_name = engine, processor, model_name
     self.max_tokens, self.allow_local_images, self.max_images = max_tokens, allow_local_images, max_images
-    anyres = getattr(processor, "anyres", None)
-    self.max_tiles = anyres.max_tiles if anyres is not None else None  # one static tile count for NeXT
+    self.max_tiles = processor.anyres.max_tiles if processor.anyres is not None else None  # one static tile count for NeXT
 
   def request_from_body(self, body: Any):
     """Validates an OpenAI chat-completions body; returns (Request, stream, include_usage)."""

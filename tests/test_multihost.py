@@ -318,3 +318,31 @@ def test_launcher_stops_the_rest_when_one_process_fails(tmp_path):
     assert (index, count) == (str(i), "2") and address.startswith("127.0.0.1:")
     assert flags.count("--xla_force_host_platform_device_count=3") == 1
     assert not any(f.startswith("--xla_force_host_platform_device_count=8") for f in flags)
+
+
+@pytest.mark.slow
+def test_eval_on_two_processes_gives_the_answers_of_one_written_once(tmp_path):
+  """`llava-jax eval` splits the questions across the processes and process 0 writes every answer once."""
+  from eval_tiny_data import write_task_data
+  from llava_jax.cli import main as cli
+  from llava_jax.convert import convert_checkpoint
+  from llava_jax.data.synthetic import build_tokenizer
+  from llava_jax.demo import write_tiny_hf_parts
+  from llava_jax.eval.runner import read_answers
+
+  tokenizer = build_tokenizer(str(tmp_path / "tokenizer"))
+  clip, llm = write_tiny_hf_parts(str(tmp_path / "hf"), tokenizer, seed=0)
+  ckpt = str(tmp_path / "ckpt")
+  convert_checkpoint(ckpt, clip=clip, llm=llm, progress=False)
+  data = write_task_data("pope", str(tmp_path / "data"))
+  args = ["eval", "--task", "pope", "--data", data, "--ckpt", ckpt, "--max-new-tokens", "4", "--quiet"]
+  assert cli(args + ["--out", str(tmp_path / "one")]) == 0
+  code, output = launch(["llava-jax", *args, "--out", str(tmp_path / "two")])
+  assert code == 0, output[-3000:]
+  one = read_answers(os.path.join(tmp_path, "one", "answers.jsonl"))
+  two = read_answers(os.path.join(tmp_path, "two", "answers.jsonl"))
+  strip = lambda records: [(r["question_id"], r["prompt"], r["text"]) for r in records]
+  assert strip(two) == strip(one) and len({r["question_id"] for r in two}) == len(two)
+  with open(os.path.join(tmp_path, "one", "metrics.json")) as f, open(os.path.join(tmp_path, "two",
+                                                                                    "metrics.json")) as g:
+    assert json.load(f) == json.load(g)

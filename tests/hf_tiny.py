@@ -146,3 +146,20 @@ def converted_checkpoint(root, max_position_embeddings: int | None = None) -> st
   (root / "hf" / "preprocessor_config.json").write_text(json.dumps(CLIP_PREPROCESSOR_28))
   assert cli(["convert", "--hf", str(root / "hf"), "--out", str(root / "ckpt"), "--quiet"]) == 0
   return str(root / "ckpt")
+
+
+def photographs() -> list:
+  """Real photographs (scikit-image's), for preprocessing tests."""
+  import skimage.data  # pylint: disable=import-outside-toplevel
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  return [Image.fromarray(skimage.data.astronaut()), Image.fromarray(skimage.data.coffee()),
+          Image.fromarray(skimage.data.chelsea())]
+
+
+def random_images(sizes, seed=0) -> list:
+  """Random RGB images of the given (height, width) sizes."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  rng = np.random.default_rng(seed)
+  return [Image.fromarray(rng.integers(0, 256, tuple(hw) + (3,), np.uint8)) for hw in sizes]

@@ -11,13 +11,13 @@ import types
 
 import numpy as np
 import pytest
-import skimage.data
 import torch
 import transformers
 from PIL import Image
 from transformers.image_processing_utils import select_best_resolution as hf_select_best_resolution
 from transformers.models.llava_next import modeling_llava_next as hf_next
 
+import hf_tiny
 from llava_jax.data import anyres
 from llava_jax.data.image import ImageProcessorConfig
 
@@ -242,14 +242,7 @@ def test_geometry_reads_a_model_config():
 
 # ---------------------------------------------------------------- pixels
 
-def photographs():
-  return [Image.fromarray(skimage.data.astronaut()), Image.fromarray(skimage.data.coffee()),
-          Image.fromarray(skimage.data.chelsea())]
-
-
-def synthetic(sizes, seed=0):
-  rng = np.random.default_rng(seed)
-  return [Image.fromarray(rng.integers(0, 256, hw + (3,), np.uint8)) for hw in sizes]
+photographs, synthetic = hf_tiny.photographs, hf_tiny.random_images
 
 
 def test_tiles_equal_llava_next_image_processor_pil():

@@ -9,9 +9,9 @@ import types
 
 import numpy as np
 import pytest
-import skimage.data
+
+import hf_tiny
 import transformers
-from PIL import Image
 
 from llava_jax.config import LlavaConfig, VisionConfig
 from llava_jax.data.anyres import AnyresGeometry, num_image_tokens, unpadded_grid
@@ -55,14 +55,7 @@ def make_processor(tokenizer, template="vicuna_v1", semantics="hf", max_tiles=No
                    max_tiles=max_tiles)
 
 
-def photographs():
-  return [Image.fromarray(skimage.data.astronaut()), Image.fromarray(skimage.data.coffee()),
-          Image.fromarray(skimage.data.chelsea())]
-
-
-def synthetic(sizes, seed=0):
-  rng = np.random.default_rng(seed)
-  return [Image.fromarray(rng.integers(0, 256, hw + (3,), np.uint8)) for hw in sizes]
+photographs, synthetic = hf_tiny.photographs, hf_tiny.random_images
 
 
 def unpadded_rows(batch):

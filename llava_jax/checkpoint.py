@@ -22,7 +22,7 @@ from llava_jax.checkpoint_files import CheckpointError, atomic_directory, copy_a
 from llava_jax.config import LlavaConfig
 from llava_jax.models.llava import Llava
 from llava_jax.models.options import ModelOptions
-from llava_jax.tree import check_tree, flatten, keys_to_int, keys_to_str, set_path, unflatten
+from llava_jax.tree import check_tree, flatten, is_stacked, keys_to_int, keys_to_str, relayout, set_path, unflatten
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +34,12 @@ def abstract_params(cfg: LlavaConfig) -> dict:
 
 def model_from_params(cfg: LlavaConfig, params: dict, options: ModelOptions = ModelOptions(),
                       assets_dir: str | None = None) -> Llava:
-  """Builds the model around existing parameters (nested dict, int layer keys) without initialising any."""
+  """Builds the model around existing parameters (nested dict, per layer or stacked: `tree.relayout`) without
+  initialising any; the layer weights take the form `options` ask for."""
   model = nnx.eval_shape(lambda: Llava(cfg, options=options, assets_dir=assets_dir))
   state = nnx.state(model, nnx.Param)
   expected = {path: v.get_value().shape for path, v in nnx.to_flat_state(state)}
+  params = relayout(params, stacked=options.scan_layers)
   problems = check_tree(expected, {p: x.shape for p, x in flatten(params)}, "given")
   if problems:
     raise CheckpointError("parameters do not match the config:\n  " + "\n  ".join(problems[:40]))
@@ -48,8 +50,8 @@ def model_from_params(cfg: LlavaConfig, params: dict, options: ModelOptions = Mo
 
 
 def params_of(model: Llava) -> dict:
-  """The parameters as a nested dict of arrays (int keys for layers)."""
-  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  """The parameters as a nested dict of arrays, one subtree per layer (int keys) whatever form the model holds."""
+  return relayout(nnx.to_pure_dict(nnx.state(model, nnx.Param)), stacked=False)
 
 
 PART_BYTES = 256 * 2**20
@@ -87,8 +89,9 @@ def save_checkpoint(model: Llava, directory: str, asset_dirs=None, overwrite: bo
 
 
 def restore_params(directory: str, cfg: LlavaConfig, shardings: dict | None = None) -> dict:
-  """The params of a checkpoint directory, or of a training workdir's latest step (LoRA merged), restored
-  straight into `shardings` (nested like the params; default: the first device) at `cfg.param_dtype`.
+  """The params of a checkpoint directory, or of a training workdir's latest step (LoRA merged), one subtree per
+  layer, restored straight into `shardings` (nested like the params, in either layer form; default: the first
+  device) at `cfg.param_dtype`.
 
   Every stored shape is checked against `cfg` before anything is read; problems are named.
   """
@@ -97,7 +100,8 @@ def restore_params(directory: str, cfg: LlavaConfig, shardings: dict | None = No
   directory = os.path.abspath(directory)
   expected = {p: a.shape for p, a in flatten(abstract_params(cfg))}
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  flat_shardings = dict(flatten(shardings)) if shardings is not None else {p: device for p in expected}
+  flat_shardings = (dict(flatten(relayout(shardings, False, cfg.layer_counts))) if shardings is not None else
+                    {p: device for p in expected})
   if files.is_workdir(directory):
     return _restore_workdir_params(directory, cfg, expected, flat_shardings)
   params_dir = os.path.join(directory, files.PARAMS_DIR)
@@ -108,7 +112,7 @@ def restore_params(directory: str, cfg: LlavaConfig, shardings: dict | None = No
   stored = {}
   for part in parts:
     with _named_errors(os.path.join(params_dir, part)):
-      tree = keys_to_int(_tree_of(checkpointer.metadata(os.path.join(params_dir, part))))
+      tree = keys_to_int(stored_tree(os.path.join(params_dir, part)))
     stored.update({p: (part, m) for p, m in flatten(tree)})
   problems = check_tree(expected, {p: m.shape for p, (_, m) in stored.items()}, "stored")
   if problems:
@@ -156,14 +160,17 @@ def _restore_step_params(step_dir: str, cfg: LlavaConfig, expected: dict, flat_s
   target = {"model": unflatten((p, jax.ShapeDtypeStruct(shape, dtype, sharding=flat_shardings[p]))
                                for p, shape in expected.items())}
   adapters = lora.LoraConfig(r=meta["lora"]["r"], alpha=meta["lora"]["alpha"]) if meta.get("lora") else None
+  params_dir = os.path.join(step_dir, files.PARAMS_ITEM)
+  stacked = bool(is_stacked(keys_to_int(stored_tree(params_dir))))
+  target["model"] = relayout(target["model"], stacked)  # the layer form the run trained in (scanned: stacked)
   if adapters is not None:
     device = next(iter(flat_shardings.values()))
     target["lora"] = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype, sharding=device),
                                   jax.eval_shape(lambda: lora.init(target["model"], adapters.r, jax.random.key(0))))
-  params = ocp.StandardCheckpointer().restore(os.path.join(step_dir, files.PARAMS_ITEM), target)
+  params = ocp.StandardCheckpointer().restore(params_dir, target)
   if adapters is not None:
-    return lora.merge(params["model"], params["lora"], adapters.scale)
-  return params["model"]
+    params["model"] = lora.merge(params["model"], params["lora"], adapters.scale)
+  return relayout(params["model"], stacked=False)
 
 
 @contextlib.contextmanager
@@ -188,6 +195,13 @@ def load_checkpoint(directory: str, dtype=None, attention_impl: str = "xla") -> 
     cfg = cfg.replace(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
   return model_from_params(cfg, restore_params(directory, cfg), ModelOptions(attention_impl=attention_impl),
                            assets_dir=files.assets_dir(directory))
+
+
+def stored_tree(path: str) -> dict:
+  """The tree of array metadata (shapes, dtypes) an Orbax item directory holds, nothing read."""
+  import orbax.checkpoint as ocp
+
+  return _tree_of(ocp.StandardCheckpointer().metadata(path))
 
 
 def _tree_of(metadata):

@@ -132,6 +132,11 @@ class LlavaConfig:
     return self.image_grid_pinpoints is not None
 
   @property
+  def layer_counts(self) -> dict[str, int]:
+    """Layers per stack, keyed by the module holding it (`tree.relayout`'s `counts`)."""
+    return {"language_model": self.text.num_hidden_layers, "encoder": self.vision.num_hidden_layers}
+
+  @property
   def num_image_tokens(self) -> int:
     """Image tokens one image turns into: its patches, plus CLS for the `full` strategy."""
     return self.vision.num_patches + (self.vision_feature_select_strategy == "full")

@@ -2,7 +2,8 @@
 kernels when a training workdir is loaded for inference (`llava_jax.checkpoint`).
 
 The adapters are their own tree, mirroring the paths of the kernels they adapt:
-`{"language_model": {"layers": {0: {"self_attn": {"q_proj": {"lora_a": [in, r], "lora_b": [r, out]}}}}}}`.
+`{"language_model": {"layers": {0: {"self_attn": {"q_proj": {"lora_a": [in, r], "lora_b": [r, out]}}}}}}`, or with
+the layers stacked as the kernels are (`{"layers": {"self_attn": {"q_proj": {"lora_a": [L, in, r], ...}}}}`).
 Every linear layer of the LLM gets one (LLaVA's `find_all_linear_names`: not lm_head, not the projector, not the
 vision tower). In the train step the adapters are attached to the model built there (`Dense.adapter`), which adds
 `scale * dropout(x) @ A @ B` to the layer's output, as PEFT does; `merge` folds them into the kernels for export.
@@ -18,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llava_jax.sharding import logical_to_spec
-from llava_jax.tree import get_path, set_path
+from llava_jax.tree import LAYERS, get_path, is_stacked, relayout, set_path
 
 TARGET_ROOT = "language_model"
 
@@ -53,14 +54,14 @@ class LoraAdapter(nnx.Module):
 
 
 def target_paths(params: dict) -> list[tuple]:
-  """Paths (into the model's params) of the modules LoRA adapts: every 2-D `kernel` under the language model."""
+  """Paths (into the model's params) of the modules LoRA adapts: every `kernel` under the language model."""
   paths = []
 
   def walk(tree, prefix):
     for k, v in tree.items():
       if isinstance(v, dict):
         walk(v, prefix + (k,))
-      elif k == "kernel" and len(v.shape) == 2:
+      elif k == "kernel":
         paths.append(prefix)
 
   walk(params.get(TARGET_ROOT, {}), (TARGET_ROOT,))
@@ -68,22 +69,25 @@ def target_paths(params: dict) -> list[tuple]:
 
 
 def init(params: dict, r: int, key, dtype=jnp.float32) -> dict:
-  """Fresh adapters for `params` (arrays or ShapeDtypeStructs); works under jit and eval_shape."""
+  """Fresh adapters for `params` (arrays or ShapeDtypeStructs), in the params' layer form with the same values
+  whatever the form; works under jit and eval_shape."""
+  if is_stacked(params):
+    return relayout(init(relayout(params, stacked=False), r, key, dtype), stacked=True)
   adapters = {}
   for i, path in enumerate(target_paths(params)):
-    d_in, d_out = get_path(params, path)["kernel"].shape
+    *lead, d_in, d_out = get_path(params, path)["kernel"].shape  # lead: the layer axis of stacked kernels
     bound = 1.0 / d_in ** 0.5
-    a = jax.random.uniform(jax.random.fold_in(key, i), (d_in, r), dtype, -bound, bound)
-    set_path(adapters, path, {"lora_a": a, "lora_b": jnp.zeros((r, d_out), dtype)})
+    a = jax.random.uniform(jax.random.fold_in(key, i), (*lead, d_in, r), dtype, -bound, bound)
+    set_path(adapters, path, {"lora_a": a, "lora_b": jnp.zeros((*lead, r, d_out), dtype)})
   return adapters
 
 
 def shardings(adapters: dict, kernel_axes: dict, mesh, rules) -> dict:
-  """A takes the kernel's input axis, B its output axis; the rank dimension stays whole."""
+  """A takes the kernel's input axis, B its output axis (and both its layer axis); the rank stays whole."""
 
   def one(path, leaf_name, leaf):
-    ax_in, ax_out = get_path(kernel_axes, path)["kernel"]
-    axes = (ax_in, None) if leaf_name == "lora_a" else (None, ax_out)
+    *lead, ax_in, ax_out = get_path(kernel_axes, path)["kernel"]
+    axes = (*lead, ax_in, None) if leaf_name == "lora_a" else (*lead, None, ax_out)
     return jax.sharding.NamedSharding(mesh, logical_to_spec(axes, leaf.shape, mesh, rules))
 
   out = {}
@@ -108,13 +112,21 @@ def _adapter_paths(adapters: dict) -> list[tuple]:
 
 
 def attach(model: nnx.Module, adapters: dict, scale: float, dropout: float = 0.0, key=None) -> None:
-  """Attaches an adapter to each adapted Dense of `model` (built inside the train step, never saved)."""
-  for i, path in enumerate(_adapter_paths(adapters)):
+  """Attaches an adapter to each adapted Dense of `model` (built inside the train step, never saved). Each layer's
+  dropout key is the same in either layer form."""
+  order = {path: i for i, path in enumerate(_adapter_paths(relayout(adapters, stacked=False)))}
+  for path in _adapter_paths(adapters):
     module = model
     for p in path:
       module = module[p] if isinstance(p, int) else getattr(module, p)
     node = get_path(adapters, path)
-    layer_key = None if key is None else jax.random.fold_in(key, i)
+    layer_key = None
+    if key is not None and path in order:
+      layer_key = jax.random.fold_in(key, order[path])
+    elif key is not None:  # a stacked module: one key per layer, as that layer's own module would get
+      at = path.index(LAYERS) + 1
+      layer_key = jnp.stack([jax.random.fold_in(key, order[path[:at] + (layer,) + path[at:]])
+                             for layer in range(node["lora_a"].shape[0])])
     module.adapter = nnx.data(LoraAdapter(node["lora_a"], node["lora_b"], scale, dropout, layer_key))
 
 
@@ -124,7 +136,7 @@ def merge(params: dict, adapters: dict, scale: float) -> dict:
   for path in _adapter_paths(adapters):
     node, module = get_path(adapters, path), get_path(params, path)
     kernel = module["kernel"]
-    delta = jnp.dot(jnp.asarray(node["lora_a"], jnp.float32), jnp.asarray(node["lora_b"], jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST)
+    delta = jnp.einsum("...ir,...ro->...io", jnp.asarray(node["lora_a"], jnp.float32),
+                       jnp.asarray(node["lora_b"], jnp.float32), precision=jax.lax.Precision.HIGHEST)
     module["kernel"] = (jnp.asarray(kernel, jnp.float32) + scale * delta).astype(kernel.dtype)
   return params

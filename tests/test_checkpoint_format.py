@@ -13,9 +13,11 @@ import pytest
 
 import train_util
 from llava_jax import checkpoint_files, load_checkpoint, save_checkpoint
+from llava_jax.checkpoint import params_of, stored_tree
 from llava_jax.config import LlavaConfig
 from llava_jax.train import batches, checkpointing, loop, run_config
 from llava_jax.train.step import Trainer
+from llava_jax.tree import is_stacked, keys_to_int
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OLD = os.path.join(HERE, "fixtures", "old_layout")
@@ -119,3 +121,37 @@ def test_training_resumes_from_the_old_workdir(tmp_path):
   assert STEP_ITEMS == sorted(n for n in os.listdir(step_dir) if not n.startswith(("_", "commit")))
   with open(os.path.join(step_dir, "meta", "metadata")) as f:
     assert json.load(f) == {"step": 3, "stage": "lora", "lora": {"r": 2, "alpha": 16.0}}
+
+
+def test_layer_forms_convert_on_resume(tmp_path):
+  """The old (per-layer) workdir resumes in a scanned run, whose state holds the layers stacked; that run's
+  stacked step resumes in an unscanned run. Two steps taken that way equal two steps taken without scanning."""
+  plain, mixed = str(tmp_path / "plain"), str(tmp_path / "mixed")
+  for workdir in (plain, mixed):
+    shutil.copytree(os.path.join(OLD, "lora"), workdir)
+
+  scanned = lora_config(total_steps=4, batch_size=8, scan_layers=True)
+  trainer = Trainer(run_config.model_config(scanned), "lora", run_config.optim_config(scanned), 4,
+                    train_util.mesh_of((1, 1, 1)), lora=run_config.lora_config(scanned), scan_layers=True)
+  data = batches.SyntheticIterator(scanned.batch_size, scanned.data.seq_len, trainer.model_cfg)
+  manager = checkpointing.make_manager(mixed)
+  state = checkpointing.restore(manager, trainer.abstract_state, data,
+                                checkpointing.run_meta("lora", run_config.lora_config(scanned)),
+                                layer_counts=trainer.model_cfg.layer_counts)
+  manager.close()
+  layers = state["params"]["model"]["language_model"]["layers"]
+  assert layers["mlp"]["up_proj"]["kernel"].shape[0] == trainer.model_cfg.text.num_hidden_layers
+  assert state["params"]["lora"]["language_model"]["layers"]["mlp"]["up_proj"]["lora_a"].ndim == 3
+  assert_params_match(trainer.export_params(state), expected("lora"))
+
+  assert loop.train(lora_config(total_steps=3, batch_size=8, scan_layers=True), mixed)["step"] == 3
+  assert is_stacked(keys_to_int(stored_tree(os.path.join(mixed, "checkpoints", "3", "params"))))
+  assert loop.train(lora_config(total_steps=4, batch_size=8), mixed)["start_step"] == 3
+  assert not is_stacked(keys_to_int(stored_tree(os.path.join(mixed, "checkpoints", "4", "params"))))
+  for steps in (3, 4):  # the same runs (and learning-rate schedules) without scanning
+    assert loop.train(lora_config(total_steps=steps, batch_size=8), plain)["step"] == steps
+
+  want, got = (train_util.flat(params_of(load_checkpoint(w))) for w in (plain, mixed))
+  assert sorted(want) == sorted(got)
+  for name in want:
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-7, err_msg=name)

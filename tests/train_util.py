@@ -8,6 +8,8 @@ import os
 import jax
 import numpy as np
 
+from llava_jax.tree import relayout
+
 from llava_jax.sharding import make_mesh
 from llava_jax.train import run_config
 from llava_jax.train.cli import load_config
@@ -63,9 +65,9 @@ def run(trainer: Trainer, batch_list, params=None):
 
 
 def flat(tree) -> dict[str, np.ndarray]:
-  """{"a.b.0.kernel": host array} for every leaf."""
+  """{"a.b.0.kernel": host array} for every leaf, layers one by one (stacked ones unstacked)."""
   out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+  for path, leaf in jax.tree_util.tree_flatten_with_path(relayout(jax.device_get(tree), stacked=False))[0]:
     out[".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)] = \
         np.asarray(jax.device_get(leaf))
   return out

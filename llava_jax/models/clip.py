@@ -13,7 +13,7 @@ from llava_jax.config import VisionConfig
 from llava_jax.models.attention import dot_product_attention
 from llava_jax.models.layers import Dense, LayerNorm, activation, normal_init, param
 from llava_jax.models.options import ModelOptions
-from llava_jax.models.stack import run_layers
+from llava_jax.models.stack import make_layers, run_layers
 
 
 class CLIPEmbeddings(nnx.Module):
@@ -92,8 +92,8 @@ class CLIPEncoderLayer(nnx.Module):
 
 class CLIPEncoder(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, **kw):
-    self.layers = nnx.List([CLIPEncoderLayer(cfg, **kw) for _ in range(cfg.num_hidden_layers)])
+  def __init__(self, cfg: VisionConfig, *, stacked: bool, **kw):
+    self.layers = make_layers(lambda: CLIPEncoderLayer(cfg, **kw), cfg.num_hidden_layers, stacked)
 
 
 class CLIPVisionTower(nnx.Module):
@@ -106,7 +106,7 @@ class CLIPVisionTower(nnx.Module):
     self.config, self.options = cfg, options
     self.embeddings = CLIPEmbeddings(cfg, **kw)
     self.pre_layrnorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)  # sic: HF's name
-    self.encoder = CLIPEncoder(cfg, attention_impl=options.attention_impl, **kw)
+    self.encoder = CLIPEncoder(cfg, attention_impl=options.attention_impl, stacked=options.scan_layers, **kw)
     self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
 
   def __call__(self, pixel_values, num_layers: int | None = None) -> list:
@@ -119,5 +119,5 @@ class CLIPVisionTower(nnx.Module):
 
     # Remat as the decoder: it costs nothing while the tower is frozen (no gradient reaches it) and bounds its
     # activations when LLaVA-NeXT's stage 2 trains it.
-    _, outputs = run_layers(list(self.encoder.layers)[:num_layers], x, call, self.options, remat=self.options.remat)
+    _, outputs = run_layers(self.encoder.layers, x, call, self.options, remat=self.options.remat, count=num_layers)
     return [x] + outputs

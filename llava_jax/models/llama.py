@@ -19,7 +19,7 @@ from llava_jax.config import TextConfig
 from llava_jax.models.attention import dot_product_attention, prepare_mask
 from llava_jax.models.layers import Dense, Embed, RMSNorm, activation
 from llava_jax.models.options import ModelOptions
-from llava_jax.models.stack import run_layers
+from llava_jax.models.stack import make_layers, run_layers
 
 # -- rotary embeddings -----------------------------------------------------------------------------------------
 
@@ -149,8 +149,8 @@ class LlamaModel(nnx.Module):
     kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
     self.config, self.dtype, self.options = cfg, dtype, options
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
-    self.layers = nnx.List([LlamaDecoderLayer(cfg, attention_impl=options.attention_impl, **kw)
-                            for _ in range(cfg.num_hidden_layers)])
+    self.layers = make_layers(lambda: LlamaDecoderLayer(cfg, attention_impl=options.attention_impl, **kw),
+                              cfg.num_hidden_layers, stacked=options.scan_layers)
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
   def __call__(self, inputs_embeds, positions, mask, *, caches=None, cache_index=None,

@@ -1,7 +1,8 @@
 """How the model runs, as opposed to what it computes (`LlavaConfig`): one frozen dataclass the model holds.
 
-Every option leaves the parameters and (up to float rounding) the results unchanged, so one checkpoint serves
-generation (defaults) and training (scan, remat, pinned activations, fp32 logits) alike.
+Every option leaves the parameter values and (up to float rounding) the results unchanged, so one checkpoint serves
+generation (defaults) and training (scan, remat, pinned activations, fp32 logits) alike. `scan_layers` also stacks
+the layer weights ([layers, ...], `models/stack.py`); `llava_jax.tree.relayout` converts params between the forms.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ REMAT_POLICY_NAMES = ("none", "full", "dots_saveable")
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
   attention_impl: str = "xla"        # models/attention.py
-  scan_layers: bool = False          # lax.scan over the layer stacks (one compiled layer instead of N)
+  scan_layers: bool = False          # layer weights stacked, lax.scan over them (one compiled layer instead of N)
   remat: str = "none"                # the decoder layers' rematerialisation policy (models/stack.py)
   logits_dtype: str | None = None    # None: the compute dtype; training uses float32 for the softmax
   # A jax Sharding of the [batch, length, features] hidden state, pinned at every layer boundary: without it

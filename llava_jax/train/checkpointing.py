@@ -36,8 +36,10 @@ from orbax.checkpoint.checkpoint_managers import save_decision_policy as save_po
 from llava_jax.checkpoint_files import (ASSETS_DIR, CHECKPOINTS, CONFIG_NAME, DATA_ITEM, META_ITEM, OPT_STATE_ITEM,
                                         PARAMS_ITEM, RUN_CONFIG_NAME, CheckpointError, read_config, write_config,
                                         write_text_atomic)
+from llava_jax.checkpoint import stored_tree
 from llava_jax.config import LlavaConfig
 from llava_jax.lora import LoraConfig
+from llava_jax.tree import is_stacked, keys_to_int, relayout
 
 log = logging.getLogger(__name__)
 
@@ -163,13 +165,37 @@ def _describe(e: BaseException) -> str:
   return f"{type(e).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
 
 
-def _restore_step(manager, step: int, abstract_state: dict, data_iterator, meta: dict) -> dict:
-  """One step's state; a damaged step raises whatever Orbax raises, a mismatch of the run a CheckpointError."""
+def _saved_form(manager, step: int) -> bool | None:
+  """Whether the step's params hold their layers stacked (a scanned run), per layer (an unscanned run, or one saved
+  before layer weights were stacked), None if that cannot be read (the restore then names the damage)."""
+  try:
+    return is_stacked(keys_to_int(stored_tree(os.path.join(_step_dir(manager, step), PARAMS_ITEM))))
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
+def _restore_step(manager, step: int, abstract_state: dict, data_iterator, meta: dict,
+                  layer_counts: dict | None = None) -> dict:
+  """One step's state; a damaged step raises whatever Orbax raises, a mismatch of the run a CheckpointError.
+  Layer weights saved in the other form (stacked or per layer) are restored as saved, then converted."""
   saved = read_meta(manager, step)
   for key in ("stage", "lora"):
     if saved.get(key) != meta.get(key):
       raise _RunMismatch(f"{manager.directory} holds a run with {key}={saved.get(key)!r}, this config has "
                          f"{meta.get(key)!r}: use a new --workdir, or the config the run was started with")
+  wanted, found = is_stacked(abstract_state["params"]), _saved_form(manager, step)
+  converting = None not in (wanted, found) and wanted != found
+  target_state = abstract_state
+  if converting:
+    target_state = relayout(abstract_state, found, layer_counts)
+  state = _restore_arrays(manager, step, target_state, data_iterator)
+  if converting:
+    shardings = jax.tree.map(lambda a: a.sharding, abstract_state)
+    state = jax.jit(lambda s: relayout(s, wanted, layer_counts), out_shardings=shardings)(state)
+  return state
+
+
+def _restore_arrays(manager, step: int, abstract_state: dict, data_iterator) -> dict:
   abstract_params = abstract_state["params"]
   restored = manager.restore(step, args=ocp.args.Composite(**{
       PARAMS_ITEM: ocp.args.StandardRestore(_nonempty(abstract_params)),
@@ -193,13 +219,14 @@ class _RunMismatch(CheckpointError):
 
 
 def restore(manager: ocp.CheckpointManager, abstract_state: dict, data_iterator, meta: dict,
-            skipped: list | None = None) -> dict | None:
+            skipped: list | None = None, layer_counts: dict | None = None) -> dict | None:
   """The newest train state that restores cleanly (placed as `abstract_state` says), the iterator moved to its
   position; None if the workdir has no checkpoint yet.
 
   Steps that fail to restore are appended to `skipped` as (step, reason) and the next older one is tried; a step
   of another stage / LoRA setting, or a data position the iterator refuses (another num_workers), stops at once.
-  When no step restores: CheckpointError listing each step and why."""
+  When no step restores: CheckpointError listing each step and why. `layer_counts` (`LlavaConfig.layer_counts`)
+  lets a step saved in the other layer form (stacked / per layer) convert."""
   skipped = [] if skipped is None else skipped
   try:
     steps = sorted(manager.all_steps(), reverse=True)
@@ -207,7 +234,7 @@ def restore(manager: ocp.CheckpointManager, abstract_state: dict, data_iterator,
     raise CheckpointError(f"{manager.directory}: cannot list the checkpoints ({_describe(e)})") from None
   for step in steps:
     try:
-      return _restore_step(manager, step, abstract_state, data_iterator, meta)
+      return _restore_step(manager, step, abstract_state, data_iterator, meta, layer_counts)
     except _RunMismatch:
       raise
     except Exception as e:  # pylint: disable=broad-except  (Orbax / TensorStore errors have no common type)

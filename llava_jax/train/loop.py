@@ -65,7 +65,7 @@ def _run(config, workdir, cfg, trainer, data, lora, mesh, mesh_shape) -> dict:
   try:
     meta = checkpointing.run_meta(config.stage, lora)
     skipped: list[tuple[int, str]] = []
-    state = checkpointing.restore(manager, trainer.abstract_state, data, meta, skipped)
+    state = checkpointing.restore(manager, trainer.abstract_state, data, meta, skipped, cfg.layer_counts)
     moved = checkpointing.set_aside(manager, [s for s, _ in skipped]) if skipped and is_main else []
     if state is not None:
       how = f"resumed from {manager.directory} at step {host_value(state['step'])}"

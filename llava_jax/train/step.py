@@ -1,7 +1,9 @@
 """The loss and the jitted, sharded train step.
 
 The train state is a plain pytree, `{"step": int32, "params": {"model": ..., "lora": ...}, "opt_state": ...}`,
-with `params["model"]` the model's nested params dict (int keys for layers, as `nnx.to_pure_dict`). Inside the
+with `params["model"]` the model's nested params dict (`nnx.to_pure_dict`): with scanned layers each layer stack is
+one [layers, ...] array per weight, stacked once when the state is made (`tree.relayout`), else one subtree per
+layer (int keys). Inside the
 step the model is rebuilt with `nnx.merge` (and LoRA adapters attached); gradients are taken only with respect to
 the trainable leaves of the stage, so frozen towers cost no weight gradients and keep no optimizer buffers.
 """
@@ -24,7 +26,7 @@ from llava_jax.models.llava import Llava
 from llava_jax.models.options import ModelOptions
 from llava_jax.lora import LoraConfig
 from llava_jax.sharding import DEFAULT_RULES, batch_sharding, logical_axes_tree, param_shardings, shard_batch
-from llava_jax.tree import get_path
+from llava_jax.tree import get_path, is_stacked, relayout
 from llava_jax.train.optim import FROZEN, OptimConfig, make_optimizer, stage_labels
 
 # LLaVA-NeXT batches add `image_feature_rows` (host-computed tile-feature rows: data/pipeline.py's contract).
@@ -97,6 +99,7 @@ class Trainer:
                lora: LoraConfig | None = None, remat: str = "none", scan_layers: bool = False, seed: int = 0,
                attention_impl: str = "xla"):
     self.model_cfg, self.stage, self.mesh, self.rules = model_cfg, stage, mesh, rules
+    self.stacked = scan_layers  # the layer form of the state's params (models/stack.py)
     self.grad_accum_steps, self.seed = grad_accum_steps, seed
     self.lora = (lora or LoraConfig()) if stage == "lora" else None
 
@@ -137,14 +140,15 @@ class Trainer:
   # -- state -------------------------------------------------------------------------------------------------
 
   def init_state(self, model_params: dict | None = None):
-    """A step-0 state on the mesh: from `model_params` (nested dict, int layer keys) or freshly initialised."""
+    """A step-0 state on the mesh: from `model_params` (nested dict, layers in either form) or freshly
+    initialised (the same weights whatever the form)."""
     dtype = jnp.dtype(self.model_cfg.param_dtype)
 
     def init(model_params):
       if model_params is None:
-        model = Llava(self.model_cfg, rngs=nnx.Rngs(self.seed))
+        model = Llava(self.model_cfg, rngs=nnx.Rngs(self.seed), options=ModelOptions(scan_layers=self.stacked))
         model_params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-      model_params = jax.tree.map(lambda x: x.astype(dtype), model_params)
+      model_params = jax.tree.map(lambda x: x.astype(dtype), relayout(model_params, self.stacked))
       adapters = ({} if self.lora is None else
                   lora_lib.init(model_params, self.lora.r, jax.random.key(self.seed + 1), dtype))
       params = {"model": model_params, "lora": adapters}
@@ -153,20 +157,25 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       if model_params is None:
         return jax.jit(lambda: init(None), out_shardings=self.state_shardings)()
-      model_params = jax.device_put(model_params, self.state_shardings["params"]["model"])
+      given_form = is_stacked(model_params)
+      shardings = self.state_shardings["params"]["model"]
+      if given_form is not None:
+        shardings = relayout(shardings, given_form, self.model_cfg.layer_counts)
+      model_params = jax.device_put(model_params, shardings)
       return jax.jit(init, out_shardings=self.state_shardings)(model_params)
 
   def export_params(self, state) -> dict:
-    """The model's params with LoRA merged in (what a checkpoint for inference holds)."""
+    """The model's params with LoRA merged in, one subtree per layer (what a checkpoint for inference holds)."""
     params = state["params"]
-    if self.lora is None or not params["lora"]:
-      return params["model"]
-    return lora_lib.merge(params["model"], params["lora"], self.lora.scale)
+    if self.lora is not None and params["lora"]:
+      return relayout(lora_lib.merge(params["model"], params["lora"], self.lora.scale), stacked=False)
+    return relayout(params["model"], stacked=False)
 
   # -- the step ----------------------------------------------------------------------------------------------
 
   def build_model(self, model_params: dict) -> Llava:
     """The model around a params dict, matched by path (inside the step; the graph carries the run's knobs)."""
+    model_params = relayout(model_params, self.stacked)
     state = nnx.from_flat_state([(path, var.replace(get_path(model_params, path)))
                                  for path, var in self._abstract_vars])
     return nnx.merge(self.graphdef, state)

@@ -109,6 +109,73 @@ def test_splash_without_mask_is_bidirectional():
   assert_matches_xla(fn, None, q, k, v, np.ones((1, 20), bool))
 
 
+def batch_of_masks(b, t):
+  """`padded_packed_mask`'s two rows repeated to b rows, the left padding differing per row (3 to 3 + b / 2)."""
+  mask, valid = padded_packed_mask(t)
+  valid, segments = np.tile(valid, (b // 2, 1)), np.tile(np.asarray(mask.segment_ids), (b // 2, 1))
+  for row in range(0, b, 2):
+    valid[row] = np.arange(t) >= 3 + row // 2
+  return SelfAttentionMask(jnp.asarray(valid), jnp.asarray(segments)), valid
+
+
+def kernel_placement(jaxpr, inside=False):
+  """(the shard_map equations, the pallas_calls outside any shard_map) of a jaxpr and its nested jaxprs (jit,
+  custom VJP rules, the transposed backward)."""
+  maps, stray = [], 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "shard_map":
+      maps.append(eqn)
+    stray += eqn.primitive.name == "pallas_call" and not inside
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          inner_maps, inner_stray = kernel_placement(inner, inside or eqn.primitive.name == "shard_map")
+          maps, stray = maps + inner_maps, stray + inner_stray
+  return maps, stray
+
+
+@pytest.mark.parametrize("mesh_shape, batch, heads, kv_heads, expected", [
+    ((2, 4, 1), 8, 4, 2, jax.P(("data", "fsdp"), None, None, None)),    # batch over 8 shards
+    ((2, 2, 2), 4, 4, 2, jax.P(("data", "fsdp"), None, "tensor", None)),  # and GQA heads over tensor
+    ((2, 2, 2), 4, 4, 1, jax.P(("data", "fsdp"), None, None, None)),    # 1 kv head: heads kept whole
+    ((2, 2, 2), 6, 3, 3, jax.P(None, None, None, None)),                # 6 rows on 4 shards: replicated
+])
+def test_splash_under_a_mesh_runs_in_shard_map_and_matches_xla(mesh_shape, batch, heads, kv_heads, expected):
+  """Under `jax.set_mesh` of 8 (fake CPU) devices the Pallas call sits in a shard_map over the batch (and heads),
+  batch-sharded inputs with left padding, packed segments and GQA give xla's outputs and dQ/dK/dV; where the
+  mesh does not divide a dimension it is replicated."""
+  from llava_jax.sharding import batch_sharding, batch_shards, make_mesh  # pylint: disable=import-outside-toplevel
+
+  mesh = make_mesh(mesh_shape)
+  mask, valid = batch_of_masks(batch, 40)
+  q, k, v = qkv(batch, 40, 40, heads=heads, kv_heads=kv_heads, seed=6)
+  fn = lambda q, k, v: attention.dot_product_attention(q, k, v, mask, scale=SCALE, impl="splash")
+  with jax.set_mesh(mesh):
+    if batch % batch_shards(mesh) == 0:
+      q, k, v = (jax.device_put(x, batch_sharding(mesh, 4)) for x in (q, k, v))
+    (forward,), stray = kernel_placement(jax.make_jaxpr(fn)(q, k, v).jaxpr)
+    specs = [spec for var, spec in zip(forward.invars, forward.params["in_specs"])
+             if var.aval.shape[:2] == (batch, 40)]  # q, k, v [B, T, H, D] and the row ids [B, T]
+    assert stray == 0 and specs == [expected] * 3 + [jax.P(*expected[:2])], specs
+    grad = jax.grad(lambda q, k, v: jnp.sum(fn(q, k, v) ** 2), argnums=(0, 1, 2))
+    maps, stray = kernel_placement(jax.make_jaxpr(grad)(q, k, v).jaxpr)
+    assert maps and stray == 0  # the backward's kernels too
+    assert_matches_xla(fn, mask, q, k, v, valid)
+
+
+def test_splash_without_a_mesh_or_on_one_device_calls_the_kernel_directly():
+  from llava_jax.sharding import make_mesh  # pylint: disable=import-outside-toplevel
+
+  q, k, v = qkv(2, 20, 20, heads=2, kv_heads=2)
+  fn = lambda q, k, v: attention.splash_attention(q, k, v, None, scale=SCALE)
+  maps, stray = kernel_placement(jax.make_jaxpr(fn)(q, k, v).jaxpr)
+  assert not maps and stray > 0
+  with jax.set_mesh(make_mesh((1, 1, 1), jax.devices()[:1])):
+    maps, stray = kernel_placement(jax.make_jaxpr(fn)(q, k, v).jaxpr)
+    assert not maps and stray > 0
+
+
 def test_dense_masks_take_the_xla_path_under_splash():
   """Generation's decode step (one query against a cache) is not splash's job: the dense mask goes to `xla`."""
   key_valid = jnp.asarray(np.arange(24)[None] < np.array([[10], [17]]))

@@ -6,7 +6,7 @@
   custom VJP that recomputes each block's probabilities from the saved log-sum-exp, so neither pass keeps more
   than [T, block] scores per head.
 - `splash`: the Pallas TPU splash-attention kernel (causal or full mask, segment ids, GQA); off TPU it runs in
-  Pallas interpret mode (slow: for tests only).
+  Pallas interpret mode (slow: for tests only). Under a multi-device mesh it runs in `shard_map` (batch, heads).
 
 Masks come in two forms. A dense bool array [B, 1, T, S] (`causal_mask`) serves every case, including generation
 with a KV cache. `SelfAttentionMask` describes the mask of a full forward pass (queries are the keys, no cache) by
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -238,8 +239,13 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 @functools.lru_cache(maxsize=32)
 def _splash_kernel(num_heads: int, length: int, block: int, causal: bool, sliding_window: int | None,
-                   interpret: bool):
-  """The kernel for one example ([H, L, D] queries): its block-sparsity tables are computed once per shape."""
+                   interpret: bool, context_mesh):
+  """The kernel for one example ([H, L, D] queries): its block-sparsity tables are computed once per shape.
+
+  `context_mesh` (the abstract mesh current where the kernel is called) is only a cache key: the tables are made
+  as arrays typed for the mesh current when they are built, and jax refuses them under another (e.g. one built
+  inside a (2, 4, 1) mesh's shard_map, reused under (2, 2, 2))."""
+  del context_mesh
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=import-outside-toplevel
       splash_attention_kernel as kernel_lib, splash_attention_mask as mask_lib)
 
@@ -262,20 +268,71 @@ def splash_attention(q, k, v, mask: SelfAttentionMask | None = None, *, scale: f
   bidirectional over all keys without (the vision tower). Pads the length to the kernel's tile and vmaps the
   per-example kernel over the batch. `interpret` defaults to True off TPU.
 
-  Under a multi-device mesh the kernel is not partitioned by XLA: wrap the caller in `shard_map` over the batch
-  (and head) axes for real pod runs; the CPU tests exercise the single-device kernel.
+  XLA does not partition a Pallas call: under a current mesh (`jax.set_mesh`) of more than one device the kernel
+  runs inside `jax.shard_map`, each device on its own rows (and heads), see `_splash_partition`. With no mesh or
+  a one-device mesh it is called directly.
   """
   b, t, h, d = q.shape
   if k.shape[1] != t:
     raise ValueError(f"splash attention here is self-attention: {t} queries, {k.shape[1]} keys")
   if interpret is None:
     interpret = jax.default_backend() != "tpu"
+  ids = jnp.zeros((b, t), jnp.int32) if mask is None else mask.row_ids()
+  local = functools.partial(_splash_local, causal=mask is not None,
+                            window=None if mask is None else mask.sliding_window, scale=scale,
+                            interpret=bool(interpret))
+  partition = _splash_partition(q.shape, k.shape)
+  if partition is None:
+    return local(q, k, v, ids)
+  manual_axes, batch, heads = partition
+  qkv_spec = jax.P(batch, None, heads, None)
+  # check_vma=False: the kernel's pallas_calls declare no varying-manual-axes types for their outputs (jax refuses
+  # them under check_vma=True). Gradients stay exact: tests/test_attention_impls.py checks them on meshes where
+  # inputs are split and where they are replicated.
+  sharded = jax.shard_map(local, in_specs=(qkv_spec, qkv_spec, qkv_spec, jax.P(batch, None)), out_specs=qkv_spec,
+                          axis_names=manual_axes, check_vma=False)
+  return sharded(q, k, v, ids)
+
+
+def _splash_partition(q_shape, k_shape):
+  """How to split splash over the current mesh: (manual axes, batch axes or None, head axes or None), or None
+  for no `shard_map` (no mesh, or one device).
+
+  The batch and heads follow the logical `batch`/`heads`/`kv_heads` rules of `llava_jax.sharding.DEFAULT_RULES`
+  (the trainer's activation split: batch over ("data", "fsdp"), heads over "tensor"); with other rules in the
+  config the result is the same, only the resharding around the call differs. A dimension those axes do not
+  divide is replicated (a batch of 6 rows on 8 batch shards: each device runs all 6), as are the heads unless q's
+  and k/v's heads split over the same axes (GQA: each shard then holds whole groups, q heads j*H/n.. with kv heads
+  j*K/n..). Axes already manual (inside an enclosing shard_map) are left alone; the other axes are made manual
+  too, the inputs replicated over them, so no auto axis is left around the kernel.
+  """
+  from llava_jax.sharding import DEFAULT_RULES, logical_to_spec  # pylint: disable=import-outside-toplevel
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return None
+  free = {name: size for name, size in mesh.shape.items() if name not in mesh.manual_axes}
+  if not free or all(size == 1 for size in free.values()):
+    return None
+  view = types.SimpleNamespace(shape=free)  # logical_to_spec reads only `.shape`
+  q_spec = logical_to_spec(("batch", None, "heads", None), q_shape, view, DEFAULT_RULES)
+  k_spec = logical_to_spec(("batch", None, "kv_heads", None), k_shape, view, DEFAULT_RULES)
+  heads = q_spec[2] if q_spec[2] == k_spec[2] else None
+  if heads is not None and q_spec[0] is not None:  # an axis can split only one dimension
+    batch_axes = set((q_spec[0],) if isinstance(q_spec[0], str) else q_spec[0])
+    if batch_axes & set((heads,) if isinstance(heads, str) else heads):
+      heads = None
+  return frozenset(free), q_spec[0], heads
+
+
+def _splash_local(q, k, v, ids, *, causal: bool, window: int | None, scale: float, interpret: bool):
+  """The kernel on the rows (and heads) at hand: ids [B, T] are the row ids (`SelfAttentionMask.row_ids`)."""
+  _, t, h, _ = q.shape
   block = min(SPLASH_MAX_BLOCK, _round_up(t, 128))
   length = _round_up(t, block)
-  ids = jnp.zeros((b, t), jnp.int32) if mask is None else mask.row_ids()
   ids = jnp.pad(ids, ((0, 0), (0, length - t)), constant_values=_TAIL_ID)
-  window = None if mask is None else mask.sliding_window
-  kernel, segment_ids = _splash_kernel(h, length, block, mask is not None, window, bool(interpret))
+  kernel, segment_ids = _splash_kernel(h, length, block, causal, window, interpret,
+                                       jax.sharding.get_abstract_mesh())
   heads_first = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, length - t), (0, 0)))
   per_example = lambda q1, k1, v1, ids1: kernel(q1, k1, v1, segment_ids=segment_ids(ids1, ids1))
   out = jax.vmap(per_example)(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v), ids)

@@ -39,13 +39,17 @@ def cross_entropy_sum(logits, labels):
 
   `labels` sit at the same positions as the inputs (HF's convention): logits at t predict labels at t + 1.
   Computed in fp32 whatever the logits' dtype.
+
+  The labels are shifted, not the logits: slicing [B, T, vocab] costs a copy forward and a zero-padded copy
+  backward. The target logit is picked by comparing with the vocabulary index, not by `take_along_axis`, whose
+  gradient is a scatter into a fresh [B, T, vocab] buffer; the comparison fuses into the softmax's gradient.
   """
-  logits = logits[:, :-1].astype(jnp.float32)
-  targets = labels[:, 1:]
+  logits = logits.astype(jnp.float32)
+  targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
   mask = targets != IGNORE_INDEX
-  safe = jnp.where(mask, targets, 0)
   log_z = jax.nn.logsumexp(logits, axis=-1)
-  picked = jnp.take_along_axis(logits, safe[..., None], axis=-1)[..., 0]
+  hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
+  picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
   return jnp.sum(jnp.where(mask, log_z - picked, 0.0)), jnp.sum(mask, dtype=jnp.int32)
 
 

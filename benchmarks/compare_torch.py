@@ -231,9 +231,10 @@ def row_prefill(hf, ours, cfg, seq, floors, repeats):
   t = best_alternating({"torch": torch_run, "ours": lambda: f(state, ids, px, mask).block_until_ready()}, repeats)
   work = flops_lib.forward(cfg, 1, seq, 1).total
   lo, hi = TARGETS["prefill"]
+  target = f">= {lo}x" + (f", >= {hi:.0%} peak" if hi else "")
   return Row(f"prefill (1 x {seq}, all logits)", f"{work / 1e9:.0f} GFLOP", t["torch"], t["ours"],
-             floor_s=work / floors["peak"], target=f">= {lo}x, >= {hi:.0%} peak",
-             met=_met(t["torch"] / t["ours"] >= lo and work / floors["peak"] / t["ours"] >= hi)), err
+             floor_s=work / floors["peak"], target=target,
+             met=_met(t["torch"] / t["ours"] >= lo and (not hi or work / floors["peak"] / t["ours"] >= hi))), err
 
 
 def rows_train(hf, ours, cfg, stages, seq, rows, floors, repeats):

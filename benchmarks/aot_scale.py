@@ -163,8 +163,10 @@ def worker(args) -> None:
       del compiled, trainer
       lora_r = config.lora.r if stage == "lora" else 0
       tiles = rows * tiles_per_image(model_cfg)  # the tower runs every tile slot
-      model = fl.train_step(model_cfg, stage, rows, seq, tiles, lora_r=lora_r)
+      vision = bool(config.get("train_vision_tower", False))
+      model = fl.train_step(model_cfg, stage, rows, seq, tiles, lora_r=lora_r, train_vision=vision)
       hardware = fl.train_step(model_cfg, stage, rows, seq, tiles, lora_r=lora_r, remat=config.remat != "none",
+                               train_vision=vision,
                                hardware=True)
       result.update(model_flops=model.total, hardware_flops=hardware.total)
       if args.flops_on == "all" or str(args.devices) in args.flops_on.split(","):

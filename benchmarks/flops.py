@@ -10,7 +10,8 @@ in the usual MFU conventions. A train step costs, per parameter and token:
   2  backward to the weight (dL/dW), for trainable parameters only (stage 1: the projector; stage 2: projector,
      language model and lm_head; LoRA: projector and adapters).
 
-Hence 6 x trainable params x tokens + 4 x (frozen LLM params) x tokens + 2 x (vision tower params) x image tokens.
+Hence 6 x trainable params x tokens + 4 x (frozen LLM params) x tokens + 2 x (vision tower params) x image tokens,
+or 6 x (vision tower params) x image tokens where the tower trains (LLaVA-1.6's stage 2, `train_vision`).
 Attention scores and the weighted sum (QK^T and PV) add 4 T^2 d per layer and sequence for a full T x T product;
 a causal mask leaves half of it useful, and the backward pass costs twice the forward.
 
@@ -97,11 +98,13 @@ def forward(cfg, rows: int, seq: int, n_images: int, *, head_tokens: int | None 
 
 
 def train_step(cfg, stage: str, rows: int, seq: int, n_images: int, *, lora_r: int = 0, remat: bool = False,
-               hardware: bool = False) -> Flops:
+               hardware: bool = False, train_vision: bool = False) -> Flops:
   """One optimizer step on rows x seq tokens with n_images images (see the module docstring).
 
   hardware=False: model FLOPs (causal attention halved, no recomputation). hardware=True: dense attention and,
-  with `remat`, one more forward of every decoder layer (attention and adapters included).
+  with `remat`, one more forward of every decoder layer (attention and adapters included). `train_vision`
+  (LLaVA-1.6's stage 2): the tower's layers run backward too, to the input (dx) and to the weights (dW), and with
+  `remat` and hardware=True their forward once more.
   """
   t = cfg.text
   f = forward(cfg, rows, seq, n_images, causal_half=not hardware)
@@ -119,6 +122,12 @@ def train_step(cfg, stage: str, rows: int, seq: int, n_images: int, *, lora_r: i
     fwd_llm += 2 * adapters
   elif stage != "stage1":
     raise ValueError(f"unknown stage {stage!r}")
+  if train_vision:
+    fwd_vision = f.vision
+    f.vision *= 3  # dx and dW of every layer run (matmuls), and attention's backward, each twice the forward
+    f.projector += 2 * p1 * cfg.vision.num_patches * n_images  # dx of linear_1, into the tower
+    if remat and hardware:
+      f.vision += fwd_vision
   fwd_attention = f.attention
   f.attention *= 3  # forward + backward (twice the forward)
   if remat and hardware:

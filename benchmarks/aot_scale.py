@@ -3,6 +3,7 @@
   python benchmarks/aot_scale.py                                   # 7B and 13B, stage1/stage2/lora, 8/32/64/256
   python benchmarks/aot_scale.py --sizes 7b --devices 32 --stages stage2
   python benchmarks/aot_scale.py --sizes 7b --devices 32 --stages stage2 --attention blockwise
+  python benchmarks/aot_scale.py --sizes 7b --topology v5p:2x4x4 --stages stage2 --attention splash  # libtpu
 
 Nothing is allocated: the train state and the batch are `jax.ShapeDtypeStruct`s carrying their shardings (the
 Trainer builds them with `nnx.eval_shape`), and `jit(...).lower(...).compile()` runs XLA's SPMD partitioner for a
@@ -14,7 +15,9 @@ where a device would need more than a v5p chip's 95 GB (`--accum auto`).
 
 Printed per (model, stage, devices):
   memory    per device, from XLA's memory analysis of the compiled step: arguments (params + optimizer state +
-            batch shard), temporaries, and their peak (the state is donated, so outputs alias the arguments).
+            batch shard), temporaries, and their peak (the state is donated, so outputs alias the arguments);
+            "compiler's peak" is the compiler's own figure (`peak_memory_in_bytes`, arguments included), which
+            for the TPU compiler is below arguments + temporaries: its temporaries are not all live at once.
   FLOPs     per step, from XLA's cost analysis, against benchmarks/flops.py's analytic count. XLA counts a loop
             body once whatever its trip count, so the scanned step cannot be read directly: the cost is measured
             on the same mesh for unrolled 1- and 2-layer variants of each tower and extrapolated linearly to the
@@ -23,22 +26,30 @@ Printed per (model, stage, devices):
   time      the step time if every device ran the compiled FLOPs at the TPU's peak (v5p 459, v5e 197 bf16
             TFLOP/s): a compute-bound lower bound that ignores communication and memory stalls; the MFU bound is
             model FLOPs / (devices x peak x that time).
-`--attention` picks the attention implementation (models/attention.py; default the config's). `splash` is a
-Pallas TPU kernel: it compiles only for a TPU backend (off TPU it would run in Pallas interpret mode, whose
-buffers say nothing about the kernel's), so on this CPU the script refuses it; `blockwise` is the plain-JAX
-stand-in with the same memory shape ([T, block] scores per head, never [T, T]).
-The CPU compiler is not the TPU one (different fusion, layouts and no memory-space assignment), so the memory
-figures are an estimate of the TPU's, not a measurement of it; docs/PERFORMANCE.md discusses the gap.
+`--attention` picks the attention implementation (models/attention.py; default the config's), `--seq-chunk` the
+positions per piece of the MLP and the loss (ModelOptions.seq_chunk; default the config's, 512 in the recipes).
+
+`--topology` (e.g. `v5p:2x4x4`, 32 chips; `v5e:16x16`) compiles with the TPU compiler instead, on this host and
+without a TPU: the mesh is made of the devices of `jax.experimental.topologies.get_topology_desc`, which needs
+libtpu importable (`pip install "jax[tpu]"`, or the `libtpu` wheel that jax's `tpu` extra pins). The figures are
+then the TPU compiler's own (its fusion, layouts, bf16 and memory-space assignment). Without it the fake CPU
+devices' compiler stands in: its figures are an estimate of the TPU's (XLA:CPU widens bf16 to fp32, for one),
+docs/PERFORMANCE.md compares the two. `splash` is a Pallas TPU kernel: it compiles only with `--topology`
+(on CPU it would run in Pallas interpret mode, whose buffers say nothing about the kernel's), so without one the
+script refuses it; `blockwise` is the plain-JAX stand-in with the same memory shape ([T, block] scores per head).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import subprocess
 import sys
 import time
+
+import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -72,8 +83,9 @@ def mesh_for(devices: int, batch: int, accum: int) -> tuple[int, int, int]:
   return data, fsdp, tensor
 
 
-def compile_step(model_cfg, config, mesh_shape, rows: int, seq: int, accum: int, scan: bool, attention: str):
-  """(compiled step, Trainer) for abstract inputs: no array is allocated."""
+def compile_step(model_cfg, config, mesh_shape, rows: int, seq: int, accum: int, scan: bool, attention: str,
+                 devices=None):
+  """(compiled step, Trainer) for abstract inputs: no array is allocated. `devices`: the mesh's (default all)."""
   import jax
   import jax.numpy as jnp
 
@@ -81,12 +93,12 @@ def compile_step(model_cfg, config, mesh_shape, rows: int, seq: int, accum: int,
   from llava_jax.train import run_config
   from llava_jax.train.step import Trainer
 
-  mesh = make_mesh(mesh_shape)
+  mesh = make_mesh(mesh_shape, devices)
   rules = rules_from_config(config.sharding_rules)
   lora = run_config.lora_config(config)
   trainer = Trainer(model_cfg, config.stage, run_config.optim_config(config), config.total_steps, mesh, rules,
                     grad_accum_steps=accum, lora=lora, remat=config.remat, scan_layers=scan, seed=config.seed,
-                    attention_impl=attention)
+                    attention_impl=attention, seq_chunk=config.seq_chunk)
   size = model_cfg.vision.image_size
   shapes = {"input_ids": ((rows, seq), jnp.int32), "labels": ((rows, seq), jnp.int32),
             "attention_mask": ((rows, seq), jnp.int32), "pixel_values": ((rows, size, size, 3), jnp.float32),
@@ -112,6 +124,17 @@ def _replace(dc, **kw):
   return dataclasses.replace(dc, **kw)
 
 
+def topology_devices(name: str) -> list:
+  """The devices of a TPU topology (e.g. "v5p:2x4x4"), to compile for without the hardware."""
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+
+  try:
+    return list(topologies.get_topology_desc(topology_name=name, platform="tpu").devices)
+  except Exception as e:  # pylint: disable=broad-except
+    raise SystemExit(f"--topology {name}: no TPU compiler here ({type(e).__name__}: {e}); install libtpu "
+                     "(`pip install \"jax[tpu]\"`)") from e
+
+
 def worker(args) -> None:
   """One device count: every requested (size, stage); one JSON line per result."""
   import jax
@@ -120,14 +143,19 @@ def worker(args) -> None:
   import flops as fl
   from llava_jax.train import run_config
 
-  assert jax.device_count() == args.devices, (jax.device_count(), args.devices)
-  if args.attention == "splash" and jax.default_backend() != "tpu":
-    raise SystemExit(f"--attention splash compiles only for a TPU (this backend: {jax.default_backend()}); "
-                     "use --attention blockwise for the same memory shape in plain JAX")
+  devices = topology_devices(args.topology) if args.topology else jax.devices()
+  if len(devices) != args.devices:
+    raise SystemExit(f"{len(devices)} devices, {args.devices} asked for")
+  platform = devices[0].platform
+  if args.attention == "splash" and platform != "tpu":
+    raise SystemExit(f"--attention splash compiles only for a TPU (these devices: {platform}); use --topology "
+                     "(TPU compiler, no TPU needed) or --attention blockwise for the same memory shape in plain JAX")
   for size in args.sizes:
     for stage in args.stages:
       config = load_config(size, stage)
       attention = args.attention or config.attention_impl
+      if args.seq_chunk is not None:
+        config.seq_chunk = args.seq_chunk
       model_cfg = run_config.model_config(config)
       rows, seq = config.batch_size, config.data.seq_len
       accum = config.grad_accum_steps if args.accum == "auto" else int(args.accum)
@@ -136,7 +164,7 @@ def worker(args) -> None:
         t0 = time.perf_counter()
         try:
           compiled, trainer = compile_step(model_cfg, config, mesh_shape, rows, seq, accum,
-                                           scan=config.scan_layers, attention=attention)
+                                           scan=config.scan_layers, attention=attention, devices=devices)
         except Exception as e:  # pylint: disable=broad-except  (one failed configuration must not hide the rest)
           print(f"FAILED {size} {stage} on {args.devices} devices, mesh {mesh_shape}: {type(e).__name__}: {e}",
                 flush=True)
@@ -155,9 +183,10 @@ def worker(args) -> None:
       if compiled is None:
         continue
       result = dict(size=size, stage=stage, devices=args.devices, mesh=mesh_shape, rows=rows, seq=seq,
-                    attention=attention,
+                    attention=attention, compiler=args.topology or platform, seq_chunk=config.seq_chunk,
                     accum=accum, compile_s=compile_s, argument=mem.argument_size_in_bytes,
                     output=mem.output_size_in_bytes, alias=mem.alias_size_in_bytes, temp=mem.temp_size_in_bytes,
+                    compiler_peak=getattr(mem, "peak_memory_in_bytes", 0),
                     state_bytes=_state_bytes_per_device(trainer.abstract_state),
                     scanned_flops=trainer.flops_per_step)
       del compiled, trainer
@@ -166,8 +195,7 @@ def worker(args) -> None:
       vision = bool(config.get("train_vision_tower", False))
       model = fl.train_step(model_cfg, stage, rows, seq, tiles, lora_r=lora_r, train_vision=vision)
       hardware = fl.train_step(model_cfg, stage, rows, seq, tiles, lora_r=lora_r, remat=config.remat != "none",
-                               train_vision=vision,
-                               hardware=True)
+                               train_vision=vision, hardware=True, seq_chunk=config.seq_chunk)
       result.update(model_flops=model.total, hardware_flops=hardware.total)
       if args.flops_on == "all" or str(args.devices) in args.flops_on.split(","):
         t0 = time.perf_counter()
@@ -176,7 +204,10 @@ def worker(args) -> None:
         def flops(vision_run: int, text_layers: int) -> float:
           cfg = model_cfg.replace(vision=_replace(model_cfg.vision, num_hidden_layers=vision_run + 1),
                                   text=_replace(model_cfg.text, num_hidden_layers=text_layers))
-          _, small = compile_step(cfg, config, mesh_shape, micro, seq, 1, scan=False, attention=attention)
+          whole_rows = copy.deepcopy(config)  # position pieces would hide their trip count from XLA's count
+          whole_rows.seq_chunk = 0
+          _, small = compile_step(cfg, whole_rows, mesh_shape, micro, seq, 1, scan=False, attention=attention,
+                                  devices=devices)
           return small.flops_per_step
 
         f11, f21, f12 = flops(1, 1), flops(2, 1), flops(1, 2)
@@ -206,15 +237,20 @@ def run_device_count(devices: int, args) -> list[dict]:
   cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--devices", str(devices),
          "--sizes", ",".join(args.sizes), "--stages", ",".join(args.stages), "--accum", str(args.accum)]
   cmd += ["--flops-on", args.flops_on]
+  if args.topology:
+    cmd += ["--topology", args.topology]
   if args.attention:
     cmd += ["--attention", args.attention]
+  if args.seq_chunk is not None:
+    cmd += ["--seq-chunk", str(args.seq_chunk)]
   results = []
   with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True, cwd=ROOT) as proc:
     for line in proc.stdout:
       if line.startswith("RESULT "):
         r = json.loads(line[len("RESULT "):])
         results.append(r)
-        print(f"  compiled {r['size']} {r['stage']} on {devices} devices ({r['attention']} attention) in "
+        print(f"  compiled {r['size']} {r['stage']} on {devices} devices ({r['attention']} attention, "
+              f"{r['compiler']} compiler) in "
               f"{r['compile_s']:.0f} s", flush=True)
       else:
         print("  " + line.rstrip(), flush=True)
@@ -225,15 +261,18 @@ def run_device_count(devices: int, args) -> list[dict]:
 
 def print_tables(results: list[dict]) -> None:
   gb = 1e9
-  print("| model | stage | devices | mesh (data, fsdp, tensor) | rows/device x accum | state/device | "
-        "temporaries/device | peak/device | fits v5p (95 GB) | fits v5e (16 GB) | compile |")
-  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  print("| model | stage | devices | compiler | attention | mesh (data, fsdp, tensor) | rows/device x accum | "
+        "state/device | temporaries/device | peak/device | compiler's peak | fits v5p (95 GB) | fits v5e (16 GB) | "
+        "compile |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
   for r in results:
     data, fsdp, _ = r["mesh"]
     per_device_rows = r["rows"] // (data * fsdp) // r["accum"]
     peak = _peak(r)
-    print(f"| {r['size']} | {r['stage']} | {r['devices']} | {tuple(r['mesh'])} | {per_device_rows} x {r['accum']} "
-          f"| {r['state_bytes'] / gb:.1f} GB | {r['temp'] / gb:.1f} GB | {peak / gb:.1f} GB | "
+    compiler_peak = f"{r['compiler_peak'] / gb:.1f} GB" if r.get("compiler_peak") else ""
+    print(f"| {r['size']} | {r['stage']} | {r['devices']} | {r['compiler']} | {r['attention']} | {tuple(r['mesh'])} "
+          f"| {per_device_rows} x {r['accum']} "
+          f"| {r['state_bytes'] / gb:.1f} GB | {r['temp'] / gb:.1f} GB | {peak / gb:.1f} GB | {compiler_peak} | "
           f"{'yes' if peak <= HBM_GB['v5p'] * gb else '**no**'} | {'yes' if peak <= HBM_GB['v5e'] * gb else 'no'} | "
           f"{r['compile_s']:.0f} s |")
   print()
@@ -268,6 +307,8 @@ def main(argv=None):
   parser.add_argument("--sizes", default="7b,13b")
   parser.add_argument("--stages", default=",".join(STAGES))
   parser.add_argument("--devices", default="8,32,64,256")
+  parser.add_argument("--topology", help="compile for this TPU topology with the TPU compiler (no TPU needed, "
+                                         "libtpu must be importable), e.g. v5p:2x4x4 (32 chips); sets --devices")
   parser.add_argument("--accum", default="auto",
                       help="gradient accumulation steps; 'auto': the config's, doubled until a device needs at "
                            "most 95 GB (a v5p chip)")
@@ -275,7 +316,10 @@ def main(argv=None):
                       help="device counts (comma-separated, 'all' or 'none') whose rows also measure XLA's FLOP "
                            "count: three more small compiles per step")
   parser.add_argument("--attention", choices=ATTENTION_IMPLS, default=None,
-                      help="attention implementation (default: the config's attention_impl); splash needs a TPU")
+                      help="attention implementation (default: the config's attention_impl); splash needs "
+                           "--topology")
+  parser.add_argument("--seq-chunk", type=int, default=None,
+                      help="positions per piece of the MLP and the loss (default: the config's; 0: whole rows)")
   parser.add_argument("--json", help="also write the results here")
   parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
@@ -284,13 +328,23 @@ def main(argv=None):
   bad = [s for s in args.sizes if s not in SIZES] + [s for s in args.stages if s not in STAGES]
   if bad:
     parser.error(f"unknown {bad}: sizes are {sorted(SIZES)}, stages {STAGES}")
+  if args.topology:  # "v5p:2x4x4" -> 32 chips
+    dims = args.topology.split(":")[-1].split("x")
+    if not all(d.isdigit() for d in dims):
+      parser.error(f"--topology {args.topology!r}: expected e.g. v5p:2x4x4")
+    args.devices = str(int(np.prod([int(d) for d in dims])))
+  if args.topology and args.flops_on != "none":
+    # The TPU compiler's cost analysis counts on another scale (about half of XLA:CPU's and the analytic count).
+    print("--topology: FLOP columns from the analytic count only (run without --topology for XLA's)", flush=True)
+    args.flops_on = "none"
   if args.worker:
     args.devices = int(args.devices)
     worker(args)
     return
   device_counts = [int(d) for d in args.devices.split(",")]
-  print(f"AOT compile on this CPU ({os.cpu_count()} cores): sizes {args.sizes}, stages {args.stages}, devices "
-        f"{device_counts}, attention {args.attention or 'from the config'}", flush=True)
+  compiler = f"the TPU compiler for {args.topology}" if args.topology else "fake CPU devices"
+  print(f"AOT compile on this CPU ({os.cpu_count()} cores, {compiler}): sizes {args.sizes}, stages {args.stages}, "
+        f"devices {device_counts}, attention {args.attention or 'from the config'}", flush=True)
   t0 = time.perf_counter()
   results = []
   for n in device_counts:

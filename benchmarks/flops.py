@@ -98,13 +98,16 @@ def forward(cfg, rows: int, seq: int, n_images: int, *, head_tokens: int | None 
 
 
 def train_step(cfg, stage: str, rows: int, seq: int, n_images: int, *, lora_r: int = 0, remat: bool = False,
-               hardware: bool = False, train_vision: bool = False) -> Flops:
+               hardware: bool = False, train_vision: bool = False, seq_chunk: int = 0) -> Flops:
   """One optimizer step on rows x seq tokens with n_images images (see the module docstring).
 
   hardware=False: model FLOPs (causal attention halved, no recomputation). hardware=True: dense attention and,
   with `remat`, one more forward of every decoder layer (attention and adapters included). `train_vision`
   (LLaVA-1.6's stage 2): the tower's layers run backward too, to the input (dx) and to the weights (dW), and with
-  `remat` and hardware=True their forward once more.
+  `remat` and hardware=True their forward once more. `seq_chunk` (ModelOptions.seq_chunk, hardware=True): each
+  position piece of the head and the MLP is recomputed in the backward, so the head's forward runs once more, and
+  without `remat` the MLP's gate and up projections too (under remat jax drops the layer's own recomputation of
+  them instead, and down_proj's is dead code either way).
   """
   t = cfg.text
   f = forward(cfg, rows, seq, n_images, causal_half=not hardware)
@@ -136,6 +139,10 @@ def train_step(cfg, stage: str, rows: int, seq: int, n_images: int, *, lora_r: i
     down = t.num_hidden_layers * t.hidden_size * t.intermediate_size * seq * rows
     f.llm += fwd_llm - 2 * head - 2 * down
     f.attention += fwd_attention
+  if hardware and 0 < seq_chunk < seq:
+    f.llm += 2 * head
+    if not remat:
+      f.llm += 2 * 2 * t.num_hidden_layers * t.hidden_size * t.intermediate_size * seq * rows  # gate and up
   return f
 
 

@@ -118,7 +118,7 @@ def hlo_sources(hlo: str, depth: int = 3) -> dict:
 
 BUCKETS = (  # (bucket, regex on the source string); the first match wins
     ("lm_head matmuls", r"logits_from_hidden"),
-    ("loss over the vocabulary (log-softmax, pick, shift)", r"cross_entropy_sum"),
+    ("loss over the vocabulary (log-softmax, pick, shift)", r"cross_entropy"),
     ("decoder MLP matmuls", r"dot_general @ layers.py:Dense.__call__:\d+ < llama.py:LlamaMLP"),
     ("decoder MLP elementwise (SiLU * up)", r"LlamaMLP"),
     ("decoder q/k/v/o projections", r"dot_general @ layers.py:Dense.__call__:\d+ < llama.py:LlamaAttention"),
@@ -128,7 +128,7 @@ BUCKETS = (  # (bucket, regex on the source string); the first match wins
     ("vision tower (frozen: forward only)", r"clip.py|LayerNorm|attention.py"),
     ("projector", r"MultiModalProjector"),
     ("embedding lookup / gradient", r"Embed.__call__"),
-    ("image splice (Llava.embed)", r"Llava.embed|image_features"),
+    ("image splice (Llava.embed)", r"Llava\._?embed|image_features"),
     ("optimizer: clip + AdamW + finite checks", r"optax|_clipping|_tree_math|transform.py|_combining|_masking|update|all_finite|_train_step|partition|combine"),
 )
 

@@ -47,3 +47,52 @@ def test_train_flops_follow_the_stage():
   assert s1.llm < lora.llm < s2.llm
   hardware = flops.train_step(cfg, "stage2", 2, 64, 2, remat=True, hardware=True)
   assert hardware.total > s2.total
+
+
+def _dot_flops_and_shapes(jaxpr, trips=1):
+  """(2 x multiply-adds of every dot_general, scan bodies times their length; every produced shape)."""
+  import numpy as np
+  total, shapes = 0, set()
+  for eqn in jaxpr.eqns:
+    shapes.update(tuple(getattr(v.aval, "shape", ())) for v in eqn.outvars)
+    if eqn.primitive.name == "dot_general":
+      (contract, _), _ = eqn.params["dimension_numbers"]
+      k = np.prod([eqn.invars[0].aval.shape[i] for i in contract])
+      total += 2 * int(np.prod(eqn.outvars[0].aval.shape)) * int(k) * trips
+    for param in eqn.params.values():
+      for sub in param if isinstance(param, (list, tuple)) else [param]:
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          f, s = _dot_flops_and_shapes(inner, trips * eqn.params.get("length", 1) if eqn.primitive.name == "scan"
+                                       else trips)
+          total, shapes = total + f, shapes | s
+  return total, shapes
+
+
+@pytest.mark.parametrize("remat", ["full", "none"])
+def test_position_pieces_cost_what_flops_counts(remat):
+  """`seq_chunk` as flops.py counts it (the head's forward once more; without remat the MLP's gate and up too),
+  checked on the train step's jaxpr, and the point of it: no [B, T, intermediate] or [B, T, vocab] value."""
+  import jax
+
+  import train_util
+  from llava_jax.train import run_config
+
+  def step_jaxpr(chunk):
+    config = train_util.tiny_config("stage2", seq_chunk=chunk, remat=remat, scan_layers=True,
+                                    **{"model.text.num_hidden_layers": 3})
+    trainer = train_util.make_trainer(config)
+    batch = {k: v for k, v in train_util.batches(config, 1)[0].items()
+             if k in ("input_ids", "labels", "attention_mask", "pixel_values", "image_mask")}
+    step = lambda state, b: trainer._train_step(state, b, {k: None for k in b})  # pylint: disable=protected-access
+    return run_config.model_config(config), batch["input_ids"].shape, jax.make_jaxpr(step)(trainer.abstract_state,
+                                                                                              batch).jaxpr
+
+  cfg, (rows, seq), whole = step_jaxpr(0)
+  _, _, pieces = step_jaxpr(8)
+  (whole_flops, whole_shapes), (piece_flops, piece_shapes) = map(_dot_flops_and_shapes, (whole, pieces))
+  counted = lambda chunk: flops.train_step(cfg, "stage2", rows, seq, rows, remat=remat == "full", hardware=True,
+                                           seq_chunk=chunk).llm
+  assert piece_flops - whole_flops == counted(8) - counted(0) > 0
+  wide = {(rows, seq, cfg.text.intermediate_size), (rows, seq, cfg.text.vocab_size)}
+  assert wide <= whole_shapes and not wide & piece_shapes

@@ -90,6 +90,24 @@ def test_attention_impls_match_transformers(impl, tmp_path):
   assert_same_logits(hf, ours, ids, mask, hf_tiny.pixels(2))
 
 
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_mlp_in_position_pieces_matches_transformers(scan_layers, tmp_path):
+  """`ModelOptions.seq_chunk`: the decoder MLP applied 5 positions at a time (the last piece padded), per-layer and
+  stacked."""
+  from flax import nnx
+
+  from llava_jax.checkpoint import model_from_params
+
+  hf = hf_tiny.llava_model()
+  ours = convert(hf, tmp_path)
+  options = ours.options.replace(seq_chunk=5, scan_layers=scan_layers)
+  chunked = model_from_params(ours.config, nnx.to_pure_dict(nnx.state(ours, nnx.Param)), options)
+  n = image_tokens(hf)
+  ids, mask = batch([[1, 5, 7] + [IMAGE_TOKEN] * n + [11, 12, 13], [1] + [IMAGE_TOKEN] * n + [21, 22]], "left")
+  assert ids.shape[1] % 5  # a padded last piece
+  assert_same_logits(hf, chunked, ids, mask, hf_tiny.pixels(2, seed=3))
+
+
 def test_two_images_in_one_row_and_rows_without_images(tmp_path):
   hf = hf_tiny.llava_model(text=hf_tiny.text_config(num_key_value_heads=2))
   ours = convert(hf, tmp_path)
@@ -204,6 +222,28 @@ def test_image_mask_skips_blank_slots(tmp_path):
   got = np.asarray(ours(jnp.asarray(ids), jnp.asarray(slots), jnp.asarray(mask),
                         image_mask=jnp.asarray([True, False, True])))
   assert np.abs(ref - got)[mask.astype(bool)].max() <= TOL
+
+
+def test_images_by_row_splices_like_the_batch_wide_gather(tmp_path):
+  """The train step's row-local splice (`images_by_row`): rows with two, no and one image (the one in its second
+  slot) give transformers' logits, and the same embeddings as the batch-wide gather."""
+  hf = hf_tiny.llava_model()
+  ours = convert(hf, tmp_path)
+  n = image_tokens(hf)
+  ids, mask = batch([[1] + [IMAGE_TOKEN] * n + [2] + [IMAGE_TOKEN] * n + [3], [1, 5, 6, 7],
+                     [1, 4] + [IMAGE_TOKEN] * n + [8, 9]], "left")
+  real = hf_tiny.pixels(3, seed=7)
+  blank = np.zeros_like(real[0])
+  slots = np.stack([np.stack([real[0], real[1]]), np.stack([blank, blank]), np.stack([blank, real[2]])])
+  image_mask = np.array([[True, True], [False, False], [False, True]])
+  args = [jnp.asarray(x) for x in (ids, slots, image_mask)]
+  by_row = ours.embed(args[0], args[1], args[2], images_by_row=True)
+  np.testing.assert_allclose(np.asarray(by_row), np.asarray(ours.embed(*args)), rtol=1e-6, atol=1e-6)
+  ref = hf_tiny.reference_logits(hf, ids, real, mask)
+  got = np.asarray(ours(args[0], args[1], jnp.asarray(mask), image_mask=args[2], images_by_row=True))
+  assert np.abs(ref - got)[mask.astype(bool)].max() <= TOL
+  with pytest.raises(ValueError, match="do not match"):  # a row's tokens must match its own images
+    ours.embed(args[0], args[1], jnp.asarray([[True, True], [False, True], [False, False]]), images_by_row=True)
 
 
 def test_packed_row_equals_its_samples_alone(tmp_path):

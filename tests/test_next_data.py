@@ -117,6 +117,7 @@ def test_rows_match_the_inference_builder_and_the_model_embeds_each_row_alone(co
   from flax import nnx
 
   from llava_jax.models.llava import Llava, image_feature_rows
+  from llava_jax.train.step import step_feature_rows
 
   model_dict = recipes.tiny_next("stage2").model.to_dict()
   model_dict["text"]["vocab_size"] = model_dict["image_token_index"] = IMAGE_TOKEN
@@ -130,6 +131,12 @@ def test_rows_match_the_inference_builder_and_the_model_embeds_each_row_alone(co
     alone = image_feature_rows(cfg, ids, size, MAX_TILES)
     expected = model.embed(jnp.asarray(ids), jnp.asarray(pixels), None, jnp.asarray(alone))
     np.testing.assert_allclose(np.asarray(embeds[r]), np.asarray(expected[0]), rtol=1e-6, atol=1e-6)
+  # The train step's row-local splice: rows renumbered within each row, each row gathering its own features.
+  rows = step_feature_rows(jnp.asarray(batch["image_feature_rows"]), jnp.asarray(batch["pixel_values"]),
+                           cfg.num_image_tokens, host_rows=batch["input_ids"].shape[0])
+  by_row = model.embed(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["pixel_values"]),
+                       jnp.asarray(batch["image_mask"]), rows, images_by_row=True)
+  np.testing.assert_allclose(np.asarray(by_row), np.asarray(embeds), rtol=1e-6, atol=1e-6)
 
 
 def test_each_image_has_its_own_token_count_and_cut_images_are_skipped(corpus, tokenizer):

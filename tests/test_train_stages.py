@@ -150,6 +150,38 @@ def test_loss_is_the_mean_over_supervised_tokens_of_the_batch():
   np.testing.assert_allclose(float(total), float(expected), rtol=1e-6)
 
 
+@pytest.mark.parametrize("chunk", [16, 20])  # 48 positions: 3 pieces, or 3 with the last one padded
+def test_chunked_loss_matches_the_whole_row(chunk):
+  from llava_jax.train.step import chunked_cross_entropy_sum, cross_entropy_sum
+
+  k1, k2, k3 = jax.random.split(jax.random.key(1), 3)
+  hidden = jax.random.normal(k1, (2, 48, 8))
+  weight = jax.random.normal(k2, (8, 11))
+  labels = jnp.where(jax.random.uniform(k3, (2, 48)) < 0.3, -100, jax.random.randint(k3, (2, 48), 0, 11))
+
+  def loss(fn, hidden, weight):
+    total, count = fn(hidden, weight)
+    return total / count, count
+
+  whole = lambda h, w: cross_entropy_sum(h @ w, labels)
+  pieces = lambda h, w: chunked_cross_entropy_sum(h, lambda x: x @ w, labels, chunk)
+  (ref, ref_count), ref_grads = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(whole, hidden, weight)
+  (got, got_count), got_grads = jax.value_and_grad(loss, argnums=(1, 2), has_aux=True)(pieces, hidden, weight)
+  assert int(got_count) == int(ref_count) > 0
+  np.testing.assert_allclose(float(got), float(ref), rtol=1e-6)
+  for g, r in zip(got_grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-5, atol=1e-7)
+
+
+def test_position_pieces_train_like_whole_rows(stage_runs):
+  *_, ref = stage_runs["stage2"]
+  config = train_util.tiny_config("stage2", **STAGE_KW, **STAGE_OVERRIDES["stage2"], seq_chunk=20)
+  _, state = train_util.run(train_util.make_trainer(config), train_util.batches(config, 4))
+  got = train_util.flat(state["params"])
+  for name in ref:
+    np.testing.assert_allclose(got[name], ref[name], rtol=1e-5, atol=1e-3 * config.optimizer.lr, err_msg=name)
+
+
 def test_stage2_fits_a_small_fixed_batch():
   config = train_util.tiny_config("stage2", **{"optimizer.lr": 1e-3, "total_steps": 200, "batch_size": 4})
   trainer = train_util.make_trainer(config)

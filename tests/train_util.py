@@ -34,7 +34,7 @@ def make_trainer(config, mesh_shape=(1, 1, 1)) -> Trainer:
   return Trainer(run_config.model_config(config), config.stage, run_config.optim_config(config), config.total_steps,
                  mesh_of(mesh_shape), grad_accum_steps=config.grad_accum_steps,
                  lora=run_config.lora_config(config), remat=config.remat,
-                 scan_layers=config.scan_layers, seed=config.seed)
+                 scan_layers=config.scan_layers, seed=config.seed, seq_chunk=config.seq_chunk)
 
 
 def batches(config, n: int, batch_size: int | None = None, num_distinct: int = 0) -> list[dict]:

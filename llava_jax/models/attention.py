@@ -241,15 +241,31 @@ _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 # -- splash: the Pallas TPU kernel ---------------------------------------------------------------------------------
 
 
-@functools.lru_cache(maxsize=32)
 def _splash_kernel(num_heads: int, length: int, block: int, causal: bool, sliding_window: int | None,
-                   interpret: bool, context_mesh):
-  """The kernel for one example ([H, L, D] queries): its block-sparsity tables are computed once per shape.
+                   interpret: bool):
+  """The kernel for one example ([H, L, D] queries), with its block-sparsity tables.
 
-  `context_mesh` (the abstract mesh current where the kernel is called) is only a cache key: the tables are made
+  Normally the tables are concrete and cached per shape. When the trace compiles for another platform than this
+  process runs (a TPU topology's mesh on a CPU host, benchmarks/aot_scale.py `--topology`) they cannot be made
+  eagerly, there being no device of that kind here, so they become constants of the current trace (not cached:
+  they belong to it)."""
+  if target_platform() != jax.default_backend():
+    return _build_splash_kernel(num_heads, length, block, causal, sliding_window, interpret)
+  return _cached_splash_kernel(num_heads, length, block, causal, sliding_window, interpret,
+                               jax.sharding.get_abstract_mesh())
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_splash_kernel(num_heads, length, block, causal, sliding_window, interpret, context_mesh):
+  """`context_mesh` (the abstract mesh current where the kernel is called) is only a cache key: the tables are made
   as arrays typed for the mesh current when they are built, and jax refuses them under another (e.g. one built
   inside a (2, 4, 1) mesh's shard_map, reused under (2, 2, 2))."""
   del context_mesh
+  with jax.ensure_compile_time_eval():  # concrete tables even when first built under jit
+    return _build_splash_kernel(num_heads, length, block, causal, sliding_window, interpret)
+
+
+def _build_splash_kernel(num_heads, length, block, causal, sliding_window, interpret):
   from jax.experimental.pallas.ops.tpu.splash_attention import (  # pylint: disable=import-outside-toplevel
       splash_attention_kernel as kernel_lib, splash_attention_mask as mask_lib)
 
@@ -261,16 +277,16 @@ def _splash_kernel(num_heads: int, length: int, block: int, causal: bool, slidin
   blocks = kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                                  block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
                                  block_kv_dq=block)
-  with jax.ensure_compile_time_eval():  # concrete tables even when first built under jit (they are cached)
-    kernel = kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([head_mask] * num_heads), block_sizes=blocks,
-                                        head_shards=1, q_seq_shards=1, interpret=interpret)
+  kernel = kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([head_mask] * num_heads), block_sizes=blocks,
+                                      head_shards=1, q_seq_shards=1, interpret=interpret)
   return kernel, kernel_lib.SegmentIds
 
 
 def splash_attention(q, k, v, mask: SelfAttentionMask | None = None, *, scale: float, interpret: bool | None = None):
   """Splash attention for a full forward pass: causal with `mask` (padding and packed segments as segment ids),
   bidirectional over all keys without (the vision tower). Pads the length to the kernel's tile and vmaps the
-  per-example kernel over the batch. `interpret` defaults to True off TPU.
+  per-example kernel over the batch. `interpret` defaults to True unless the computation targets a TPU
+  (`target_platform`).
 
   XLA does not partition a Pallas call: under a current mesh (`jax.set_mesh`) of more than one device the kernel
   runs inside `jax.shard_map`, each device on its own rows (and heads), see `_splash_partition`. With no mesh or
@@ -280,7 +296,7 @@ def splash_attention(q, k, v, mask: SelfAttentionMask | None = None, *, scale: f
   if k.shape[1] != t:
     raise ValueError(f"splash attention here is self-attention: {t} queries, {k.shape[1]} keys")
   if interpret is None:
-    interpret = jax.default_backend() != "tpu"
+    interpret = target_platform() != "tpu"
   ids = jnp.zeros((b, t), jnp.int32) if mask is None else mask.row_ids()
   local = functools.partial(_splash_local, causal=mask is not None,
                             window=None if mask is None else mask.sliding_window, scale=scale,
@@ -296,6 +312,14 @@ def splash_attention(q, k, v, mask: SelfAttentionMask | None = None, *, scale: f
   sharded = jax.shard_map(local, in_specs=(qkv_spec, qkv_spec, qkv_spec, jax.P(batch, None)), out_specs=qkv_spec,
                           axis_names=manual_axes, check_vma=False)
   return sharded(q, k, v, ids)
+
+
+def target_platform() -> str:
+  """The platform the traced computation is compiled for: the current mesh's devices' (a mesh of TPU devices
+  from `jax.experimental.topologies` compiles for TPU on a host without one, benchmarks/aot_scale.py
+  `--topology`), else the default backend's."""
+  device = jax.sharding.get_abstract_mesh().abstract_device
+  return jax.default_backend() if device is None else device.platform
 
 
 def _splash_partition(q_shape, k_shape):
@@ -335,8 +359,7 @@ def _splash_local(q, k, v, ids, *, causal: bool, window: int | None, scale: floa
   block = min(SPLASH_MAX_BLOCK, _round_up(t, 128))
   length = _round_up(t, block)
   ids = jnp.pad(ids, ((0, 0), (0, length - t)), constant_values=_TAIL_ID)
-  kernel, segment_ids = _splash_kernel(h, length, block, causal, window, interpret,
-                                       jax.sharding.get_abstract_mesh())
+  kernel, segment_ids = _splash_kernel(h, length, block, causal, window, interpret)
   heads_first = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, length - t), (0, 0)))
   per_example = lambda q1, k1, v1, ids1: kernel(q1, k1, v1, segment_ids=segment_ids(ids1, ids1))
   out = jax.vmap(per_example)(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v), ids)

@@ -120,3 +120,19 @@ def activation(name: str):
   if name not in ACTIVATIONS:
     raise ValueError(f"activation {name!r} is not one of {sorted(ACTIVATIONS)}")
   return ACTIVATIONS[name]
+
+
+def over_position_pieces(fn, xs: tuple, chunk: int, fills: tuple):
+  """`fn` applied to `chunk` positions (axis 1 of every x in `xs`, [B, T, ...]) at a time under `lax.scan`, each
+  piece recomputed in the backward pass: a wide per-position computation (the MLP's hidden layer, the logits over
+  the vocabulary) then keeps one piece's temporaries alive, not T's. The last piece is padded with `fills` (one per
+  x). Returns fn's outputs stacked over pieces: [T / chunk (rounded up), ...]."""
+  b, t = xs[0].shape[:2]
+  pad = -t % chunk
+
+  def pieces(x, fill):
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return jnp.moveaxis(x.reshape(b, -1, chunk, *x.shape[2:]), 1, 0)
+
+  body = jax.checkpoint(lambda carry, piece: (carry, fn(*piece)))
+  return jax.lax.scan(body, None, tuple(pieces(x, f) for x, f in zip(xs, fills)))[1]

@@ -17,7 +17,7 @@ from flax import nnx
 
 from llava_jax.config import TextConfig
 from llava_jax.models.attention import dot_product_attention, prepare_mask
-from llava_jax.models.layers import Dense, Embed, RMSNorm, activation
+from llava_jax.models.layers import Dense, Embed, RMSNorm, activation, over_position_pieces
 from llava_jax.models.options import ModelOptions
 from llava_jax.models.stack import make_layers, run_layers
 
@@ -109,25 +109,33 @@ class LlamaAttention(nnx.Module):
 
 class LlamaMLP(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype):
+  def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, seq_chunk: int = 0):
     kw = dict(use_bias=cfg.mlp_bias, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
     self.gate_proj = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
     self.up_proj = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
     self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
     self.act = activation(cfg.hidden_act)
+    self.seq_chunk = seq_chunk  # ModelOptions.seq_chunk
 
   def __call__(self, x):
+    b, t, d = x.shape
+    if not 0 < self.seq_chunk < t:
+      return self._mlp(x)
+    out = over_position_pieces(self._mlp, (x,), self.seq_chunk, (0,))  # [pieces, B, seq_chunk, D]
+    return jnp.moveaxis(out, 0, 1).reshape(b, -1, d)[:, :t]
+
+  def _mlp(self, x):
     return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class LlamaDecoderLayer(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, attention_impl: str):
+  def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, attention_impl: str, seq_chunk: int = 0):
     kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
     self.self_attn = LlamaAttention(cfg, attention_impl=attention_impl, **kw)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-    self.mlp = LlamaMLP(cfg, **kw)
+    self.mlp = LlamaMLP(cfg, seq_chunk=seq_chunk, **kw)
 
   def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
     attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
@@ -149,8 +157,8 @@ class LlamaModel(nnx.Module):
     kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
     self.config, self.dtype, self.options = cfg, dtype, options
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
-    self.layers = make_layers(lambda: LlamaDecoderLayer(cfg, attention_impl=options.attention_impl, **kw),
-                              cfg.num_hidden_layers, stacked=options.scan_layers)
+    layer = lambda: LlamaDecoderLayer(cfg, attention_impl=options.attention_impl, seq_chunk=options.seq_chunk, **kw)
+    self.layers = make_layers(layer, cfg.num_hidden_layers, stacked=options.scan_layers)
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
   def __call__(self, inputs_embeds, positions, mask, *, caches=None, cache_index=None,

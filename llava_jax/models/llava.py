@@ -59,6 +59,13 @@ def attention_mask_4d(key_valid, query_len: int, query_offset=0, segment_ids=Non
   return causal_mask(key_valid, query_len, query_offset, segment_ids, sliding_window)  # models/attention.py
 
 
+def _check_image_tokens(n_tokens: int, n_images: int, per_image: int, image_token: int) -> None:
+  if n_tokens != n_images * per_image:
+    raise ValueError(f"Image features and image tokens do not match: {n_tokens} image tokens "
+                     f"(id {image_token}) in input_ids, {n_images * per_image} features "
+                     f"({n_images} images x {per_image})")
+
+
 def image_feature_rows(cfg: LlavaConfig, input_ids, image_sizes, tiles_per_image: int) -> np.ndarray:
   """LLaVA-NeXT, on the host: int32 [B, T], for each image-token position the row of the batch's tile features
   `[N * tiles_per_image * per_tile, D]` it takes, the row one past them for `image_newline`, 0 elsewhere.
@@ -114,13 +121,19 @@ class Llava(nnx.Module):
     features = jnp.concatenate([hidden[l][:, start:] for l in layers], axis=-1)
     return self.multi_modal_projector(features)
 
-  def embed(self, input_ids, pixel_values=None, image_mask=None, image_feature_rows=None):
+  def embed(self, input_ids, pixel_values=None, image_mask=None, image_feature_rows=None, images_by_row=False):
     """Token embeddings with image features scattered, in order, into the image-token positions.
 
     pixel_values: [N, H, W, C] (or [B, M, H, W, C], flattened row-major); image_mask [N] (or [B, M]) marks
     real images, so a fixed-shape batch can carry blank slots for rows without one. LLaVA-NeXT: pixel_values
     [N, P, H, W, C] (or [B, M, P, H, W, C]): each image's tiles, and `image_feature_rows` [B, T] from
     `image_feature_rows(...)` places their features.
+
+    `images_by_row`: pixel_values[b] ([B, ...] or [B, M, ...]) are row b's own images and each row takes only
+    those (for LLaVA-NeXT, `image_feature_rows` then count within the row: its slots' features from 0, the
+    newline one past them). The same result on a batch where every row's image tokens match its images, but
+    each row gathers from its own features only, so the splice stays split with the batch on a mesh (the
+    batch-wide gather makes every device hold every row's features). The train step uses it.
     """
     image_token = self.config.image_token_index
     is_image = input_ids == image_token
@@ -132,7 +145,9 @@ class Llava(nnx.Module):
                          "pixel_values were given")
       return embeds
     if self.config.is_next:
-      return self._embed_tiles(embeds, is_image, pixel_values, image_feature_rows)
+      return self._embed_tiles(embeds, is_image, pixel_values, image_feature_rows, images_by_row)
+    if images_by_row:
+      return self._embed_by_row(embeds, is_image, pixel_values, image_mask)
     if pixel_values.ndim == 5:
       pixel_values = pixel_values.reshape(-1, *pixel_values.shape[2:])
       image_mask = None if image_mask is None else image_mask.reshape(-1)
@@ -143,26 +158,50 @@ class Llava(nnx.Module):
       features = features[order]
     n_real = n_images if image_mask is None else jnp.sum(image_mask)
     if _is_concrete(input_ids) and _is_concrete(n_real):
-      n_tokens, n_features = int(is_image.sum()), int(n_real) * per_image
-      if n_tokens != n_features:
-        raise ValueError(f"Image features and image tokens do not match: {n_tokens} image tokens "
-                         f"(id {image_token}) in input_ids, {n_features} features "
-                         f"({n_features // per_image} images x {per_image})")
+      _check_image_tokens(int(is_image.sum()), int(n_real), per_image, image_token)
     flat = features.reshape(n_images * per_image, dim).astype(embeds.dtype)
     index = jnp.cumsum(is_image.reshape(-1)) - 1
     spliced = flat[jnp.clip(index, 0, flat.shape[0] - 1)].reshape(embeds.shape)
     return jnp.where(is_image[..., None], spliced, embeds)
 
-  def _embed_tiles(self, embeds, is_image, pixel_values, image_feature_rows):
+  def _embed_by_row(self, embeds, is_image, pixel_values, image_mask):
+    """`embed` with row b taking its image tokens' features, in order, from its own images (pixel_values [B, H,
+    W, C] or [B, M, H, W, C], real ones marked by image_mask [B] or [B, M])."""
+    b = embeds.shape[0]
+    slots = pixel_values.reshape(b, -1, *pixel_values.shape[-3:])
+    features = self.image_features(slots.reshape(-1, *slots.shape[2:]))
+    features = features.reshape(b, slots.shape[1], *features.shape[1:])  # [B, M, F, D]
+    per_image = features.shape[2]
+    real = (jnp.ones(slots.shape[:2], bool) if image_mask is None else image_mask.reshape(b, -1).astype(bool))
+    if real.shape[1] > 1:  # each row's real images first, in order
+      order = jnp.argsort(~real, axis=1, stable=True)
+      features = jnp.take_along_axis(features, order[:, :, None, None], axis=1)
+    if _is_concrete(is_image) and _is_concrete(real):
+      for tokens, images in zip(np.asarray(is_image).sum(1), np.asarray(real).sum(1)):
+        _check_image_tokens(int(tokens), int(images), per_image, self.config.image_token_index)
+    flat = features.reshape(b, -1, features.shape[-1]).astype(embeds.dtype)  # [B, M * F, D]
+    index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, flat.shape[1] - 1)
+    spliced = jnp.take_along_axis(flat, index[..., None], axis=1)
+    return jnp.where(is_image[..., None], spliced, embeds)
+
+  def _embed_tiles(self, embeds, is_image, pixel_values, image_feature_rows, images_by_row=False):
     """LLaVA-NeXT: every tile through the tower and projector (blank tiles too: fixed shapes), then one gather
-    from [tile features..., image_newline] by the host-computed rows."""
+    from [tile features..., image_newline] by the host-computed rows (per row with `images_by_row`)."""
     if image_feature_rows is None:
       raise ValueError("a LLaVA-NeXT model needs image_sizes (or image_feature_rows) with pixel_values")
     tiles = pixel_values.reshape(-1, *pixel_values.shape[-3:])
     features = self.image_features(tiles)
-    flat = jnp.concatenate([features.reshape(-1, features.shape[-1]),
-                            self.image_newline[...].astype(features.dtype)[None]]).astype(embeds.dtype)
-    spliced = flat[jnp.clip(image_feature_rows, 0, flat.shape[0] - 1)]
+    dim = features.shape[-1]
+    newline = self.image_newline[...].astype(features.dtype)
+    if images_by_row:  # [B, slots x tiles x F + 1, D]: the row's own features, then the newline
+      b = embeds.shape[0]
+      flat = jnp.concatenate([features.reshape(b, -1, dim), jnp.broadcast_to(newline, (b, 1, dim))], axis=1)
+      flat = flat.astype(embeds.dtype)
+      rows = jnp.clip(image_feature_rows, 0, flat.shape[1] - 1)
+      spliced = jnp.take_along_axis(flat, rows[..., None], axis=1)
+    else:
+      flat = jnp.concatenate([features.reshape(-1, dim), newline[None]]).astype(embeds.dtype)
+      spliced = flat[jnp.clip(image_feature_rows, 0, flat.shape[0] - 1)]
     return jnp.where(is_image[..., None], spliced, embeds)
 
   def logits_from_hidden(self, hidden):
@@ -189,8 +228,11 @@ class Llava(nnx.Module):
     return jnp.asarray(image_feature_rows(self.config, input_ids, image_sizes, pixel_values.shape[-4]))
 
   def __call__(self, input_ids, pixel_values=None, attention_mask=None, *, image_sizes=None, image_mask=None,
-               positions=None, segment_ids=None, image_feature_rows=None, return_hidden: bool = False):
-    """input_ids [B, T] -> logits [B, T, vocab] (and all decoder hidden states if `return_hidden`).
+               positions=None, segment_ids=None, image_feature_rows=None, return_hidden: bool = False,
+               head: bool = True, images_by_row: bool = False):
+    """input_ids [B, T] -> logits [B, T, vocab] (and all decoder hidden states if `return_hidden`). `head=False`
+    returns the final (normed) hidden states [B, T, D] instead of logits, for a loss that applies
+    `logits_from_hidden` itself, piece by piece (the train step's chunked loss). `images_by_row`: see `embed`.
 
     attention_mask [B, T] (1 = real token) gives positions cumsum - 1 and masks padded keys. For packed rows pass
     `segment_ids` [B, T] (0 = padding) and `positions`: attention stays within a segment. LLaVA-NeXT takes
@@ -205,7 +247,7 @@ class Llava(nnx.Module):
       positions = positions_from_mask(attention_mask)
     # Described, not materialised: the memory-efficient kernels never build [T, T] (models/attention.py).
     mask = SelfAttentionMask(attention_mask, segment_ids, self.config.text.sliding_window)
-    embeds = self.embed(input_ids, pixel_values, image_mask, image_feature_rows)
+    embeds = self.embed(input_ids, pixel_values, image_mask, image_feature_rows, images_by_row)
     out = self.decode(embeds, positions, mask, return_hidden=return_hidden)
-    logits = self.logits_from_hidden(out.hidden)
+    logits = self.logits_from_hidden(out.hidden) if head else out.hidden
     return (logits, out.all_hidden) if return_hidden else logits

@@ -25,12 +25,17 @@ class ModelOptions:
   # XLA may trade the batch split for the FSDP split of the weights (both on the fsdp axis) and keep whole-batch
   # activations on every device.
   activation_sharding: Any = None
+  # Positions per piece of the MLP (and, in training, of the lm_head + loss), each piece recomputed in the backward
+  # pass: their [B, T, intermediate] and [B, T, vocab] buffers are a step's widest (0: whole rows).
+  seq_chunk: int = 0
 
   def __post_init__(self):
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl {self.attention_impl!r} is not one of {ATTENTION_IMPLS}")
     if self.remat not in REMAT_POLICY_NAMES:
       raise ValueError(f"remat policy {self.remat!r} is not one of {REMAT_POLICY_NAMES}")
+    if self.seq_chunk < 0:
+      raise ValueError(f"seq_chunk={self.seq_chunk}: use 0 (whole rows) or a positive number of positions")
 
   def replace(self, **changes) -> "ModelOptions":
     return dataclasses.replace(self, **changes)

@@ -44,7 +44,8 @@ def train(config, workdir: str) -> dict:
   lora = lora_config(config)
   trainer = Trainer(cfg, config.stage, optim_config(config), config.total_steps, mesh, rules,
                     grad_accum_steps=config.grad_accum_steps, lora=lora, remat=config.remat,
-                    scan_layers=config.scan_layers, seed=config.seed, attention_impl=config.attention_impl)
+                    scan_layers=config.scan_layers, seed=config.seed, attention_impl=config.attention_impl,
+                    seq_chunk=config.seq_chunk)
   assets = checkpoint_files.assets_dir(workdir) or (
       checkpoint_files.assets_dir(config.init_checkpoint) if config.init_checkpoint else None)
   data = batches.make_iterator(config.data, cfg, config.batch_size // jax.process_count(), seed=config.seed,

@@ -74,6 +74,9 @@ def base_config(stage: str = "stage1") -> ml_collections.ConfigDict:
   c.attention_impl = "xla"
   c.remat = "none"           # none | full | dots_saveable
   c.scan_layers = False
+  # Positions per piece of the MLP and of the lm_head + loss, each piece recomputed backward (0: whole rows). The
+  # pod recipes use 512: the [rows, T, intermediate] and fp32 [rows, T, vocab] buffers are a step's widest.
+  c.seq_chunk = 0
 
   # Steps and batch: batch_size is global (all hosts), split into grad_accum_steps micro-batches.
   c.total_steps = 100
@@ -120,6 +123,7 @@ def llava_v1_5(arg: str, vision: dict, text: dict, default_preset: str = "v5p-64
   c.model = dict(vision=vision, text=text, image_token_index=text["vocab_size"], vision_feature_layer=-2)
   c.dtype, c.param_dtype = "bfloat16", "float32"
   c.remat, c.scan_layers = "full", True
+  c.seq_chunk = 512
   c.mesh = hardware["mesh"]
   stage1 = stage == "stage1"
   c.batch_size = 256 if stage1 else 128

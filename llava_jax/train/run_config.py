@@ -64,6 +64,9 @@ def check_config(config, num_devices: int, process_count: int = 1) -> tuple[int,
   _check_data(config.data)
   if config.total_steps < 1:
     raise ConfigValueError(f"config.total_steps={config.total_steps}: set --config.total_steps to at least 1")
+  if config.seq_chunk < 0:
+    raise ConfigValueError(f"config.seq_chunk={config.seq_chunk}: use 0 (the whole row at once) or a positive "
+                           "number of positions")
   if config.remat not in REMAT_POLICY_NAMES:
     raise ConfigValueError(f"config.remat={config.remat!r} is not one of {sorted(REMAT_POLICY_NAMES)}")
   if config.stage == "lora" and config.lora.r < 1:

@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from llava_jax import lora as lora_lib
 from llava_jax.config import IGNORE_INDEX, LlavaConfig
+from llava_jax.models.layers import over_position_pieces
 from llava_jax.models.llava import Llava
 from llava_jax.models.options import ModelOptions
 from llava_jax.lora import LoraConfig
@@ -34,23 +35,42 @@ BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "image_ma
               "image_feature_rows")
 
 
-def cross_entropy_sum(logits, labels):
-  """Next-token cross-entropy summed over supervised positions, and their count.
+def next_token_targets(labels):
+  """The label each position predicts: `labels` sit at the inputs' positions (HF's convention), so logits at t
+  predict labels at t + 1; the last position predicts nothing (IGNORE_INDEX)."""
+  return jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
 
-  `labels` sit at the same positions as the inputs (HF's convention): logits at t predict labels at t + 1.
-  Computed in fp32 whatever the logits' dtype.
 
-  The labels are shifted, not the logits: slicing [B, T, vocab] costs a copy forward and a zero-padded copy
-  backward. The target logit is picked by comparing with the vocabulary index, not by `take_along_axis`, whose
-  gradient is a scatter into a fresh [B, T, vocab] buffer; the comparison fuses into the softmax's gradient.
-  """
+def _cross_entropy_on_targets(logits, targets):
+  """(sum of -log p(target), count) over positions whose target is not IGNORE_INDEX, in fp32.
+
+  The target logit is picked by comparing with the vocabulary index, not by `take_along_axis`, whose gradient is a
+  scatter into a fresh [B, T, vocab] buffer; the comparison fuses into the softmax's gradient."""
   logits = logits.astype(jnp.float32)
-  targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
   mask = targets != IGNORE_INDEX
   log_z = jax.nn.logsumexp(logits, axis=-1)
   hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) == targets[..., None]
   picked = jnp.sum(jnp.where(hit, logits, 0.0), axis=-1)
   return jnp.sum(jnp.where(mask, log_z - picked, 0.0)), jnp.sum(mask, dtype=jnp.int32)
+
+
+def cross_entropy_sum(logits, labels):
+  """Next-token cross-entropy summed over supervised positions, and their count (fp32 whatever the logits' dtype).
+  The labels are shifted, not the logits: slicing [B, T, vocab] costs a copy forward and a padded copy backward."""
+  return _cross_entropy_on_targets(logits, next_token_targets(labels))
+
+
+def chunked_cross_entropy_sum(hidden, head, labels, chunk: int):
+  """`cross_entropy_sum(head(hidden), labels)` with the head and the loss applied `chunk` positions at a time,
+  each chunk's logits recomputed in the backward pass: the fp32 [B, T, vocab] logits and their gradient (2 GB per
+  chip at 7B, 4 rows of 2048) never exist, for one more forward of the head (+1/3 of its FLOPs). `chunk` 0 (or
+  >= T): one piece, nothing recomputed."""
+  targets = next_token_targets(labels)
+  if not 0 < chunk < hidden.shape[1]:
+    return _cross_entropy_on_targets(head(hidden), targets)
+  ce, count = over_position_pieces(lambda h, tg: _cross_entropy_on_targets(head(h), tg), (hidden, targets), chunk,
+                                   (0, IGNORE_INDEX))
+  return ce.sum(), count.sum()
 
 
 def count_supervised(labels):
@@ -63,20 +83,19 @@ def all_finite(tree):
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def step_feature_rows(rows, pixel_values, tile_features: int, host_rows: int, accum: int = 1):
-  """LLaVA-NeXT `image_feature_rows` [B, T] as the model needs them inside the step.
+def step_feature_rows(rows, pixel_values, tile_features: int, host_rows: int):
+  """LLaVA-NeXT `image_feature_rows` [B, T] as the step's model takes them (`images_by_row`): within each row,
+  its slots' features from 0 and the newline at slots x tiles x F.
 
   Each host's pipeline numbers its rows' image slots from 0 (slot features at local_row * per_row, newline at
-  host_rows * per_row), but the step sees the global batch, or with gradient accumulation micro-batches of rows
-  k, k + n, ...: renumber to the batch the model is called on. Each host's rows are one contiguous block of
-  `host_rows` rows of the global batch (`shard_batch`), so a row's local index is b % host_rows.
+  host_rows * per_row); each host's rows are one contiguous block of `host_rows` rows of the global batch
+  (`shard_batch`), so a row's local index is b % host_rows. Counted within the row, they hold for any
+  micro-batch of rows too.
   """
   b = rows.shape[0]
   per_row = (pixel_values.size // b // math.prod(pixel_values.shape[-3:])) * tile_features  # slots x tiles x F
-  row = jnp.arange(b, dtype=rows.dtype)[:, None]
-  within_row = rows - (row % host_rows) * per_row
-  target_row, target_rows = (row // accum, b // accum)
-  return jnp.where(rows == host_rows * per_row, target_rows * per_row, within_row + target_row * per_row)
+  local_row = jnp.arange(b, dtype=rows.dtype)[:, None] % host_rows
+  return jnp.where(rows == host_rows * per_row, per_row, rows - local_row * per_row)
 
 
 def partition(tree, labels):
@@ -101,15 +120,16 @@ class Trainer:
   def __init__(self, model_cfg: LlavaConfig, stage: str, optim: OptimConfig, total_steps: int,
                mesh: jax.sharding.Mesh, rules=DEFAULT_RULES, *, grad_accum_steps: int = 1,
                lora: LoraConfig | None = None, remat: str = "none", scan_layers: bool = False, seed: int = 0,
-               attention_impl: str = "xla"):
+               attention_impl: str = "xla", seq_chunk: int = 0):
     self.model_cfg, self.stage, self.mesh, self.rules = model_cfg, stage, mesh, rules
+    self.seq_chunk = seq_chunk  # positions per piece of the MLP and of the lm_head + loss (0: whole rows)
     self.stacked = scan_layers  # the layer form of the state's params (models/stack.py)
     self.grad_accum_steps, self.seed = grad_accum_steps, seed
     self.lora = (lora or LoraConfig()) if stage == "lora" else None
 
     # Logits (and so the softmax) in fp32 under bf16 compute; hidden states pinned to the batch split.
     options = ModelOptions(attention_impl=attention_impl, scan_layers=scan_layers, remat=remat, logits_dtype="float32",
-                           activation_sharding=batch_sharding(mesh, 3, rules))
+                           activation_sharding=batch_sharding(mesh, 3, rules), seq_chunk=seq_chunk)
     model = nnx.eval_shape(lambda: Llava(model_cfg, options=options))
     self.graphdef, abstract = nnx.split(model, nnx.Param)
     self._abstract_vars = list(nnx.to_flat_state(abstract))
@@ -188,10 +208,11 @@ class Trainer:
     model = self.build_model(params["model"])
     if self.lora is not None:
       lora_lib.attach(model, params["lora"], self.lora.scale, self.lora.dropout, key)
-    logits = model(batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"],
+    hidden = model(batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"],
                    image_mask=batch.get("image_mask"), positions=batch.get("positions"),
-                   segment_ids=batch.get("segment_ids"), image_feature_rows=batch.get("image_feature_rows"))
-    return cross_entropy_sum(logits, batch["labels"])
+                   segment_ids=batch.get("segment_ids"), image_feature_rows=batch.get("image_feature_rows"),
+                   head=False, images_by_row=True)  # check_batch: pixel_values[b] are row b's image slots
+    return chunked_cross_entropy_sum(hidden, model.logits_from_hidden, batch["labels"], self.seq_chunk)
 
   def _train_step(self, state, batch, batch_shardings):
     params = state["params"]
@@ -207,10 +228,10 @@ class Trainer:
 
     grad_fn = jax.value_and_grad(loss_fn)
     n = self.grad_accum_steps
-    if "image_feature_rows" in batch:  # host-local slot numbers -> the (micro-)batch the model is called on
+    if "image_feature_rows" in batch:  # host-local slot numbers -> counted within each row
       host_rows = batch["input_ids"].shape[0] // jax.process_count()
       batch = dict(batch, image_feature_rows=step_feature_rows(
-          batch["image_feature_rows"], batch["pixel_values"], self.model_cfg.num_image_tokens, host_rows, n))
+          batch["image_feature_rows"], batch["pixel_values"], self.model_cfg.num_image_tokens, host_rows))
     if n == 1:
       loss, grads = grad_fn(trainable, batch, step_key)
     else:

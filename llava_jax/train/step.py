@@ -249,15 +249,19 @@ class Trainer:
       (grads, loss), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)), (micro, jnp.arange(n)))
 
     grad_norm = optax.tree.norm(grads)
-    full_grads = combine(grads, jax.tree.map(jnp.zeros_like, frozen))
-    updates, opt_state = self.tx.update(full_grads, state["opt_state"], params)
-    new_trainable = optax.apply_updates(trainable, partition(updates, self.labels)[0])
-    # A non-finite loss, gradient or updated weight skips the update: params and optimizer state (its count too,
-    # as optax.apply_if_finite) stay as they were, the step still advances, and the loop counts it.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(new_trainable)
-    keep_if_finite = lambda new, old: jnp.where(finite, new, old)
-    new_trainable = jax.tree.map(keep_if_finite, new_trainable, trainable)
-    opt_state = jax.tree.map(keep_if_finite, opt_state, state["opt_state"])
+    # A non-finite loss or gradient skips the update: params and optimizer state (its count too, as
+    # optax.apply_if_finite) stay as they were, the step still advances, and the loop counts it. A branch, not a
+    # select of new against old: the update then runs in place in the donated buffers (docs/PERFORMANCE.md).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+
+    def update(trainable_and_opt_state):
+      trainable, opt_state = trainable_and_opt_state
+      full_grads = combine(grads, jax.tree.map(jnp.zeros_like, frozen))
+      updates, opt_state = self.tx.update(full_grads, opt_state, combine(trainable, frozen))
+      return optax.apply_updates(trainable, partition(updates, self.labels)[0]), opt_state
+
+    new_trainable, opt_state = jax.lax.cond(finite, update, lambda unchanged: unchanged,
+                                            (trainable, state["opt_state"]))
     new_state = {"step": state["step"] + 1, "params": combine(new_trainable, frozen), "opt_state": opt_state}
     metrics = {"loss": loss, "grad_norm": grad_norm, "supervised_tokens": total,
                "lr": jnp.asarray(self.lr_schedule(state["step"]), jnp.float32),

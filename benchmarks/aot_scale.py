@@ -44,12 +44,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import subprocess
 import sys
 import time
-
-import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -332,7 +331,7 @@ def main(argv=None):
     dims = args.topology.split(":")[-1].split("x")
     if not all(d.isdigit() for d in dims):
       parser.error(f"--topology {args.topology!r}: expected e.g. v5p:2x4x4")
-    args.devices = str(int(np.prod([int(d) for d in dims])))
+    args.devices = str(math.prod(int(d) for d in dims))
   if args.topology and args.flops_on != "none":
     # The TPU compiler's cost analysis counts on another scale (about half of XLA:CPU's and the analytic count).
     print("--topology: FLOP columns from the analytic count only (run without --topology for XLA's)", flush=True)

@@ -146,42 +146,22 @@ class Llava(nnx.Module):
       return embeds
     if self.config.is_next:
       return self._embed_tiles(embeds, is_image, pixel_values, image_feature_rows, images_by_row)
-    if images_by_row:
-      return self._embed_by_row(embeds, is_image, pixel_values, image_mask)
-    if pixel_values.ndim == 5:
-      pixel_values = pixel_values.reshape(-1, *pixel_values.shape[2:])
-      image_mask = None if image_mask is None else image_mask.reshape(-1)
-    features = self.image_features(pixel_values)
-    n_images, per_image, dim = features.shape
-    if image_mask is not None:  # move the real images to the front, keeping their order
-      order = jnp.argsort(~image_mask.astype(bool), stable=True)
-      features = features[order]
-    n_real = n_images if image_mask is None else jnp.sum(image_mask)
-    if _is_concrete(input_ids) and _is_concrete(n_real):
-      _check_image_tokens(int(is_image.sum()), int(n_real), per_image, image_token)
-    flat = features.reshape(n_images * per_image, dim).astype(embeds.dtype)
-    index = jnp.cumsum(is_image.reshape(-1)) - 1
-    spliced = flat[jnp.clip(index, 0, flat.shape[0] - 1)].reshape(embeds.shape)
-    return jnp.where(is_image[..., None], spliced, embeds)
-
-  def _embed_by_row(self, embeds, is_image, pixel_values, image_mask):
-    """`embed` with row b taking its image tokens' features, in order, from its own images (pixel_values [B, H,
-    W, C] or [B, M, H, W, C], real ones marked by image_mask [B] or [B, M])."""
-    b = embeds.shape[0]
-    slots = pixel_values.reshape(b, -1, *pixel_values.shape[-3:])
+    groups = embeds.shape[0] if images_by_row else 1  # each row gathers from its own images, or the batch's
+    slots = pixel_values.reshape(groups, -1, *pixel_values.shape[-3:])  # [G, M, H, W, C]
     features = self.image_features(slots.reshape(-1, *slots.shape[2:]))
-    features = features.reshape(b, slots.shape[1], *features.shape[1:])  # [B, M, F, D]
-    per_image = features.shape[2]
-    real = (jnp.ones(slots.shape[:2], bool) if image_mask is None else image_mask.reshape(b, -1).astype(bool))
-    if real.shape[1] > 1:  # each row's real images first, in order
+    features = features.reshape(*slots.shape[:2], *features.shape[1:])  # [G, M, F, D]
+    per_image, dim = features.shape[2:]
+    real = jnp.ones(slots.shape[:2], bool) if image_mask is None else image_mask.reshape(groups, -1).astype(bool)
+    if image_mask is not None:  # the real images first, keeping their order
       order = jnp.argsort(~real, axis=1, stable=True)
       features = jnp.take_along_axis(features, order[:, :, None, None], axis=1)
-    if _is_concrete(is_image) and _is_concrete(real):
-      for tokens, images in zip(np.asarray(is_image).sum(1), np.asarray(real).sum(1)):
-        _check_image_tokens(int(tokens), int(images), per_image, self.config.image_token_index)
-    flat = features.reshape(b, -1, features.shape[-1]).astype(embeds.dtype)  # [B, M * F, D]
-    index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, flat.shape[1] - 1)
-    spliced = jnp.take_along_axis(flat, index[..., None], axis=1)
+    tokens = is_image.reshape(groups, -1)
+    if _is_concrete(tokens) and _is_concrete(real):
+      for n_tokens, n_real in zip(np.asarray(tokens).sum(1), np.asarray(real).sum(1)):
+        _check_image_tokens(int(n_tokens), int(n_real), per_image, image_token)
+    flat = features.reshape(groups, -1, dim).astype(embeds.dtype)
+    index = jnp.clip(jnp.cumsum(tokens, axis=1) - 1, 0, flat.shape[1] - 1)
+    spliced = jnp.take_along_axis(flat, index[..., None], axis=1).reshape(embeds.shape)
     return jnp.where(is_image[..., None], spliced, embeds)
 
   def _embed_tiles(self, embeds, is_image, pixel_values, image_feature_rows, images_by_row=False):
@@ -189,19 +169,13 @@ class Llava(nnx.Module):
     from [tile features..., image_newline] by the host-computed rows (per row with `images_by_row`)."""
     if image_feature_rows is None:
       raise ValueError("a LLaVA-NeXT model needs image_sizes (or image_feature_rows) with pixel_values")
-    tiles = pixel_values.reshape(-1, *pixel_values.shape[-3:])
-    features = self.image_features(tiles)
+    features = self.image_features(pixel_values.reshape(-1, *pixel_values.shape[-3:]))
     dim = features.shape[-1]
-    newline = self.image_newline[...].astype(features.dtype)
-    if images_by_row:  # [B, slots x tiles x F + 1, D]: the row's own features, then the newline
-      b = embeds.shape[0]
-      flat = jnp.concatenate([features.reshape(b, -1, dim), jnp.broadcast_to(newline, (b, 1, dim))], axis=1)
-      flat = flat.astype(embeds.dtype)
-      rows = jnp.clip(image_feature_rows, 0, flat.shape[1] - 1)
-      spliced = jnp.take_along_axis(flat, rows[..., None], axis=1)
-    else:
-      flat = jnp.concatenate([features.reshape(-1, dim), newline[None]]).astype(embeds.dtype)
-      spliced = flat[jnp.clip(image_feature_rows, 0, flat.shape[0] - 1)]
+    groups = embeds.shape[0] if images_by_row else 1
+    newline = jnp.broadcast_to(self.image_newline[...].astype(features.dtype), (groups, 1, dim))
+    flat = jnp.concatenate([features.reshape(groups, -1, dim), newline], axis=1).astype(embeds.dtype)
+    rows = jnp.clip(image_feature_rows, 0, flat.shape[1] - 1).reshape(groups, -1)
+    spliced = jnp.take_along_axis(flat, rows[..., None], axis=1).reshape(embeds.shape)
     return jnp.where(is_image[..., None], spliced, embeds)
 
   def logits_from_hidden(self, hidden):

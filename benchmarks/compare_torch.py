@@ -113,11 +113,22 @@ def best_alternating(fns: dict, repeats: int) -> dict:
 # -- the floors ------------------------------------------------------------------------------------------------
 
 
-def measure_floors(repeats: int) -> dict:
+def measure_floors(repeats: int, threads: int) -> dict:
+  """In a child process: its GiB-sized buffers would otherwise stay in this process's heap (host_memory.py keeps
+  freed memory) and change how both sides' later steps allocate."""
+  import concurrent.futures
+  import multiprocessing
+
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    return pool.submit(_measure_floors, repeats, threads).result()
+
+
+def _measure_floors(repeats: int, threads: int) -> dict:
   import jax
   import jax.numpy as jnp
   import torch
 
+  torch.set_num_threads(threads)
   rng = np.random.default_rng(0)
   jmm = jax.jit(jnp.matmul)
   peak_by = {}
@@ -440,11 +451,17 @@ def main(argv=None):
   parser.add_argument("--train-rows", type=int, default=1, help="rows per train step")
   parser.add_argument("--decode-steps", type=int, default=32)
   parser.add_argument("--threads", type=int, default=os.cpu_count())
+  parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                      help="keep: glibc keeps freed memory for both sides (llava_jax/host_memory.py); default: as is")
   args = parser.parse_args(argv)
   rows = args.rows.split(",")
   unknown = sorted(set(rows) - set(ROWS))
   if unknown:
     parser.error(f"unknown rows {unknown}; choose from {ROWS}")
+  malloc = "glibc default"
+  if args.malloc == "keep":  # before JAX and torch start their threads
+    from llava_jax.host_memory import keep_freed_memory
+    malloc = "freed memory kept" if keep_freed_memory() else "glibc default (keep_freed_memory unavailable)"
 
   import jax
   import torch
@@ -455,9 +472,10 @@ def main(argv=None):
   seq = args.seq or size["seq"]
   print(f"jax {jax.__version__} ({jax.devices()[0].platform}, {jax.device_count()} device), torch {torch.__version__}"
         f", transformers {transformers.__version__}; {args.threads} threads (torch), {os.cpu_count()} CPUs; "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; best of {args.repeats}, alternating; load average "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; malloc: {malloc}; best of {args.repeats}, alternating; "
+        "load average "
         f"{os.getloadavg()[0]:.1f}", flush=True)
-  floors = measure_floors(args.repeats)
+  floors = measure_floors(args.repeats, args.threads)
   print(f"floors: peak fp32 matmul {floors['peak'] / 1e9:.1f} GFLOP/s (" +
         ", ".join(f"{k} {v / 1e9:.1f}" for k, v in floors["peak_by"].items()) +
         f"); copy bandwidth {floors['bandwidth'] / 1e9:.1f} GB/s (" +

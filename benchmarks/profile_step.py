@@ -150,11 +150,18 @@ def main(argv=None):
   parser.add_argument("--top", type=int, default=40)
   parser.add_argument("--trace-dir", default="")
   parser.add_argument("--dump-lines", action="store_true", help="print every plane/line name and event count")
+  parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                      help="keep: glibc keeps freed memory (llava_jax/host_memory.py), as compare_torch.py")
   args = parser.parse_args(argv)
+  kept = False
+  if args.malloc == "keep":  # before JAX starts its threads
+    from llava_jax.host_memory import keep_freed_memory
+    kept = keep_freed_memory()
 
   import jax
   print(f"jax {jax.__version__}; load average {os.getloadavg()[0]:.2f}; XLA_FLAGS="
-        f"{os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+        f"{os.environ.get('XLA_FLAGS', '')!r}; malloc: {'freed memory kept' if kept else 'glibc default'}",
+        flush=True)
   trainer, state, batch = build(args.size, args.stage, args.seq)
   t0 = time.perf_counter()
   state, times, loss = timed_steps(trainer, state, batch, 1)

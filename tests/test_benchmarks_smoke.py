@@ -21,9 +21,15 @@ def _run(*args, timeout=120):
                         env=env, check=True).stdout
 
 
-@pytest.mark.parametrize("script", ["compare_torch.py", "aot_scale.py", "data_pipeline.py"])
+@pytest.mark.parametrize("script", ["compare_torch.py", "aot_scale.py", "data_pipeline.py", "attention_speed.py"])
 def test_help(script):
   assert "usage" in _run(os.path.join(BENCH, script), "--help")
+
+
+def test_attention_speed_smallest_setting_prints_its_row():
+  out = _run(os.path.join(BENCH, "attention_speed.py"), "--lengths", "40", "--heads", "2", "--head-dim", "8",
+             "--repeats", "1")
+  assert any(line.startswith("| 40 |") for line in out.splitlines()), out
 
 
 def test_aot_scale_tiny_compiles_and_prints_tables():

@@ -90,6 +90,23 @@ def test_attention_impls_match_transformers(impl, tmp_path):
   assert_same_logits(hf, ours, ids, mask, hf_tiny.pixels(2))
 
 
+@pytest.mark.parametrize("pad_side", ["left", "right"])
+def test_xla_attention_in_query_pieces_matches_transformers(pad_side, tmp_path, monkeypatch):
+  """`xla` takes a causal mask's queries in pieces against the keys they can see (XLA_QUERY_BLOCK, 256 in use):
+  pieces of 7 here, so the tiny rows cross several piece edges, with padding on either side and GQA."""
+  from llava_jax.models import attention
+
+  monkeypatch.setattr(attention, "XLA_QUERY_BLOCK", 7)
+  hf = hf_tiny.llava_model(text=hf_tiny.text_config(num_key_value_heads=2))
+  ours = convert(hf, tmp_path)
+  assert ours.options.attention_impl == "xla"
+  n = image_tokens(hf)
+  rows = [[1, 5, 7, 9] + [IMAGE_TOKEN] * n + [11, 12, 13, 14, 15], [1] + [IMAGE_TOKEN] * n + [21, 22]]
+  ids, mask = batch(rows, pad_side)
+  assert ids.shape[1] > 3 * 7
+  assert_same_logits(hf, ours, ids, mask, hf_tiny.pixels(2))
+
+
 @pytest.mark.parametrize("scan_layers", [False, True])
 def test_mlp_in_position_pieces_matches_transformers(scan_layers, tmp_path):
   """`ModelOptions.seq_chunk`: the decoder MLP applied 5 positions at a time (the last piece padded), per-layer and

@@ -1,6 +1,8 @@
 """The one attention entry point, with four implementations that compute the same function:
 
-- `xla`: einsum attention with the softmax in fp32; materialises the [T, S] scores (the reference).
+- `xla`: einsum attention with the softmax in fp32; materialises the [T, S] scores (the reference). Under a
+  causal self-attention mask it takes the queries `XLA_QUERY_BLOCK` at a time against only the keys they can see
+  (`causal_xla_attention`): about half the work.
 - `cudnn`: `jax.nn.dot_product_attention`'s cuDNN kernel (GPU only).
 - `blockwise`: plain JAX, any backend. Keys in blocks with an online softmax (flash attention's recurrence) and a
   custom VJP that recomputes each block's probabilities from the saved log-sum-exp, so neither pass keeps more
@@ -11,7 +13,7 @@
 Masks come in two forms. A dense bool array [B, 1, T, S] (`causal_mask`) serves every case, including generation
 with a KV cache. `SelfAttentionMask` describes the mask of a full forward pass (queries are the keys, no cache) by
 the row's padding and segments, so the kernels never build [T, S]: `Llava.__call__` passes it, and
-`LlamaModel` turns it into the dense form once, before the layers, for `xla`/`cudnn` (`prepare_mask`).
+`LlamaModel` builds the dense form once, before the layers, for `xla`/`cudnn` (`prepare_mask`).
 `splash` takes only the structured form (and no mask, for the vision tower); given a dense mask (generation's
 prefill and decode steps, T = 1 with a cache) it uses the `xla` path: splash is for training and full forwards.
 """
@@ -27,6 +29,7 @@ import jax.numpy as jnp
 
 IMPLS = ("xla", "cudnn", "blockwise", "splash")
 BLOCKWISE_KEY_BLOCK = 512   # keys per step of `blockwise`; measured on CPU in docs/PERFORMANCE.md
+XLA_QUERY_BLOCK = 256       # queries per piece of `causal_xla_attention`; measured on CPU in docs/PERFORMANCE.md
 SPLASH_MAX_BLOCK = 512      # splash's q/kv tile; the sequence is padded to a multiple of the tile (>= 128)
 _NEG = float(jnp.finfo(jnp.float32).min)
 _PAD_ID, _TAIL_ID = -1, -2  # segment ids of left/packing padding and of the kernels' own tail padding
@@ -47,17 +50,21 @@ def causal_mask(key_valid, query_len: int, query_offset=0, segment_ids=None, sli
   return mask[:, None]
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["key_valid", "segment_ids"],
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["key_valid", "segment_ids", "materialised"],
                    meta_fields=["sliding_window"])
 @dataclasses.dataclass(frozen=True)
 class SelfAttentionMask:
   """The causal mask of a full forward pass, described instead of materialised: key_valid bool [B, T] (False at
-  padding), segment_ids int [B, T] for packed rows or None, and Mistral's sliding window or None."""
+  padding), segment_ids int [B, T] for packed rows or None, and Mistral's sliding window or None. `materialised`
+  holds `dense()` once `prepare_mask` has built it for the layers."""
   key_valid: jax.Array
   segment_ids: jax.Array | None = None
   sliding_window: int | None = None
+  materialised: jax.Array | None = None
 
   def dense(self):
+    if self.materialised is not None:
+      return self.materialised
     return causal_mask(self.key_valid, self.key_valid.shape[-1], 0, self.segment_ids, self.sliding_window)
 
   def row_ids(self):
@@ -68,8 +75,11 @@ class SelfAttentionMask:
 
 
 def prepare_mask(mask, impl: str):
-  """The mask the layers get: dense for `xla`/`cudnn` (built once, not per layer), as given for the kernels."""
-  if isinstance(mask, SelfAttentionMask) and impl in ("xla", "cudnn"):
+  """The mask the layers get: dense for `xla`/`cudnn` (built once, not per layer; `xla` keeps it in the
+  `SelfAttentionMask`, whose causality it uses), as given for the kernels."""
+  if isinstance(mask, SelfAttentionMask) and impl == "xla":
+    return dataclasses.replace(mask, materialised=mask.dense())
+  if isinstance(mask, SelfAttentionMask) and impl == "cudnn":
     return mask.dense()
   return mask
 
@@ -87,6 +97,8 @@ def dot_product_attention(q, k, v, mask=None, *, scale: float, impl: str = "xla"
     return splash_attention(q, k, v, mask, scale=scale)
   if impl == "blockwise":
     return blockwise_attention(q, k, v, mask, scale=scale)
+  if impl == "xla" and isinstance(mask, SelfAttentionMask):
+    return causal_xla_attention(q, k, v, mask.dense(), scale=scale)
   if isinstance(mask, SelfAttentionMask):
     mask = mask.dense()
   if impl == "cudnn":
@@ -110,6 +122,21 @@ def xla_attention(q, k, v, mask=None, *, scale: float):
   total = jnp.moveaxis(jnp.sum(weights, axis=-1), -1, 1)[..., None]  # [B, T, K, G, 1]
   out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32) / total
   return out.astype(v.dtype).reshape(b, t, h, d)
+
+
+def causal_xla_attention(q, k, v, mask, *, scale: float, block: int | None = None):
+  """`xla_attention` under a causal self-attention mask (T == S, query i at key slot i): queries `block` at a time,
+  each piece against only the keys up to its last query. The keys left out are masked for every query of the
+  piece, so the function is the same (a padding query with no visible key gets other garbage), with about half
+  the [T, T] work and memory: fwd + bwd 2.1x faster at 1024 tokens, 2.8x at 2048 on CPU (docs/PERFORMANCE.md)."""
+  t, block = q.shape[1], block or XLA_QUERY_BLOCK
+  if t <= block:
+    return xla_attention(q, k, v, mask, scale=scale)
+  mask = jnp.broadcast_to(mask, mask.shape[:2] + (t, t))
+  pieces = [xla_attention(q[:, start:start + block], k[:, :start + block], v[:, :start + block],
+                          mask[:, :, start:start + block, :start + block], scale=scale)
+            for start in range(0, t, block)]
+  return jnp.concatenate(pieces, axis=1)
 
 
 # -- blockwise: plain JAX, online softmax over key blocks, custom VJP ---------------------------------------------

@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     config, workdir = parse(argv)
   except ValueError as e:
     return _error(e)
+  from llava_jax import host_memory
+  if host_memory.cpu_only_run():  # before JAX starts: each step's temporaries stay mapped (host_memory.py)
+    host_memory.keep_freed_memory()
   from llava_jax.train import loop
   from llava_jax.train.metrics import NONFINITE_EXIT_CODE, NonfiniteLossError
 

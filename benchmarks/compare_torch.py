@@ -24,6 +24,10 @@ and 1024x1024x2816, the model's MLP shape) and memory
 bandwidth of a 1 GiB copy (bytes read + written per second, the best of numpy, torch and jax). Compute rows report
 useful FLOPs (benchmarks/flops.py) / time / peak; decode rows report (weights + KV cache bytes read per step) /
 step time / bandwidth.
+
+The floors and each group of rows (vision; prefill; the two train steps; decode; tiny) run in their own spawned
+process, with glibc keeping freed memory for both sides (`--malloc keep`, llava_jax/host_memory.py): XLA's per-step
+temporaries are not page-faulted in again every step, and one row's heap does not shape the next row's timings.
 """
 
 from __future__ import annotations
@@ -113,14 +117,17 @@ def best_alternating(fns: dict, repeats: int) -> dict:
 # -- the floors ------------------------------------------------------------------------------------------------
 
 
-def measure_floors(repeats: int, threads: int) -> dict:
-  """In a child process: its GiB-sized buffers would otherwise stay in this process's heap (host_memory.py keeps
-  freed memory) and change how both sides' later steps allocate."""
+def in_child(fn, *args):
+  """fn(*args) in a fresh (spawned) process: what one measurement allocates and compiles stays out of the next."""
   import concurrent.futures
   import multiprocessing
 
   with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-    return pool.submit(_measure_floors, repeats, threads).result()
+    return pool.submit(fn, *args).result()
+
+
+def measure_floors(repeats: int, threads: int) -> dict:
+  return in_child(_measure_floors, repeats, threads)
 
 
 def _measure_floors(repeats: int, threads: int) -> dict:
@@ -458,22 +465,16 @@ def main(argv=None):
   unknown = sorted(set(rows) - set(ROWS))
   if unknown:
     parser.error(f"unknown rows {unknown}; choose from {ROWS}")
-  malloc = "glibc default"
-  if args.malloc == "keep":  # before JAX and torch start their threads
-    from llava_jax.host_memory import keep_freed_memory
-    malloc = "freed memory kept" if keep_freed_memory() else "glibc default (keep_freed_memory unavailable)"
+  malloc = "freed memory kept" if args.malloc == "keep" else "glibc default"
 
   import jax
   import torch
   import transformers
 
-  torch.set_num_threads(args.threads)
-  size = SIZES[args.size]
-  seq = args.seq or size["seq"]
   print(f"jax {jax.__version__} ({jax.devices()[0].platform}, {jax.device_count()} device), torch {torch.__version__}"
         f", transformers {transformers.__version__}; {args.threads} threads (torch), {os.cpu_count()} CPUs; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; malloc: {malloc}; best of {args.repeats}, alternating; "
-        "load average "
+        "each row group in its own process; load average "
         f"{os.getloadavg()[0]:.1f}", flush=True)
   floors = measure_floors(args.repeats, args.threads)
   print(f"floors: peak fp32 matmul {floors['peak'] / 1e9:.1f} GFLOP/s (" +
@@ -481,57 +482,76 @@ def main(argv=None):
         f"); copy bandwidth {floors['bandwidth'] / 1e9:.1f} GB/s (" +
         ", ".join(f"{k} {v / 1e9:.1f}" for k, v in floors["bandwidth_by"].items()) + ")", flush=True)
   table, notes = [], []
-  needs_model = any(r in rows for r in ("vision", "prefill", "stage2", "stage1", "decode"))
-  if needs_model:
-    with tempfile.TemporaryDirectory() as tmp:
-      hf, ours = build_models(size, tmp)
-    cfg = ours.config
-    n_params = sum(p.numel() for p in hf.parameters())
-    print(f"model: {args.size}, {n_params / 1e6:.0f}M parameters (vision {cfg.vision.num_hidden_layers}x"
-          f"{cfg.vision.hidden_size} at {cfg.vision.image_size} px, {cfg.num_image_tokens} image tokens; LLaMA "
-          f"{cfg.text.num_hidden_layers}x{cfg.text.hidden_size}, vocab {cfg.text.vocab_size}); {seq} tokens per row",
-          flush=True)
-    if "vision" in rows:
-      table.append(row_vision(hf, ours, cfg, floors, args.repeats))
-      print_partial(table)
-    if "prefill" in rows:
-      row, err = row_prefill(hf, ours, cfg, seq, floors, args.repeats)
-      table.append(row)
-      notes.append(f"prefill: max |logit difference| vs transformers {err:.1e}")
-      print_partial(table)
-    steps = {}
-    stages = [s for s in ("stage2", "stage1") if s in rows]
-    if stages:
-      for stage, (row, first, xla, temp) in rows_train(hf, ours, cfg, stages, seq, args.train_rows, floors,
-                                                       args.repeats).items():
-        table.append(row)
-        steps[stage] = row
-        notes.append(f"{stage}: first-step loss transformers {first[0]:.5f}, llava-jax {first[1]:.5f}; XLA cost "
-                     f"analysis {xla / 1e9:.0f} GFLOP/step vs analytic {row.work} (dense attention included); "
-                     f"XLA temporaries {temp / 1e9:.1f} GB per step")
-        print_partial(table)
-    if len(steps) == 2:
-      ratio_ours = steps["stage1"].ours_s / steps["stage2"].ours_s
-      ratio_torch = steps["stage1"].torch_s / steps["stage2"].torch_s
-      floor = flops_lib.train_step(cfg, "stage1", 1, seq, 1).total / flops_lib.train_step(cfg, "stage2", 1, seq,
-                                                                                           1).total
-      notes.append(f"stage1 / stage2 step time: llava-jax {ratio_ours:.2f}, transformers {ratio_torch:.2f} "
-                   f"(FLOP ratio {floor:.2f}); target <= 0.6: {_met(ratio_ours <= 0.6)}")
-    if "decode" in rows:
-      for b in (1, 8):
-        row, agree = row_decode(hf, ours, cfg, seq, b, args.decode_steps, floors, args.repeats)
-        table.append(row)
-        notes.append(f"decode b{b}: {100 * agree:.0f}% of greedy tokens identical to transformers'")
-        print_partial(table)
-    del hf, ours
-  if "tiny" in rows:
-    table.extend(rows_tiny(args.repeats))
+  groups = [g for g in (["vision"], ["prefill"], ["stage2", "stage1"], ["decode"], ["tiny"]) if set(g) & set(rows)]
+  for i, group in enumerate(groups):
+    got, got_notes = in_child(measure_group, [r for r in group if r in rows], args, floors, i == 0)
+    table += got
+    notes += got_notes
   print(f"\nload average at the end {os.getloadavg()[0]:.1f} (other work on this machine slows both sides)\n")
   print_table(table)
   print()
   for n in notes:
     print(f"- {n}")
   return table
+
+
+def measure_group(rows: list[str], args, floors: dict, describe: bool):
+  """One group of rows in this (child) process: the model built afresh, so one row's compiled programs and heap
+  never shape another row's timings (with kept freed memory, an earlier row's buffers stayed in the heap and slowed
+  both sides' later steps by up to 30%)."""
+  if args.malloc == "keep":  # before JAX and torch start their threads
+    from llava_jax.host_memory import keep_freed_memory
+    keep_freed_memory()
+  import torch
+
+  torch.set_num_threads(args.threads)
+  if rows == ["tiny"]:
+    return rows_tiny(args.repeats), []
+  size = SIZES[args.size]
+  seq = args.seq or size["seq"]
+  with tempfile.TemporaryDirectory() as tmp:
+    hf, ours = build_models(size, tmp)
+  cfg = ours.config
+  if describe:
+    n_params = sum(p.numel() for p in hf.parameters())
+    print(f"model: {args.size}, {n_params / 1e6:.0f}M parameters (vision {cfg.vision.num_hidden_layers}x"
+          f"{cfg.vision.hidden_size} at {cfg.vision.image_size} px, {cfg.num_image_tokens} image tokens; LLaMA "
+          f"{cfg.text.num_hidden_layers}x{cfg.text.hidden_size}, vocab {cfg.text.vocab_size}); {seq} tokens per row",
+          flush=True)
+  table, notes = [], []
+  if "vision" in rows:
+    table.append(row_vision(hf, ours, cfg, floors, args.repeats))
+    print_partial(table)
+  if "prefill" in rows:
+    row, err = row_prefill(hf, ours, cfg, seq, floors, args.repeats)
+    table.append(row)
+    notes.append(f"prefill: max |logit difference| vs transformers {err:.1e}")
+    print_partial(table)
+  steps = {}
+  stages = [s for s in ("stage2", "stage1") if s in rows]
+  if stages:
+    for stage, (row, first, xla, temp) in rows_train(hf, ours, cfg, stages, seq, args.train_rows, floors,
+                                                     args.repeats).items():
+      table.append(row)
+      steps[stage] = row
+      notes.append(f"{stage}: first-step loss transformers {first[0]:.5f}, llava-jax {first[1]:.5f}; XLA cost "
+                   f"analysis {xla / 1e9:.0f} GFLOP/step vs analytic {row.work} (causal attention counted half); "
+                   f"XLA temporaries {temp / 1e9:.1f} GB per step")
+      print_partial(table)
+  if len(steps) == 2:
+    ratio_ours = steps["stage1"].ours_s / steps["stage2"].ours_s
+    ratio_torch = steps["stage1"].torch_s / steps["stage2"].torch_s
+    floor = flops_lib.train_step(cfg, "stage1", 1, seq, 1).total / flops_lib.train_step(cfg, "stage2", 1, seq,
+                                                                                         1).total
+    notes.append(f"stage1 / stage2 step time: llava-jax {ratio_ours:.2f}, transformers {ratio_torch:.2f} "
+                 f"(FLOP ratio {floor:.2f}); target <= 0.6: {_met(ratio_ours <= 0.6)}")
+  if "decode" in rows:
+    for b in (1, 8):
+      row, agree = row_decode(hf, ours, cfg, seq, b, args.decode_steps, floors, args.repeats)
+      table.append(row)
+      notes.append(f"decode b{b}: {100 * agree:.0f}% of greedy tokens identical to transformers'")
+      print_partial(table)
+  return table, notes
 
 
 def print_partial(table):

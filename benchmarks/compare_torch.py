@@ -117,6 +117,20 @@ def best_alternating(fns: dict, repeats: int) -> dict:
 # -- the floors ------------------------------------------------------------------------------------------------
 
 
+def add_malloc_flag(parser):
+  parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
+                      help="keep: glibc keeps freed memory (llava_jax/host_memory.py; for both sides); default: as is")
+
+
+def apply_malloc(mode: str) -> str:
+  """Set glibc's malloc as `--malloc` asks (before JAX and torch start their threads); says what holds."""
+  if mode == "keep":
+    from llava_jax.host_memory import keep_freed_memory
+    if keep_freed_memory():
+      return "freed memory kept"
+  return "glibc default"
+
+
 def in_child(fn, *args):
   """fn(*args) in a fresh (spawned) process: what one measurement allocates and compiles stays out of the next."""
   import concurrent.futures
@@ -458,8 +472,7 @@ def main(argv=None):
   parser.add_argument("--train-rows", type=int, default=1, help="rows per train step")
   parser.add_argument("--decode-steps", type=int, default=32)
   parser.add_argument("--threads", type=int, default=os.cpu_count())
-  parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
-                      help="keep: glibc keeps freed memory for both sides (llava_jax/host_memory.py); default: as is")
+  add_malloc_flag(parser)
   args = parser.parse_args(argv)
   rows = args.rows.split(",")
   unknown = sorted(set(rows) - set(ROWS))
@@ -499,9 +512,7 @@ def measure_group(rows: list[str], args, floors: dict, describe: bool):
   """One group of rows in this (child) process: the model built afresh, so one row's compiled programs and heap
   never shape another row's timings (with kept freed memory, an earlier row's buffers stayed in the heap and slowed
   both sides' later steps by up to 30%)."""
-  if args.malloc == "keep":  # before JAX and torch start their threads
-    from llava_jax.host_memory import keep_freed_memory
-    keep_freed_memory()
+  apply_malloc(args.malloc)
   import torch
 
   torch.set_num_threads(args.threads)

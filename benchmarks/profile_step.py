@@ -25,7 +25,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
-from compare_torch import SIZES, make_rows  # noqa: E402  pylint: disable=wrong-import-position
+from compare_torch import SIZES, add_malloc_flag, apply_malloc, make_rows  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def build(size: str, stage: str, seq: int, rows: int = 1):
@@ -150,17 +150,13 @@ def main(argv=None):
   parser.add_argument("--top", type=int, default=40)
   parser.add_argument("--trace-dir", default="")
   parser.add_argument("--dump-lines", action="store_true", help="print every plane/line name and event count")
-  parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
-                      help="keep: glibc keeps freed memory (llava_jax/host_memory.py), as compare_torch.py")
+  add_malloc_flag(parser)
   args = parser.parse_args(argv)
-  kept = False
-  if args.malloc == "keep":  # before JAX starts its threads
-    from llava_jax.host_memory import keep_freed_memory
-    kept = keep_freed_memory()
+  malloc = apply_malloc(args.malloc)
 
   import jax
   print(f"jax {jax.__version__}; load average {os.getloadavg()[0]:.2f}; XLA_FLAGS="
-        f"{os.environ.get('XLA_FLAGS', '')!r}; malloc: {'freed memory kept' if kept else 'glibc default'}",
+        f"{os.environ.get('XLA_FLAGS', '')!r}; malloc: {malloc}",
         flush=True)
   trainer, state, batch = build(args.size, args.stage, args.seq)
   t0 = time.perf_counter()

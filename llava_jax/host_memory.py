@@ -36,6 +36,8 @@ def keep_freed_memory() -> bool:
       (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_BELOW)))
 
 
-def cpu_only_run() -> bool:
-  """True when the environment pins JAX to the CPU (JAX_PLATFORMS=cpu), known before JAX starts."""
-  return os.environ.get("JAX_PLATFORMS", "").split(",")[0].strip() == "cpu"
+def cpu_only_run(env=None) -> bool:
+  """True when the environment (default: os.environ) pins JAX to the CPU (JAX_PLATFORMS=cpu), known before JAX
+  starts."""
+  env = os.environ if env is None else env
+  return env.get("JAX_PLATFORMS", "").split(",")[0].strip() == "cpu"

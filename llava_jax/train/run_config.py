@@ -11,6 +11,7 @@ import jax
 
 from llava_jax.checkpoint_files import read_config
 from llava_jax.config import LlavaConfig
+from llava_jax.host_memory import cpu_only_run
 from llava_jax.lora import LoraConfig
 from llava_jax.models.options import REMAT_POLICY_NAMES
 from llava_jax.sharding import batch_axes, batch_shards, resolve_mesh_shape, rules_from_config
@@ -184,6 +185,6 @@ def distributed_args(env) -> dict:
           "initialization_timeout": int(env.get("LLAVA_JAX_INIT_TIMEOUT_S", INIT_TIMEOUT_S))}
   if "JAX_NUM_PROCESSES" in env and "JAX_PROCESS_ID" in env:
     args.update(num_processes=int(env["JAX_NUM_PROCESSES"]), process_id=int(env["JAX_PROCESS_ID"]))
-  if env.get("JAX_PLATFORMS", "") == "cpu":  # several CPU processes: cross-process collectives need gloo
+  if cpu_only_run(env):  # several CPU processes: cross-process collectives need gloo
     jax.config.update("jax_cpu_collectives_implementation", env.get("JAX_CPU_COLLECTIVES_IMPLEMENTATION", "gloo"))
   return args

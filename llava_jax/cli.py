@@ -294,11 +294,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None):
+  """Console entry; argv None means this call is the process's own entry (the console script, `python -m`)."""
+  own_process = argv is None
   argv = sys.argv[1:] if argv is None else list(argv)
   if argv[:1] == ["train"]:  # its flags are the config's own (ml_collections), parsed in llava_jax/train/cli.py
     from llava_jax.train.cli import main as train_main
 
-    return train_main(argv[1:])
+    return train_main(argv[1:], own_process=own_process)
   args = build_parser().parse_args(argv)
   try:
     args.func(args)

@@ -42,3 +42,25 @@ def test_freed_memory_is_reused_without_page_faults():
   pages = (256 << 20) // 4096
   assert faults_on_reuse("default") > pages // 2  # glibc returned the block: touching it again faults it in
   assert faults_on_reuse("keep") < pages // 100
+
+
+def test_only_a_process_entry_sets_the_allocator(monkeypatch):
+  """`llava-jax train` as its own process keeps freed memory; `train.cli.main(argv)` called from a host process (a
+  notebook, this test run) leaves that process's malloc alone."""
+  from llava_jax import cli as top_cli
+  from llava_jax import host_memory
+  from llava_jax.train import cli as train_cli
+  from llava_jax.train import loop
+
+  import train_util
+
+  calls = []
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(True) or True)
+  monkeypatch.setattr(loop, "train", lambda config, workdir: {"exit_code": 0})
+  args = ["--config", train_util.TINY + ":stage1", "--workdir", "unused"]
+  assert train_cli.main(args) == 0 and top_cli.main(["train", *args]) == 0
+  assert not calls
+  monkeypatch.setattr(sys, "argv", ["llava-jax", "train", *args])
+  assert top_cli.main() == 0
+  assert calls == [True]

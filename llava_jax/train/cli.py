@@ -62,12 +62,16 @@ def load_config(spec: str, overrides: dict | None = None):
   return config
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, own_process: bool | None = None) -> int:
   """Console entry: returns the exit status (docs/FAILURES.md): 0 done; 2 a bad config, checkpoint or data problem
   (the message says what to change, no traceback); 3 training diverged (non-finite steps in a row); 143 / 130
-  stopped by SIGTERM / SIGINT after its save completed."""
+  stopped by SIGTERM / SIGINT after its save completed.
+
+  own_process (default: argv is None): the call is its process's entry point, so it may set the process's malloc
+  (host_memory.py); a caller that passes argv from its own process (a notebook, a test) keeps its allocator."""
   # pylint: disable=import-outside-toplevel  (jax is slow to import)
   logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+  own_process = argv is None if own_process is None else own_process
   argv = sys.argv[1:] if argv is None else argv
   if "-h" in argv or "--help" in argv:
     print(__doc__.strip() + "\n\n" + USAGE)
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
   except ValueError as e:
     return _error(e)
   from llava_jax import host_memory
-  if host_memory.cpu_only_run():  # before JAX starts: each step's temporaries stay mapped (host_memory.py)
+  if own_process and host_memory.cpu_only_run():  # before JAX starts: each step's temporaries stay mapped
     host_memory.keep_freed_memory()
   from llava_jax.train import loop
   from llava_jax.train.metrics import NONFINITE_EXIT_CODE, NonfiniteLossError

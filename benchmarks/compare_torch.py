@@ -117,6 +117,9 @@ def best_alternating(fns: dict, repeats: int) -> dict:
 # -- the floors ------------------------------------------------------------------------------------------------
 
 
+MALLOC_LABELS = {"keep": "freed memory kept", "default": "glibc default"}
+
+
 def add_malloc_flag(parser):
   parser.add_argument("--malloc", choices=("keep", "default"), default="keep",
                       help="keep: glibc keeps freed memory (llava_jax/host_memory.py; for both sides); default: as is")
@@ -124,11 +127,8 @@ def add_malloc_flag(parser):
 
 def apply_malloc(mode: str) -> str:
   """Set glibc's malloc as `--malloc` asks (before JAX and torch start their threads); says what holds."""
-  if mode == "keep":
-    from llava_jax.host_memory import keep_freed_memory
-    if keep_freed_memory():
-      return "freed memory kept"
-  return "glibc default"
+  from llava_jax.host_memory import keep_freed_memory
+  return MALLOC_LABELS["keep" if mode == "keep" and keep_freed_memory() else "default"]
 
 
 def in_child(fn, *args):
@@ -478,7 +478,7 @@ def main(argv=None):
   unknown = sorted(set(rows) - set(ROWS))
   if unknown:
     parser.error(f"unknown rows {unknown}; choose from {ROWS}")
-  malloc = "freed memory kept" if args.malloc == "keep" else "glibc default"
+  malloc = MALLOC_LABELS[args.malloc]  # as asked: each row group's process applies it (measure_group)
 
   import jax
   import torch

@@ -25,7 +25,8 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [HERE, os.path.dirname(HERE)]
-from compare_torch import SIZES, add_malloc_flag, apply_malloc, make_rows  # noqa: E402  pylint: disable=wrong-import-position
+# pylint: disable-next=wrong-import-position
+from compare_torch import SIZES, add_malloc_flag, apply_malloc, make_rows  # noqa: E402
 
 
 def build(size: str, stage: str, seq: int, rows: int = 1):
@@ -156,8 +157,7 @@ def main(argv=None):
 
   import jax
   print(f"jax {jax.__version__}; load average {os.getloadavg()[0]:.2f}; XLA_FLAGS="
-        f"{os.environ.get('XLA_FLAGS', '')!r}; malloc: {malloc}",
-        flush=True)
+        f"{os.environ.get('XLA_FLAGS', '')!r}; malloc: {malloc}", flush=True)
   trainer, state, batch = build(args.size, args.stage, args.seq)
   t0 = time.perf_counter()
   state, times, loss = timed_steps(trainer, state, batch, 1)

@@ -242,7 +242,7 @@ def _child_pids(lines: list[str]) -> list[int]:
 
 @pytest.mark.slow
 def test_kill_9_of_one_process_ends_the_others_in_bounded_time_and_the_relaunch_resumes(tmp_path):
-  # The launcher's default: 5 s once declared both live processes dead during a compile on a loaded 2-core CI
+  # The launcher's default: 5 s once declared both live processes dead before step 7 on a loaded 2-core CI
   # machine; 10 s + slack still ends well before JAX's 100 s default.
   heartbeat_s = 10
   settings = overrides(total_steps=20, **{"checkpoint.every_steps": 3})

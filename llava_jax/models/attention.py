@@ -132,7 +132,6 @@ def causal_xla_attention(q, k, v, mask, *, scale: float, block: int | None = Non
   t, block = q.shape[1], block or XLA_QUERY_BLOCK
   if t <= block:
     return xla_attention(q, k, v, mask, scale=scale)
-  mask = jnp.broadcast_to(mask, mask.shape[:2] + (t, t))
   pieces = [xla_attention(q[:, start:start + block], k[:, :start + block], v[:, :start + block],
                           mask[:, :, start:start + block, :start + block], scale=scale)
             for start in range(0, t, block)]

@@ -47,20 +47,20 @@ class CLIPEmbeddings(nnx.Module):
 
 class CLIPAttention(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, attention_impl: str):
+  def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, options: ModelOptions):
     d = cfg.hidden_size
     kw = dict(use_bias=True, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
     self.q_proj = Dense(d, d, ("embed", "heads"), **kw)
     self.k_proj = Dense(d, d, ("embed", "heads"), **kw)
     self.v_proj = Dense(d, d, ("embed", "heads"), **kw)
     self.out_proj = Dense(d, d, ("heads", "embed"), **kw)
-    self.num_heads, self.head_dim, self.attention_impl = cfg.num_attention_heads, cfg.head_dim, attention_impl
+    self.num_heads, self.head_dim, self.options = cfg.num_attention_heads, cfg.head_dim, options
 
   def __call__(self, x):
     b, t, _ = x.shape
     split = lambda y: y.reshape(b, t, self.num_heads, self.head_dim)
     out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
-                                scale=self.head_dim ** -0.5, impl=self.attention_impl)
+                                scale=self.head_dim ** -0.5, impl=self.options.attention_impl)
     return self.out_proj(out.reshape(b, t, -1))
 
 
@@ -78,10 +78,10 @@ class CLIPMLP(nnx.Module):
 
 class CLIPEncoderLayer(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, attention_impl: str):
+  def __init__(self, cfg: VisionConfig, *, rngs, param_dtype, dtype, options: ModelOptions):
     kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
     self.layer_norm1 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
-    self.self_attn = CLIPAttention(cfg, attention_impl=attention_impl, **kw)
+    self.self_attn = CLIPAttention(cfg, options=options, **kw)
     self.layer_norm2 = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
     self.mlp = CLIPMLP(cfg, **kw)
 
@@ -92,8 +92,9 @@ class CLIPEncoderLayer(nnx.Module):
 
 class CLIPEncoder(nnx.Module):
 
-  def __init__(self, cfg: VisionConfig, *, stacked: bool, **kw):
-    self.layers = make_layers(lambda: CLIPEncoderLayer(cfg, **kw), cfg.num_hidden_layers, stacked)
+  def __init__(self, cfg: VisionConfig, *, options: ModelOptions, **kw):
+    self.layers = make_layers(lambda: CLIPEncoderLayer(cfg, options=options, **kw), cfg.num_hidden_layers,
+                              stacked=options.scan_layers)
 
 
 class CLIPVisionTower(nnx.Module):
@@ -106,7 +107,7 @@ class CLIPVisionTower(nnx.Module):
     self.config, self.options = cfg, options
     self.embeddings = CLIPEmbeddings(cfg, **kw)
     self.pre_layrnorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)  # sic: HF's name
-    self.encoder = CLIPEncoder(cfg, attention_impl=options.attention_impl, stacked=options.scan_layers, **kw)
+    self.encoder = CLIPEncoder(cfg, options=options, **kw)
     self.post_layernorm = LayerNorm(cfg.hidden_size, cfg.layer_norm_eps, **kw)
 
   def __call__(self, pixel_values, num_layers: int | None = None) -> list:
@@ -117,7 +118,7 @@ class CLIPVisionTower(nnx.Module):
       x = layer(x)
       return x, x
 
-    # Remat as the decoder: it costs nothing while the tower is frozen (no gradient reaches it) and bounds its
-    # activations when LLaVA-NeXT's stage 2 trains it.
-    _, outputs = run_layers(self.encoder.layers, x, call, self.options, remat=self.options.remat, count=num_layers)
+    # Remat as the decoder (`options.remat`): it costs nothing while the tower is frozen (no gradient reaches it)
+    # and bounds its activations when LLaVA-NeXT's stage 2 trains it.
+    _, outputs = run_layers(self.encoder.layers, x, call, self.options, count=num_layers)
     return [x] + outputs

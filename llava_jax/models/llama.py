@@ -79,7 +79,7 @@ def apply_rope(x, cos, sin):
 
 class LlamaAttention(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, attention_impl: str):
+  def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, options: ModelOptions):
     d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     if h % k:
       raise ValueError(f"num_attention_heads {h} is not a multiple of num_key_value_heads {k}")
@@ -88,8 +88,7 @@ class LlamaAttention(nnx.Module):
     self.k_proj = Dense(d, k * hd, ("embed", "kv_heads"), **kw)
     self.v_proj = Dense(d, k * hd, ("embed", "kv_heads"), **kw)
     self.o_proj = Dense(h * hd, d, ("heads", "embed"), **kw)
-    self.num_heads, self.num_kv_heads, self.head_dim = h, k, hd
-    self.attention_impl = attention_impl
+    self.num_heads, self.num_kv_heads, self.head_dim, self.options = h, k, hd, options
 
   def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
     b, t, _ = x.shape
@@ -103,25 +102,26 @@ class LlamaAttention(nnx.Module):
       v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), start)
       cache = (k, v)
     out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask, scale=self.head_dim ** -0.5,
-                                impl=self.attention_impl)
+                                impl=self.options.attention_impl)
     return self.o_proj(out.reshape(b, t, -1)), cache
 
 
 class LlamaMLP(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, seq_chunk: int = 0):
+  def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, options: ModelOptions):
     kw = dict(use_bias=cfg.mlp_bias, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
     self.gate_proj = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
     self.up_proj = Dense(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), **kw)
     self.down_proj = Dense(cfg.intermediate_size, cfg.hidden_size, ("mlp", "embed"), **kw)
     self.act = activation(cfg.hidden_act)
-    self.seq_chunk = seq_chunk  # ModelOptions.seq_chunk
+    self.options = options
 
   def __call__(self, x):
     b, t, d = x.shape
-    if not 0 < self.seq_chunk < t:
+    chunk = self.options.seq_chunk
+    if not 0 < chunk < t:
       return self._mlp(x)
-    out = over_position_pieces(self._mlp, (x,), self.seq_chunk, (0,))  # [pieces, B, seq_chunk, D]
+    out = over_position_pieces(self._mlp, (x,), chunk, (0,))  # [pieces, B, seq_chunk, D]
     return jnp.moveaxis(out, 0, 1).reshape(b, -1, d)[:, :t]
 
   def _mlp(self, x):
@@ -130,12 +130,12 @@ class LlamaMLP(nnx.Module):
 
 class LlamaDecoderLayer(nnx.Module):
 
-  def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, attention_impl: str, seq_chunk: int = 0):
+  def __init__(self, cfg: TextConfig, *, rngs, param_dtype, dtype, options: ModelOptions):
     kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-    self.self_attn = LlamaAttention(cfg, attention_impl=attention_impl, **kw)
+    self.self_attn = LlamaAttention(cfg, options=options, **kw)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-    self.mlp = LlamaMLP(cfg, seq_chunk=seq_chunk, **kw)
+    self.mlp = LlamaMLP(cfg, options=options, **kw)
 
   def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):
     attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, cache_index)
@@ -157,7 +157,7 @@ class LlamaModel(nnx.Module):
     kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
     self.config, self.dtype, self.options = cfg, dtype, options
     self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, ("vocab", "embed"), **kw)
-    layer = lambda: LlamaDecoderLayer(cfg, attention_impl=options.attention_impl, seq_chunk=options.seq_chunk, **kw)
+    layer = lambda: LlamaDecoderLayer(cfg, options=options, **kw)
     self.layers = make_layers(layer, cfg.num_hidden_layers, stacked=options.scan_layers)
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
 
@@ -174,7 +174,7 @@ class LlamaModel(nnx.Module):
       x, cache = layer(x, cos, sin, mask, cache, cache_index)
       return x, (x if return_hidden else None, cache)
 
-    x, outputs = run_layers(self.layers, x, call, self.options, remat=self.options.remat, per_layer=caches)
+    x, outputs = run_layers(self.layers, x, call, self.options, per_layer=caches)
     x = self.norm(x)
     all_hidden = None
     if return_hidden:

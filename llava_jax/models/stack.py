@@ -1,10 +1,10 @@
 """Layer stacks: a list of layer modules run by a Python loop, or one module holding every layer's weights stacked
 ([layers, ...]) run by `lax.scan`, each optionally rematerialised, as the model's `ModelOptions` say.
 
-Which form a model holds follows `ModelOptions.scan_layers`: scanned models keep their weights stacked, so a train
-step never re-stacks them (a transient copy of the whole LLM per step otherwise). Checkpoint files, HF conversion
-and the unscanned model (generation, parity tests) use one subtree per layer; `llava_jax.tree.relayout` converts
-between the two, and only at load, save and export.
+Which form a model holds follows `ModelOptions.scan_layers`; `run_layers` runs the form it is given. Scanned models
+keep their weights stacked, so a train step never re-stacks them (a transient copy of the whole LLM per step
+otherwise). Checkpoint files, HF conversion and the unscanned model (generation, parity tests) use one subtree per
+layer; `llava_jax.tree.relayout` converts between the two, and only at load, save and export.
 """
 
 from __future__ import annotations
@@ -46,60 +46,55 @@ def is_stacked_module(layers) -> bool:
   return isinstance(layers, nnx.Module) and not isinstance(layers, nnx.List)
 
 
-def run_layers(layers, x, call: Callable, options: ModelOptions, *, remat: str = "none",
-               per_layer: Sequence | None = None, count: int | None = None):
+def run_layers(layers, x, call: Callable, options: ModelOptions, *, per_layer: Sequence | None = None,
+               count: int | None = None):
   """x -> call(layer, x, per_layer[i]) for the first `count` (default: all) layers in order; `call` returns
-  (new x, this layer's output).
+  (new x, this layer's output). Returns (x, [each layer's output]).
 
-  `layers` is a sequence of modules or a stacked module (`make_layers`). `per_layer` holds one input per layer (a
-  KV cache), or None. Returns (x, [each layer's output]). `remat` is the policy for this stack.
+  `layers` is a list of modules or a stacked module (`make_layers`); both run the same step, a Python loop over
+  the list, `lax.scan` over the stacked weights. `per_layer` holds one input per layer (a KV cache), or None.
+  From `options`: the remat policy of every layer and the sharding pinned at each layer boundary.
   """
-  if is_stacked_module(layers):
+  stacked = is_stacked_module(layers)
+  if stacked:
     graphdef, state = nnx.split(layers)
     total = jax.tree.leaves(state)[0].shape[0]
-    count = total if count is None else count
-    if count < total:
-      state = jax.tree.map(lambda a: a[:count], state)
-    take = lambda i: jax.tree.map(lambda a: a[i], state)
+    count = total if count is None else min(count, total)
+    state = state if count == total else jax.tree.map(lambda a: a[:count], state)
   else:
     layers = list(layers)[:count]
     count = len(layers)
-    graphdef = nnx.graphdef(layers[0]) if layers else None
-    state = None
-    take = lambda i: nnx.state(layers[i])
-  per_layer = [None] * count if per_layer is None else list(per_layer)
   if not count:
     return x, []
-  sharding = options.activation_sharding
-  if sharding is not None:
-    pin = lambda y: jax.lax.with_sharding_constraint(y, sharding)
-    call = lambda layer, y, extra, unpinned=call: (lambda out: (pin(out[0]), out[1]))(unpinned(layer, y, extra))
-    x = pin(x)
-  if state is None and not options.scan_layers and remat == "none":
-    outputs = []
-    for layer, extra in zip(layers, per_layer):
-      x, y = call(layer, x, extra)
-      outputs.append(y)
-    return x, outputs
-
-  def apply(x, layer_state, extra):
-    return call(nnx.merge(graphdef, layer_state), x, extra)
-
-  if remat != "none":
-    apply = jax.checkpoint(apply, policy=REMAT_POLICIES[remat])
-  if options.scan_layers:
-    stack = lambda trees: jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
-    states = state if state is not None else stack([take(i) for i in range(count)])
-    extras = None if per_layer[0] is None else stack(per_layer)
-
-    def body(x, xs):
-      layer_state, extra = xs
-      return apply(x, layer_state, extra)
-
-    x, ys = jax.lax.scan(body, x, (states, extras))
+  per_layer = [None] * count if per_layer is None else list(per_layer)[:count]
+  step = _layer_step(call, options)
+  x = _pin(x, options)
+  if stacked:
+    extras = None if per_layer[0] is None else jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_layer)
+    x, ys = jax.lax.scan(lambda x, xs: step(graphdef, x, *xs), x, (state, extras))
     return x, [jax.tree.map(lambda y, i=i: y[i], ys) for i in range(count)]
   outputs = []
-  for i, extra in enumerate(per_layer):
-    x, y = apply(x, take(i), extra)
+  for layer, extra in zip(layers, per_layer):
+    graphdef, state = nnx.split(layer)
+    x, y = step(graphdef, x, state, extra)
     outputs.append(y)
   return x, outputs
+
+
+def _pin(x, options: ModelOptions):
+  sharding = options.activation_sharding
+  return x if sharding is None else jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _layer_step(call: Callable, options: ModelOptions):
+  """(graphdef, weights, x, extra) -> (x, output): one layer rebuilt from its weights and called, its new x pinned,
+  the whole under `jax.checkpoint` with the options' remat policy (the weights are an argument, so the backward
+  pass recomputes from them whichever form they came in)."""
+
+  def step(graphdef, x, state, extra):
+    x, y = call(nnx.merge(graphdef, state), x, extra)
+    return _pin(x, options), y
+
+  if options.remat == "none":
+    return step
+  return jax.checkpoint(step, policy=REMAT_POLICIES[options.remat], static_argnums=(0,))

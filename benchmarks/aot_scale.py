@@ -59,7 +59,6 @@ HBM_GB = {"v5p": 95.0, "v5e": 16.0}
 # give every batch shard a row, a factor of 2 at a time moves from fsdp to tensor parallelism.
 PRESET_FOR = {8: "gpu-8", 32: "v5p-64", 256: "v5e-256"}
 STAGES = ("stage1", "stage2", "lora")
-ATTENTION_IMPLS = ("xla", "cudnn", "blockwise", "splash")  # llava_jax.models.attention.IMPLS (kept jax-free here)
 SIZES = {"7b": "llava_v1_5_7b.py", "13b": "llava_v1_5_13b.py", "tiny": "tiny.py",  # tiny: a seconds-long smoke run
          "1.6-7b": "llava_v1_6_mistral_7b.py", "1.6-34b": "llava_v1_6_34b.py", "tiny-next": "tiny_next.py"}
 
@@ -84,7 +83,8 @@ def mesh_for(devices: int, batch: int, accum: int) -> tuple[int, int, int]:
 
 def compile_step(model_cfg, config, mesh_shape, rows: int, seq: int, accum: int, scan: bool, attention: str,
                  devices=None):
-  """(compiled step, Trainer) for abstract inputs: no array is allocated. `devices`: the mesh's (default all)."""
+  """(compiled step, Trainer) for abstract inputs: no array is allocated. The config's model options with this
+  `scan` and `attention`; `devices`: the mesh's (default all)."""
   import jax
   import jax.numpy as jnp
 
@@ -95,9 +95,9 @@ def compile_step(model_cfg, config, mesh_shape, rows: int, seq: int, accum: int,
   mesh = make_mesh(mesh_shape, devices)
   rules = rules_from_config(config.sharding_rules)
   lora = run_config.lora_config(config)
+  options = run_config.model_options(config).replace(scan_layers=scan, attention_impl=attention)
   trainer = Trainer(model_cfg, config.stage, run_config.optim_config(config), config.total_steps, mesh, rules,
-                    grad_accum_steps=accum, lora=lora, remat=config.remat, scan_layers=scan, seed=config.seed,
-                    attention_impl=attention, seq_chunk=config.seq_chunk)
+                    options=options, grad_accum_steps=accum, lora=lora, seed=config.seed)
   size = model_cfg.vision.image_size
   shapes = {"input_ids": ((rows, seq), jnp.int32), "labels": ((rows, seq), jnp.int32),
             "attention_mask": ((rows, seq), jnp.int32), "pixel_values": ((rows, size, size, 3), jnp.float32),
@@ -302,6 +302,9 @@ def _peak(r: dict) -> int:
 
 
 def main(argv=None):
+  sys.path[:0] = [] if ROOT in sys.path else [ROOT]
+  from llava_jax.models.attention import IMPLS  # pylint: disable=import-outside-toplevel
+
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--sizes", default="7b,13b")
   parser.add_argument("--stages", default=",".join(STAGES))
@@ -314,7 +317,7 @@ def main(argv=None):
   parser.add_argument("--flops-on", default="32",
                       help="device counts (comma-separated, 'all' or 'none') whose rows also measure XLA's FLOP "
                            "count: three more small compiles per step")
-  parser.add_argument("--attention", choices=ATTENTION_IMPLS, default=None,
+  parser.add_argument("--attention", choices=IMPLS, default=None,
                       help="attention implementation (default: the config's attention_impl); splash needs "
                            "--topology")
   parser.add_argument("--seq-chunk", type=int, default=None,

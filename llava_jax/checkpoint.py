@@ -21,7 +21,7 @@ from llava_jax import lora
 from llava_jax.checkpoint_files import CheckpointError, atomic_directory, copy_assets, read_config, write_config
 from llava_jax.config import LlavaConfig
 from llava_jax.models.llava import Llava
-from llava_jax.models.options import ModelOptions
+from llava_jax.models.options import ModelOptions, options_with
 from llava_jax.tree import check_tree, flatten, is_stacked, keys_to_int, keys_to_str, relayout, set_path, unflatten
 
 log = logging.getLogger(__name__)
@@ -187,13 +187,15 @@ def _named_errors(path: str):
                           "incomplete: restore them from a copy") from None
 
 
-def load_checkpoint(directory: str, dtype=None, attention_impl: str = "xla") -> Llava:
+def load_checkpoint(directory: str, dtype=None, attention_impl: str | None = None, *,
+                    options: ModelOptions | None = None) -> Llava:
   """Loads a checkpoint written by `save_checkpoint` / `llava-jax convert`, or the latest params of a training
-  workdir (LoRA merged). `dtype` sets compute and storage dtype."""
+  workdir (LoRA merged), into a model that runs as `options` say (default: `ModelOptions()`; `attention_impl` is
+  the older spelling of that option). `dtype` sets compute and storage dtype."""
   cfg = read_config(directory)
   if dtype is not None:
     cfg = cfg.replace(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
-  return model_from_params(cfg, restore_params(directory, cfg), ModelOptions(attention_impl=attention_impl),
+  return model_from_params(cfg, restore_params(directory, cfg), options_with(options, attention_impl=attention_impl),
                            assets_dir=files.assets_dir(directory))
 
 

@@ -215,6 +215,8 @@ def _serve(args, web: bool = False):
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from llava_jax.eval.tasks import TASKS  # the eval command's choices: the registry's tasks
+
   parser = argparse.ArgumentParser(prog="llava-jax", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
 
@@ -257,8 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
                      description="llava-jax eval --task TASK --data DIR --ckpt CKPT --out OUT (generate, then score); "
                                  "--answers FILE instead of --ckpt scores an existing answers file. Rerunning into "
                                  "the same OUT resumes. See docs/EVALUATION.md.")
-  p.add_argument("--task", required=True, choices=["pope", "textvqa", "scienceqa", "gqa", "mme", "mmbench", "seed",
-                                                   "vqav2", "shapes"])
+  p.add_argument("--task", required=True, choices=list(TASKS))
   p.add_argument("--data", required=True, help="the task's folder, e.g. playground/data/eval/pope")
   p.add_argument("--out", required=True, help="output folder: answers.jsonl, metrics.json, run.json")
   p.add_argument("--ckpt", help="checkpoint directory to generate the answers with")

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from llava_jax.config import LlavaConfig, is_original_llava, text_config_from_hf, vision_config_from_hf
 from llava_jax.models.llava import Llava, MultiModalProjector
-from llava_jax.models.options import ModelOptions
+from llava_jax.models.options import ModelOptions, options_with
 from llava_jax.checkpoint import model_from_params, params_of, write_checkpoint
 from llava_jax.checkpoint_files import atomic_directory, copy_assets
 from llava_jax.tree import set_path
@@ -241,11 +241,13 @@ def plan_conversion(hf: str | None = None, clip: str | None = None, llm: str | N
 
 
 def load_hf_checkpoint(hf: str | None = None, dtype=None, *, clip: str | None = None, llm: str | None = None,
-                       projector_type: str = "mlp2x_gelu", seed: int = 0, attention_impl: str = "xla"):
-  """Loads Hugging Face weights straight into a model (float32 unless `dtype` is given)."""
+                       projector_type: str = "mlp2x_gelu", seed: int = 0, attention_impl: str | None = None,
+                       options: ModelOptions | None = None):
+  """Loads Hugging Face weights straight into a model (float32 unless `dtype` is given) that runs as `options` say
+  (default: `ModelOptions()`; `attention_impl` is the older spelling of that option)."""
   cfg, sources, fresh, assets = plan_conversion(hf, clip, llm, projector_type, dtype)
   params = convert_to_params(cfg, sources, dtype or "float32", seed if fresh else None)
-  model = model_from_params(cfg, params, ModelOptions(attention_impl=attention_impl),
+  model = model_from_params(cfg, params, options_with(options, attention_impl=attention_impl),
                             assets_dir=next((a for a in assets if a), None))
   return model
 

@@ -1,9 +1,6 @@
 """The attention implementations (models/attention.py) compute one function: `blockwise` and `splash` (Pallas,
 interpret mode on CPU) against `xla` in outputs and gradients, on tiny shapes that still cross block edges."""
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -247,23 +244,26 @@ def test_blockwise_gradient_never_holds_all_scores():
   assert blockwise <= all_scores * block // t
 
 
-def test_options_accept_every_impl():
+def test_every_impl_reaches_its_own_kernel(monkeypatch):
+  """Each name in IMPLS (what ModelOptions accepts) dispatches to its own kernel, none falls through to another's;
+  an unknown name is refused by ModelOptions and by the entry point."""
+  calls = []
+  spy = lambda name: lambda q, *args, **kwargs: calls.append(name) or jnp.zeros_like(q)
+  monkeypatch.setattr(attention, "causal_xla_attention", spy("xla"))
+  monkeypatch.setattr(attention, "blockwise_attention", spy("blockwise"))
+  monkeypatch.setattr(attention, "splash_attention", spy("splash"))
+  monkeypatch.setattr(jax.nn, "dot_product_attention", spy("cudnn"))
+  q, k, v = qkv(1, 4, 4, 2, 1)
+  mask = SelfAttentionMask(jnp.ones((1, 4), bool))
   for impl in attention.IMPLS:
+    calls.clear()
+    attention.dot_product_attention(q, k, v, attention.prepare_mask(mask, impl), scale=SCALE, impl=impl)
+    assert calls == [impl]
     assert ModelOptions(attention_impl=impl).attention_impl == impl
-  with pytest.raises(ValueError, match="flash"):
+  with pytest.raises(ValueError, match="attention_impl='flash' is not one of"):
     ModelOptions(attention_impl="flash")
   with pytest.raises(ValueError, match="not one of"):
-    attention.dot_product_attention(*qkv(1, 2, 2, 1, 1), scale=1.0, impl="flash")
-
-
-
-def test_aot_benchmark_offers_every_impl():
-  """benchmarks/aot_scale.py keeps its own (jax-free) list for --attention: it must be this one."""
-  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "aot_scale.py")
-  spec = importlib.util.spec_from_file_location("aot_scale", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  assert module.ATTENTION_IMPLS == attention.IMPLS
+    attention.dot_product_attention(q, k, v, scale=SCALE, impl="flash")
 
 
 @pytest.mark.slow  # about a minute of CPU per impl

@@ -82,6 +82,25 @@ def test_load_checkpoint_reads_the_old_layout(name):
   assert model.assets_dir == os.path.join(OLD, name, "assets")
 
 
+def test_load_checkpoint_takes_the_options_whole():
+  """`options=` reaches every layer (weights in the form it asks for, the same values); the older `attention_impl`
+  keyword still works."""
+  from flax import nnx
+
+  from llava_jax.models.options import ModelOptions
+  from llava_jax.models.stack import is_stacked_module
+  from llava_jax.tree import relayout
+
+  options = ModelOptions(attention_impl="blockwise", scan_layers=True, remat="full", seq_chunk=3)
+  model = load_checkpoint(os.path.join(OLD, "ckpt"), options=options)
+  layers = model.language_model.layers
+  assert model.options == options and is_stacked_module(layers) and layers.self_attn.options == options
+  assert model.vision_tower.encoder.layers.self_attn.options == options
+  assert_params_match(relayout(nnx.to_pure_dict(nnx.state(model, nnx.Param)), stacked=False), expected("ckpt"))
+  older = load_checkpoint(os.path.join(OLD, "ckpt"), attention_impl="blockwise")
+  assert older.options == ModelOptions(attention_impl="blockwise")
+
+
 def test_save_checkpoint_writes_the_old_layout(tmp_path):
   model = load_checkpoint(os.path.join(OLD, "ckpt"))
   save_checkpoint(model, str(tmp_path / "again"))
@@ -105,7 +124,8 @@ def test_training_resumes_from_the_old_workdir(tmp_path):
 
   # The saved train state comes back as it was saved: step 2, the params the old code exported.
   trainer = Trainer(run_config.model_config(config), "lora", run_config.optim_config(config), 3,
-                    train_util.mesh_of((1, 1, 1)), lora=run_config.lora_config(config))
+                    train_util.mesh_of((1, 1, 1)), options=run_config.model_options(config),
+                    lora=run_config.lora_config(config))
   data = batches.SyntheticIterator(config.batch_size, config.data.seq_len, trainer.model_cfg)
   manager = checkpointing.make_manager(workdir)
   state = checkpointing.restore(manager, trainer.abstract_state, data,
@@ -132,7 +152,8 @@ def test_layer_forms_convert_on_resume(tmp_path):
 
   scanned = lora_config(total_steps=4, batch_size=8, scan_layers=True)
   trainer = Trainer(run_config.model_config(scanned), "lora", run_config.optim_config(scanned), 4,
-                    train_util.mesh_of((1, 1, 1)), lora=run_config.lora_config(scanned), scan_layers=True)
+                    train_util.mesh_of((1, 1, 1)), options=run_config.model_options(scanned),
+                    lora=run_config.lora_config(scanned))
   data = batches.SyntheticIterator(scanned.batch_size, scanned.data.seq_len, trainer.model_cfg)
   manager = checkpointing.make_manager(mixed)
   state = checkpointing.restore(manager, trainer.abstract_state, data,

@@ -65,6 +65,8 @@ def snapshot(directory) -> dict[str, bytes]:
     (["--config.dtype=float8"], "config.dtype='float8'"),
     (["--config.param_dtype=float8_e4m3fn"], "config.param_dtype='float8_e4m3fn'"),
     (["--config.nonfinite.max_consecutive=0"], "config.nonfinite.max_consecutive=0"),
+    (["--config.seq_chunk=-1"], "config.seq_chunk=-1 is negative"),
+    (["--config.attention_impl=flash"], "config.attention_impl='flash' is not one of"),
     (["--config.data.json_path=train.json", "--config.data.image_dir=images"],
      "--config.data.json_path, --config.data.image_dir: not used by data.kind='synthetic'"),
     (["--config.data.tfds_name=llava_pretrain"], "--config.data.tfds_name: not used by data.kind='synthetic'"),

@@ -214,3 +214,21 @@ def test_params_reach_the_layer_of_their_path():
   model = trainer.build_model(params)
   assert [float(model.language_model.layers[i].mlp.up_proj.kernel[...][0, 0]) for i in range(12)] == \
       list(range(12))
+
+
+def test_make_trainer_runs_the_configs_attention_impl_and_rules(monkeypatch):
+  """The helper builds the Trainer the loop builds: a config's attention_impl reaches the layers inside the step
+  (they call that kernel), and its sharding rules reach the Trainer."""
+  from llava_jax.models import attention
+  from llava_jax.sharding import rules_from_config
+
+  rules = tuple((name, None if name == "mlp" else axes) for name, axes in train_util.tiny_config().sharding_rules)
+  config = train_util.tiny_config("stage2", attention_impl="blockwise", sharding_rules=rules)
+  trainer = train_util.make_trainer(config)
+  assert trainer.options.attention_impl == "blockwise"
+  assert trainer.rules == rules_from_config(rules) != rules_from_config(train_util.tiny_config().sharding_rules)
+  calls = []
+  kernel = attention.blockwise_attention
+  monkeypatch.setattr(attention, "blockwise_attention", lambda *a, **kw: calls.append(1) or kernel(*a, **kw))
+  losses, _ = train_util.run(trainer, train_util.batches(config, 1))
+  assert calls and np.isfinite(losses).all()

@@ -10,7 +10,7 @@ import numpy as np
 
 from llava_jax.tree import relayout
 
-from llava_jax.sharding import make_mesh
+from llava_jax.sharding import make_mesh, rules_from_config
 from llava_jax.train import run_config
 from llava_jax.train.cli import load_config
 from llava_jax.train.batches import SyntheticIterator
@@ -31,10 +31,11 @@ def mesh_of(shape):
 
 
 def make_trainer(config, mesh_shape=(1, 1, 1)) -> Trainer:
+  """The Trainer `train.loop` would build for `config` (its options and sharding rules too) on a mesh of that shape."""
   return Trainer(run_config.model_config(config), config.stage, run_config.optim_config(config), config.total_steps,
-                 mesh_of(mesh_shape), grad_accum_steps=config.grad_accum_steps,
-                 lora=run_config.lora_config(config), remat=config.remat,
-                 scan_layers=config.scan_layers, seed=config.seed, seq_chunk=config.seq_chunk)
+                 mesh_of(mesh_shape), rules_from_config(config.sharding_rules),
+                 options=run_config.model_options(config), grad_accum_steps=config.grad_accum_steps,
+                 lora=run_config.lora_config(config), seed=config.seed)
 
 
 def batches(config, n: int, batch_size: int | None = None, num_distinct: int = 0) -> list[dict]:

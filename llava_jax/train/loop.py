@@ -24,7 +24,7 @@ from llava_jax.train.metrics import (MetricLogger, NonfiniteGuard, NonfiniteLoss
                                      peak_flops_per_device)
 from llava_jax.train.preemption import Preemption
 from llava_jax.train.run_config import (check_config, lora_config, maybe_initialize_distributed, model_config,
-                                        optim_config)
+                                        model_options, optim_config)
 from llava_jax.train.step import Trainer
 
 
@@ -43,9 +43,8 @@ def train(config, workdir: str) -> dict:
   rules = rules_from_config(config.sharding_rules)
   lora = lora_config(config)
   trainer = Trainer(cfg, config.stage, optim_config(config), config.total_steps, mesh, rules,
-                    grad_accum_steps=config.grad_accum_steps, lora=lora, remat=config.remat,
-                    scan_layers=config.scan_layers, seed=config.seed, attention_impl=config.attention_impl,
-                    seq_chunk=config.seq_chunk)
+                    options=model_options(config), grad_accum_steps=config.grad_accum_steps, lora=lora,
+                    seed=config.seed)
   assets = checkpoint_files.assets_dir(workdir) or (
       checkpoint_files.assets_dir(config.init_checkpoint) if config.init_checkpoint else None)
   data = batches.make_iterator(config.data, cfg, config.batch_size // jax.process_count(), seed=config.seed,

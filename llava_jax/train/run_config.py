@@ -13,7 +13,7 @@ from llava_jax.checkpoint_files import read_config
 from llava_jax.config import LlavaConfig
 from llava_jax.host_memory import cpu_only_run
 from llava_jax.lora import LoraConfig
-from llava_jax.models.options import REMAT_POLICY_NAMES
+from llava_jax.models.options import ModelOptions, OptionValueError
 from llava_jax.sharding import batch_axes, batch_shards, resolve_mesh_shape, rules_from_config
 from llava_jax.train.batches import KINDS
 from llava_jax.train.optim import OptimConfig, check_stage
@@ -45,6 +45,16 @@ def optim_config(config) -> OptimConfig:
                      train_vision_tower=bool(config.get("train_vision_tower", False)))
 
 
+def model_options(config) -> ModelOptions:
+  """How the run's model runs: the config keys of `ModelOptions`' names, which checks them (the error names the
+  flag to change)."""
+  try:
+    return ModelOptions(attention_impl=config.attention_impl, scan_layers=config.scan_layers, remat=config.remat,
+                        seq_chunk=config.seq_chunk)
+  except OptionValueError as e:
+    raise ConfigValueError(f"config.{e}; set --config.{e.field}") from None
+
+
 def lora_config(config) -> LoraConfig:
   return LoraConfig(r=config.lora.r, alpha=config.lora.alpha, dropout=config.lora.dropout)
 
@@ -65,11 +75,7 @@ def check_config(config, num_devices: int, process_count: int = 1) -> tuple[int,
   _check_data(config.data)
   if config.total_steps < 1:
     raise ConfigValueError(f"config.total_steps={config.total_steps}: set --config.total_steps to at least 1")
-  if config.seq_chunk < 0:
-    raise ConfigValueError(f"config.seq_chunk={config.seq_chunk}: use 0 (the whole row at once) or a positive "
-                           "number of positions")
-  if config.remat not in REMAT_POLICY_NAMES:
-    raise ConfigValueError(f"config.remat={config.remat!r} is not one of {sorted(REMAT_POLICY_NAMES)}")
+  model_options(config)
   if config.stage == "lora" and config.lora.r < 1:
     raise ConfigValueError(f"config.lora.r={config.lora.r}: the LoRA rank must be at least 1")
   if config.init_checkpoint and not os.path.isdir(config.init_checkpoint):

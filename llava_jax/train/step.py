@@ -24,7 +24,7 @@ from llava_jax import lora as lora_lib
 from llava_jax.config import IGNORE_INDEX, LlavaConfig
 from llava_jax.models.layers import over_position_pieces
 from llava_jax.models.llava import Llava
-from llava_jax.models.options import ModelOptions
+from llava_jax.models.options import ModelOptions, options_with
 from llava_jax.lora import LoraConfig
 from llava_jax.sharding import DEFAULT_RULES, batch_sharding, logical_axes_tree, param_shardings, shard_batch
 from llava_jax.tree import get_path, is_stacked, relayout
@@ -115,22 +115,29 @@ class Trainer:
 
   `init_state` places a fresh state on the mesh; `step(state, batch)` takes a host-local numpy batch (this host's
   rows) and returns the new state and metrics (replicated scalars).
+
+  `options` say how the model runs (attention, scan, remat, seq_chunk; `train/run_config.py:model_options` makes
+  them from a run config); the Trainer adds fp32 logits and the batch-split hidden state where they are unset.
+  `remat`, `scan_layers`, `attention_impl` and `seq_chunk` are the older spelling of those options.
   """
 
   def __init__(self, model_cfg: LlavaConfig, stage: str, optim: OptimConfig, total_steps: int,
-               mesh: jax.sharding.Mesh, rules=DEFAULT_RULES, *, grad_accum_steps: int = 1,
-               lora: LoraConfig | None = None, remat: str = "none", scan_layers: bool = False, seed: int = 0,
-               attention_impl: str = "xla", seq_chunk: int = 0):
+               mesh: jax.sharding.Mesh, rules=DEFAULT_RULES, *, options: ModelOptions | None = None,
+               grad_accum_steps: int = 1, lora: LoraConfig | None = None, seed: int = 0,
+               remat: str | None = None, scan_layers: bool | None = None, attention_impl: str | None = None,
+               seq_chunk: int | None = None):
     self.model_cfg, self.stage, self.mesh, self.rules = model_cfg, stage, mesh, rules
-    self.seq_chunk = seq_chunk  # positions per piece of the MLP and of the lm_head + loss (0: whole rows)
-    self.stacked = scan_layers  # the layer form of the state's params (models/stack.py)
+    options = options_with(options, remat=remat, scan_layers=scan_layers, attention_impl=attention_impl,
+                           seq_chunk=seq_chunk)
+    # Logits (and so the softmax) in fp32 under bf16 compute; hidden states pinned to the batch split.
+    pinned = options.activation_sharding
+    self.options = options.replace(logits_dtype=options.logits_dtype or "float32",
+                                   activation_sharding=batch_sharding(mesh, 3, rules) if pinned is None else pinned)
+    self.stacked = self.options.scan_layers  # the layer form of the state's params (models/stack.py)
     self.grad_accum_steps, self.seed = grad_accum_steps, seed
     self.lora = (lora or LoraConfig()) if stage == "lora" else None
 
-    # Logits (and so the softmax) in fp32 under bf16 compute; hidden states pinned to the batch split.
-    options = ModelOptions(attention_impl=attention_impl, scan_layers=scan_layers, remat=remat, logits_dtype="float32",
-                           activation_sharding=batch_sharding(mesh, 3, rules), seq_chunk=seq_chunk)
-    model = nnx.eval_shape(lambda: Llava(model_cfg, options=options))
+    model = nnx.eval_shape(lambda: Llava(model_cfg, options=self.options))
     self.graphdef, abstract = nnx.split(model, nnx.Param)
     self._abstract_vars = list(nnx.to_flat_state(abstract))
     abstract_model = nnx.to_pure_dict(abstract)
@@ -212,7 +219,7 @@ class Trainer:
                    image_mask=batch.get("image_mask"), positions=batch.get("positions"),
                    segment_ids=batch.get("segment_ids"), image_feature_rows=batch.get("image_feature_rows"),
                    head=False, images_by_row=True)  # check_batch: pixel_values[b] are row b's image slots
-    return chunked_cross_entropy_sum(hidden, model.logits_from_hidden, batch["labels"], self.seq_chunk)
+    return chunked_cross_entropy_sum(hidden, model.logits_from_hidden, batch["labels"], self.options.seq_chunk)
 
   def _train_step(self, state, batch, batch_shardings):
     params = state["params"]

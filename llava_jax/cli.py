@@ -71,7 +71,8 @@ def _load_for_generation(args):
   from llava_jax.processor import Processor
 
   model = load_checkpoint(args.ckpt, dtype=args.dtype)
-  return model, Processor.from_model(model, template=args.template, aspect_ratio=args.aspect_ratio)
+  return model, Processor.from_model(model, template=args.template, aspect_ratio=args.aspect_ratio,
+                                     tokenization=args.tokenization)
 
 
 def _reply(model, processor, turns, image, args, out=None) -> str:
@@ -152,6 +153,8 @@ def _add_generation_flags(p):
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--template", help="conversation template (default: the checkpoint's, else vicuna_v1)")
   p.add_argument("--aspect-ratio", choices=["pad", "crop"], help="image handling (default: checkpoint's, else pad)")
+  p.add_argument("--tokenization", choices=["hf", "reference"],
+                 help="prompt ids as transformers' processor or the original LLaVA makes them (default: checkpoint's)")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
 
 

@@ -75,6 +75,9 @@ class TextConfig:
 PROJECTOR_TYPES = ("linear", "mlp2x_gelu")
 SELECT_STRATEGIES = ("default", "full")
 ANYRES_SEMANTICS = ("hf", "original")
+# How a prompt's text around "<image>" becomes ids: "hf" tokenizes the whole string, <image> a special token, as
+# transformers' LlavaProcessor; "reference" tokenizes chunk by chunk, as the original LLaVA (and our training).
+TOKENIZATIONS = ("hf", "reference")
 TEXT_MODEL_TYPES = ("llama", "mistral")
 
 
@@ -94,6 +97,9 @@ class LlavaConfig:
   image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None
   # Where transformers and the reference differ (unpad rounding, a tie-break): "hf" (llava-hf) or "original".
   anyres_semantics: str = "hf"
+  # The ids the checkpoint saw: "hf" for llava-hf ones; "reference" for original-layout ones, ours, and any
+  # llava_config.json written before the key existed (those were processed chunk by chunk).
+  tokenization: str = "reference"
   dtype: str = "float32"
   param_dtype: str = "float32"
 
@@ -107,6 +113,11 @@ class LlavaConfig:
         raise ConfigError("LLaVA-NeXT's unpadded grid needs vision_feature_select_strategy 'default' (CLS dropped)")
     if self.anyres_semantics not in ANYRES_SEMANTICS:
       raise ConfigError(f"anyres_semantics {self.anyres_semantics!r} is not one of {ANYRES_SEMANTICS}")
+    if self.tokenization not in TOKENIZATIONS:
+      raise ConfigError(f"tokenization {self.tokenization!r} is not one of {TOKENIZATIONS}")
+    if self.tokenization == "hf" and not 0 <= self.image_token_index < self.text.vocab_size:
+      raise ConfigError(f"tokenization 'hf' needs the image token in the vocabulary; image_token_index "
+                        f"{self.image_token_index} is outside it ({self.text.vocab_size}): use 'reference'")
     if self.text.model_type not in TEXT_MODEL_TYPES:
       raise ConfigError(f"text model_type {self.text.model_type!r} is not one of {TEXT_MODEL_TYPES}")
     if self.projector_type not in PROJECTOR_TYPES:
@@ -164,10 +175,10 @@ class LlavaConfig:
 
     next_ = raw["model_type"] == "llava_next"
     hf = (transformers.LlavaNextConfig if next_ else transformers.LlavaConfig).from_dict(raw)
-    layer = hf.vision_feature_layer
+    layer, text = hf.vision_feature_layer, _text_from_hf(hf.text_config)
     fields = dict(
         vision=_vision_from_hf(hf.vision_config),
-        text=_text_from_hf(hf.text_config),
+        text=text,
         image_token_index=int(hf.image_token_id),
         projector_type="mlp2x_gelu",
         projector_hidden_act=hf.projector_hidden_act,
@@ -177,6 +188,8 @@ class LlavaConfig:
         image_grid_pinpoints=tuple(map(tuple, hf.image_grid_pinpoints)) if next_ else None,
         # Written by our export of a converted original checkpoint; transformers ignores it.
         anyres_semantics=raw.get("anyres_semantics", "hf") if next_ else "hf",
+        # llava-hf checkpoints saw LlavaProcessor's ids (if their image token is a token); our export says so.
+        tokenization=raw.get("tokenization", "hf" if 0 <= hf.image_token_id < text.vocab_size else "reference"),
     )
     fields.update(overrides)
     return cls(**fields)
@@ -223,9 +236,11 @@ class LlavaConfig:
       out["architectures"] = ["LlavaNextForConditionalGeneration"]
       if self.anyres_semantics != "hf":  # transformers computes "hf"; our loader reads this back
         out["anyres_semantics"] = self.anyres_semantics
-      return out
-    out = transformers.LlavaConfig(**common).to_dict()
-    out["architectures"] = ["LlavaForConditionalGeneration"]
+    else:
+      out = transformers.LlavaConfig(**common).to_dict()
+      out["architectures"] = ["LlavaForConditionalGeneration"]
+    if self.tokenization != "hf":  # transformers ignores it; our loader reads it back
+      out["tokenization"] = self.tokenization
     return out
 
   # -- our own serialisation (the exact dataclass, dtype included) ------------------------------------------------
@@ -351,7 +366,7 @@ def _from_original_llava(raw: dict, vision: VisionConfig | None = None, **overri
                 projector_hidden_act="gelu", projector_bias=True,
                 vision_feature_layer=int(raw.get("mm_vision_select_layer", -2)),
                 vision_feature_select_strategy=select, image_grid_pinpoints=pinpoints,
-                anyres_semantics="original" if pinpoints else "hf")
+                anyres_semantics="original" if pinpoints else "hf", tokenization="reference")
   fields.update(overrides)
   return LlavaConfig(**fields)
 

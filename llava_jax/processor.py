@@ -18,9 +18,10 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
+from llava_jax.config import TOKENIZATIONS
 from llava_jax.data.anyres import AnyresGeometry
-from llava_jax.data.conversation import get_template
-from llava_jax.data.image import ImageProcessorConfig, preprocess_image, to_rgb
+from llava_jax.data.conversation import DEFAULT_IMAGE_TOKEN, get_template
+from llava_jax.data.image import ImageProcessorConfig, preprocess_image, read_processor_files, to_rgb
 from llava_jax.data.text import encode_prompt
 
 SETTINGS_FILE = "llava_jax_processor.json"  # in a checkpoint's assets: {"template", "image_aspect_ratio"}
@@ -38,10 +39,21 @@ class Processor:
 
   def __init__(self, tokenizer, image_config: ImageProcessorConfig, *, num_image_tokens: int,
                image_token_index: int, template: str = "vicuna_v1", aspect_ratio: str = "pad",
-               anyres: AnyresGeometry | None = None, max_tiles: int | None = None, max_length: int | None = None):
+               anyres: AnyresGeometry | None = None, max_tiles: int | None = None, max_length: int | None = None,
+               tokenization: str = "reference", chat_template: str | None = None):
     """`anyres` switches to LLaVA-NeXT's tiling; `max_tiles` then fixes the tile slots per image (e.g.
     `anyres.max_tiles` for static shapes) instead of the batch's maximum. `max_length` (the model's context,
-    `text.max_position_embeddings`): a longer prompt is a PromptTooLongError, not silent garbage."""
+    `text.max_position_embeddings`): a longer prompt is a PromptTooLongError, not silent garbage.
+
+    `tokenization` gives the ids the checkpoint saw: "hf" the whole prompt at once with "<image>" the tokenizer's
+    special token (transformers' LlavaProcessor), "reference" chunk by chunk around it (the original LLaVA's
+    `tokenizer_image_token`). They differ, e.g. by a "▁" after each image with a non-legacy LLaMA tokenizer.
+    `chat_template`: the checkpoint's own (jinja), kept for callers; prompts use `template`."""
+    if tokenization not in TOKENIZATIONS:
+      raise ValueError(f"tokenization {tokenization!r} is not one of {TOKENIZATIONS}")
+    if tokenization == "hf":
+      _check_image_token(tokenizer, image_token_index)
+    self.tokenization, self.chat_template = tokenization, chat_template
     self.tokenizer, self.image_config, self.max_length = tokenizer, image_config, max_length
     self.num_image_tokens, self.image_token_index = num_image_tokens, image_token_index
     self.template, self.aspect_ratio = get_template(template), aspect_ratio
@@ -51,27 +63,29 @@ class Processor:
                        f"tower's image size {anyres.tile}")
 
   @classmethod
-  def from_model(cls, model, template: str | None = None, aspect_ratio: str | None = None) -> "Processor":
-    """Reads the tokenizer and image-processor files a loaded checkpoint carries (`model.assets_dir`)."""
+  def from_model(cls, model, template: str | None = None, aspect_ratio: str | None = None,
+                 tokenization: str | None = None) -> "Processor":
+    """Reads the tokenizer and image-processor files a loaded checkpoint carries (`model.assets_dir`), in any
+    layout transformers writes. `tokenization` defaults to the checkpoint's (`config.tokenization`)."""
     from llava_jax.hub import load_tokenizer
 
     assets = model.assets_dir
-    if not assets or not os.path.exists(os.path.join(assets, "preprocessor_config.json")):
-      raise FileNotFoundError("this model carries no tokenizer / preprocessor_config.json (assets/); convert it "
-                              "from a directory that has them")
+    if not assets:
+      raise FileNotFoundError("this model carries no tokenizer / processor files (assets/); convert it from a "
+                              "directory that has them")
+    files = read_processor_files(assets)
     settings = {}
     if os.path.exists(os.path.join(assets, SETTINGS_FILE)):
       with open(os.path.join(assets, SETTINGS_FILE)) as f:
         settings = json.load(f)
     cfg = model.config
-    with open(os.path.join(assets, "preprocessor_config.json")) as f:
-      preprocessor = json.load(f)
-    return cls(load_tokenizer(assets), ImageProcessorConfig.from_dict(preprocessor),
+    return cls(load_tokenizer(assets), files.image_config,
                num_image_tokens=cfg.num_image_tokens, image_token_index=cfg.image_token_index,
                max_length=cfg.text.max_position_embeddings,
                template=template or settings.get("template", "vicuna_v1"),
                aspect_ratio=aspect_ratio or settings.get("image_aspect_ratio", "pad"),
-               anyres=anyres_geometry(cfg, preprocessor))
+               anyres=anyres_geometry(cfg, files.image_processor),
+               tokenization=tokenization or cfg.tokenization, chat_template=files.chat_template)
 
   def prompt(self, turns: Sequence[str], image: bool) -> str:
     """The template's generation prompt for alternating user/assistant turns ending with the user's."""
@@ -87,7 +101,7 @@ class Processor:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if self.anyres is not None:
       return self._call_anyres(prompts, images, max_tiles)
-    rows = [encode_prompt(p, self.tokenizer, self.num_image_tokens, self.image_token_index) for p in prompts]
+    rows = [self._encode(p, self.num_image_tokens) for p in prompts]
     input_ids, attention_mask = self._left_pad(rows)
     images = _as_list(images)
     n_tags = int((input_ids == self.image_token_index).sum()) // self.num_image_tokens
@@ -98,6 +112,13 @@ class Processor:
       pixel_values = np.stack([preprocess_image(self._open(im), self.image_config, self.aspect_ratio)
                                for im in images])
     return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
+
+  def _encode(self, prompt: str, num_image_tokens: int) -> np.ndarray:
+    """One prompt's ids (int32), each "<image>" as `num_image_tokens` image ids, in `self.tokenization`'s way."""
+    if self.tokenization == "reference":
+      return encode_prompt(prompt, self.tokenizer, num_image_tokens, self.image_token_index)
+    ids = np.asarray(self.tokenizer(prompt)["input_ids"], np.int32)
+    return np.repeat(ids, np.where(ids == self.image_token_index, num_image_tokens, 1)).astype(np.int32)
 
   def _left_pad(self, rows: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     t = max(len(r) for r in rows)
@@ -115,7 +136,7 @@ class Processor:
   def _call_anyres(self, prompts: Sequence[str], images, max_tiles: int | None) -> dict:
     images = [to_rgb(self._open(im)) for im in _as_list(images)]
     # One image id per tag first, then each tag widened to its own image's token count, in tag order.
-    rows = [encode_prompt(p, self.tokenizer, 1, self.image_token_index) for p in prompts]
+    rows = [self._encode(p, 1) for p in prompts]
     n_tags = sum(int((r == self.image_token_index).sum()) for r in rows)
     if n_tags != len(images):
       raise ValueError(f"the prompts hold {n_tags} <image> tags but {len(images)} images were given")
@@ -152,6 +173,15 @@ class Processor:
 
 def _as_list(images) -> list:
   return [] if images is None else [images] if not isinstance(images, (list, tuple)) else list(images)
+
+
+def _check_image_token(tokenizer, image_token_index: int) -> None:
+  """"hf" tokenization needs "<image>" to be one token, the model's image id (as LlavaProcessor reads it)."""
+  ids = tokenizer.encode(DEFAULT_IMAGE_TOKEN, add_special_tokens=False)
+  if ids != [image_token_index]:
+    raise ValueError(f"tokenization 'hf' needs the tokenizer's {DEFAULT_IMAGE_TOKEN} token to be the image token "
+                     f"{image_token_index}, but it encodes as {ids} (an original-layout checkpoint, whose image token "
+                     "is outside the vocabulary?): use tokenization='reference'")
 
 
 def anyres_geometry(cfg, preprocessor: dict | None = None) -> AnyresGeometry | None:

@@ -138,7 +138,10 @@ def converted_checkpoint(root, max_position_embeddings: int | None = None) -> st
   from llava_jax.data.synthetic import build_tokenizer  # pylint: disable=import-outside-toplevel
 
   build_tokenizer(str(root / "hf"))
-  vocab = len(transformers.AutoTokenizer.from_pretrained(root / "hf")) + 1
+  tokenizer = transformers.AutoTokenizer.from_pretrained(root / "hf")
+  tokenizer.add_tokens([transformers.AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
+  tokenizer.save_pretrained(root / "hf")
+  vocab = len(tokenizer)
   context = {} if max_position_embeddings is None else {"max_position_embeddings": max_position_embeddings}
   hf = llava_model(text=text_config(vocab_size=vocab, num_key_value_heads=2, **context))
   hf.config.image_token_id = hf.config.image_token_index = vocab - 1

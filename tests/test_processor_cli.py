@@ -27,7 +27,8 @@ def ckpt(tmp_path_factory):
 
 def test_processor_left_pads_and_expands_image_tags(ckpt):
   model = load_checkpoint(str(ckpt / "ckpt"))
-  proc = Processor.from_model(model)
+  assert Processor.from_model(model).tokenization == "hf"  # a llava-hf checkpoint (test_processor_files: its ids)
+  proc = Processor.from_model(model, tokenization="reference")
   prompts = [proc.prompt(["What is this?"], image=True), proc.prompt(["Hi", "Hello!", "Describe it, please."],
                                                                       image=True)]
   inputs = proc(prompts, [str(ckpt / "cat.png"), Image.open(ckpt / "cat.png")])

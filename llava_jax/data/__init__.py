@@ -10,7 +10,7 @@ grouping, host/worker shards), `preprocess` (record -> example), `collate` (batc
 """
 
 from llava_jax.data.conversation import TEMPLATES, SeparatorStyle, Template, get_template
-from llava_jax.data.image import ImageProcessorConfig, preprocess_image
+from llava_jax.data.image import ImageProcessorConfig, preprocess_image, read_processor_files
 from llava_jax.data.pipeline import (DataConfig, DataInterrupted, DataIterator, DataStallError,
                                      DataStateMismatchError, make_dataset, make_iterator)
 from llava_jax.data.synthetic import build_tokenizer, write_shapes_corpus
@@ -22,5 +22,5 @@ __all__ = [
     "DataStateMismatchError", "ImageProcessorConfig",
     "SeparatorStyle", "SkipReason", "Template", "TokenizationMismatchError", "build_tokenizer", "encode_prompt",
     "get_template", "make_dataset", "make_iterator", "preprocess_conversation", "preprocess_image",
-    "tokenizer_image_token", "write_shapes_corpus",
+    "read_processor_files", "tokenizer_image_token", "write_shapes_corpus",
 ]

@@ -91,13 +91,8 @@ class ImageProcessorConfig:
 
   @classmethod
   def from_pretrained(cls, folder: str) -> ImageProcessorConfig:
-    """Reads `folder/preprocessor_config.json`: a local folder only, never the Hub (FileNotFoundError naming it)."""
-    require_local_folder(folder, "image processor folder")
-    path = os.path.join(folder, "preprocessor_config.json")
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"image processor folder {folder!r} has no preprocessor_config.json")
-    with open(path) as f:
-      return cls.from_dict(json.load(f))
+    """The image processor of a local folder in any layout transformers writes (`read_processor_files`)."""
+    return read_processor_files(folder).image_config
 
   @property
   def output_size(self) -> tuple[int, int]:
@@ -107,6 +102,72 @@ class ImageProcessorConfig:
     if self.shortest_edge is None:
       return self.height, self.width
     raise ValueError("the output size depends on the image without a centre crop")
+
+
+# Where transformers keeps an image processor: 5.x nests it in processor_config.json (and transformers reads that
+# first), older versions and lone image processors write preprocessor_config.json.
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProcessorFiles:
+  """What a folder's processor files say: the image processor's dict (NeXT's `image_grid_pinpoints` included),
+  its `ImageProcessorConfig`, the processor's own keys, the chat template, and the file the dict came from."""
+  image_processor: Mapping[str, Any]
+  image_config: ImageProcessorConfig
+  processor: Mapping[str, Any]
+  chat_template: str | None
+  source: str
+
+
+def has_processor_files(folder: str | None) -> bool:
+  """Whether `folder` holds an image processor in a layout `read_processor_files` reads."""
+  return bool(folder) and _image_processor_file(folder) is not None
+
+
+def read_processor_files(folder: str) -> ProcessorFiles:
+  """The one reader of a checkpoint's processor files, for inference and training alike: never CLIP's defaults
+  in place of a file. A local folder only (never the Hub); without an image processor a FileNotFoundError
+  names the files looked for."""
+  require_local_folder(folder, "image processor folder")
+  found = _image_processor_file(folder)
+  if found is None:
+    raise FileNotFoundError(f"{folder!r} has no image processor: looked for processor_config.json with an "
+                            "'image_processor' entry (transformers 5) and preprocessor_config.json")
+  path, image_processor, processor = found
+  return ProcessorFiles(image_processor=image_processor, image_config=ImageProcessorConfig.from_dict(image_processor),
+                        processor=processor, chat_template=_chat_template(folder, processor), source=path)
+
+
+def _read_json(path: str) -> dict | None:
+  if not os.path.isfile(path):
+    return None
+  with open(path) as f:
+    data = json.load(f)
+  if not isinstance(data, dict):
+    raise ValueError(f"{path}: expected a JSON object")
+  return data
+
+
+def _image_processor_file(folder: str) -> tuple[str, dict, dict] | None:
+  """(path, image processor dict, processor dict) in transformers' order of preference, or None."""
+  path = os.path.join(folder, PROCESSOR_FILES[0])
+  processor = _read_json(path) or {}
+  if isinstance(processor.get("image_processor"), dict):
+    return path, processor["image_processor"], {k: v for k, v in processor.items() if k != "image_processor"}
+  path = os.path.join(folder, PROCESSOR_FILES[1])
+  image_processor = _read_json(path)
+  return None if image_processor is None else (path, image_processor, processor)
+
+
+def _chat_template(folder: str, processor: Mapping[str, Any]) -> str | None:
+  path = os.path.join(folder, CHAT_TEMPLATE_FILES[0])
+  if os.path.isfile(path):
+    with open(path) as f:
+      return f.read()
+  data = _read_json(os.path.join(folder, CHAT_TEMPLATE_FILES[1])) or {}
+  return data.get("chat_template") or processor.get("chat_template")
 
 
 def to_rgb(image: Image.Image | np.ndarray) -> Image.Image:

@@ -4,7 +4,6 @@ benchmarks. Both give this host's rows of the global batch and have `get_state()
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
@@ -149,13 +148,16 @@ def make_iterator(data_cfg, model_cfg: LlavaConfig, host_batch_size: int, *, see
 
 
 def _image_processor(data_cfg, model_cfg: LlavaConfig, assets_dir: str | None):
-  """The checkpoint's preprocessor_config.json, else CLIP's defaults at the tower's resolution."""
-  from llava_jax.data.image import ImageProcessorConfig  # pylint: disable=import-outside-toplevel
+  """`data.image_processor`'s files, else the checkpoint's (never CLIP's defaults in their place). CLIP's defaults
+  at the tower's resolution only for a model without files: no checkpoint, or one saved with no assets."""
+  from llava_jax.data.image import ImageProcessorConfig, has_processor_files  # pylint: disable=import-outside-toplevel
 
-  for folder in (data_cfg.image_processor, assets_dir):
-    path = os.path.join(folder, "preprocessor_config.json") if folder else ""
-    if path and os.path.exists(path):
-      with open(path) as f:
-        return ImageProcessorConfig.from_dict(json.load(f))
+  if data_cfg.image_processor:
+    return ImageProcessorConfig.from_pretrained(data_cfg.image_processor)
+  if has_processor_files(assets_dir):
+    return ImageProcessorConfig.from_pretrained(assets_dir)
+  if assets_dir and os.listdir(assets_dir):
+    raise FileNotFoundError(f"the checkpoint's assets {assets_dir} have no image processor (processor_config.json "
+                            "or preprocessor_config.json); set --config.data.image_processor=DIR")
   size = model_cfg.vision.image_size
   return ImageProcessorConfig(shortest_edge=size, crop_height=size, crop_width=size)

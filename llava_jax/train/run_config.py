@@ -31,10 +31,11 @@ SYNTHETIC_ONLY = {"num_distinct_batches": 0}
 
 
 def model_config(config) -> LlavaConfig:
-  """The model: the init checkpoint's config, else `config.model`; compute / storage dtypes from the config."""
+  """The model: the init checkpoint's config, else `config.model`; compute / storage dtypes from the config.
+  Tokenization "reference": the pipeline tokenizes chunk by chunk, so the trained model saw those ids."""
   cfg = read_config(config.init_checkpoint) if config.init_checkpoint else LlavaConfig.from_dict(
       config.model.to_dict())
-  return cfg.replace(dtype=config.dtype, param_dtype=config.param_dtype)
+  return cfg.replace(dtype=config.dtype, param_dtype=config.param_dtype, tokenization="reference")
 
 
 def optim_config(config) -> OptimConfig:

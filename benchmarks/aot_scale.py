@@ -112,10 +112,9 @@ def compile_step(model_cfg, config, mesh_shape, rows: int, seq: int, accum: int,
 
 def tiles_per_image(model_cfg) -> int:
   """Tile slots per image: 1 for LLaVA-1.5, the pinpoints' maximum (base tile included) for LLaVA-NeXT."""
-  from llava_jax.data.anyres import AnyresGeometry  # pylint: disable=import-outside-toplevel
+  from llava_jax.data.layout import layout_for  # pylint: disable=import-outside-toplevel
 
-  geometry = AnyresGeometry.from_config(model_cfg)
-  return 1 if geometry is None else geometry.max_tiles
+  return layout_for(model_cfg).max_tiles
 
 
 def _replace(dc, **kw):

@@ -5,8 +5,8 @@ becomes `num_image_tokens` image-token ids, images go through CLIP preprocessing
 default), and a batch is left-padded for generation.
 
 LLaVA-NeXT (a model whose config has `image_grid_pinpoints`) instead follows `LlavaNextProcessor`: each image is
-cut into anyres tiles (`llava_jax.data.anyres`), its "<image>" becomes that image's own number of tokens, and the
-batch carries `image_sizes` so that the model can place the tile features.
+cut into anyres tiles (`llava_jax.data.layout.AnyresLayout`), its "<image>" becomes that image's own number of
+tokens, and the batch carries `image_sizes` so that the model can place the tile features.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import numpy as np
 from PIL import Image
 
 from llava_jax.config import TOKENIZATIONS
-from llava_jax.data.anyres import AnyresGeometry
 from llava_jax.data.conversation import DEFAULT_IMAGE_TOKEN, get_template
 from llava_jax.data.image import ImageProcessorConfig, preprocess_image, read_processor_files, to_rgb
+from llava_jax.data.layout import AnyresLayout, layout_for
 from llava_jax.data.text import encode_prompt
 
 SETTINGS_FILE = "llava_jax_processor.json"  # in a checkpoint's assets: {"template", "image_aspect_ratio"}
@@ -39,7 +39,7 @@ class Processor:
 
   def __init__(self, tokenizer, image_config: ImageProcessorConfig, *, num_image_tokens: int,
                image_token_index: int, template: str = "vicuna_v1", aspect_ratio: str = "pad",
-               anyres: AnyresGeometry | None = None, max_tiles: int | None = None, max_length: int | None = None,
+               anyres: AnyresLayout | None = None, max_tiles: int | None = None, max_length: int | None = None,
                tokenization: str = "reference", chat_template: str | None = None):
     """`anyres` switches to LLaVA-NeXT's tiling; `max_tiles` then fixes the tile slots per image (e.g.
     `anyres.max_tiles` for static shapes) instead of the batch's maximum. `max_length` (the model's context,
@@ -184,6 +184,8 @@ def _check_image_token(tokenizer, image_token_index: int) -> None:
                      "is outside the vocabulary?): use tokenization='reference'")
 
 
-def anyres_geometry(cfg, preprocessor: dict | None = None) -> AnyresGeometry | None:
-  """The model's anyres settings: its config's pinpoints, else the preprocessor config's; None for LLaVA-1.5."""
-  return AnyresGeometry.from_config(cfg, None if cfg.is_next else (preprocessor or {}).get("image_grid_pinpoints"))
+def anyres_geometry(cfg, preprocessor: dict | None = None) -> AnyresLayout | None:
+  """The model's anyres layout: its config's pinpoints, else the preprocessor config's; None when its image layout
+  places no tile features (LLaVA-1.5)."""
+  layout = layout_for(cfg, None if cfg.is_next else (preprocessor or {}).get("image_grid_pinpoints"))
+  return layout if layout.places_features else None

@@ -18,7 +18,7 @@ from transformers.image_processing_utils import select_best_resolution as hf_sel
 from transformers.models.llava_next import modeling_llava_next as hf_next
 
 import hf_tiny
-from llava_jax.data import anyres
+from llava_jax.data import anyres, layout
 from llava_jax.data.image import ImageProcessorConfig
 
 PINPOINTS_336 = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # the 1.6 checkpoints'
@@ -195,7 +195,7 @@ def test_feature_index_equals_transformers_pack_image_features(pinpoints, image_
   sizes = [(max(1, int(h * scale)), max(1, int(w * scale))) for h, w in SIZES_56] + random_sizes(6, 1500, 2)
   for hw in sizes:
     n = anyres.num_tiles(hw, pinpoints, image_size)
-    index = anyres.feature_index(hw, pinpoints, image_size, pps)
+    index = layout.feature_index(hw, pinpoints, image_size, pps)
     assert index.dtype == np.int32 and len(index) == anyres.num_image_tokens(hw, pinpoints, image_size, pps)
     # Features whose value is their own row: transformers' packing then spells out the index itself.
     ids = np.arange(n * pps * pps, dtype=np.float64).reshape(n, pps * pps, 1)
@@ -213,13 +213,13 @@ def test_feature_index_equals_the_reference_spatial_unpad():
     n = anyres.num_tiles((height, width), PINPOINTS_336, 336, "original")
     features, newline = rng.standard_normal((n, 576, 2)), rng.standard_normal(2)
     expected = ref_spatial_unpad(features, (width, height), PINPOINTS_336, 336, 24, newline)
-    index = anyres.feature_index((height, width), PINPOINTS_336, 336, 24, semantics="original")
+    index = layout.feature_index((height, width), PINPOINTS_336, 336, 24, semantics="original")
     assert len(index) == anyres.num_image_tokens((height, width), PINPOINTS_336, 336, 24, semantics="original")
     np.testing.assert_array_equal(gather(features, newline, index), expected, err_msg=str((height, width)))
 
 
 def test_feature_index_with_the_full_strategy_keeps_the_base_cls_and_skips_grid_cls():
-  index = anyres.feature_index((56, 112), PINPOINTS_56, 56, 4, strategy="full")  # 1x2 grid, 4x8 map, no unpad
+  index = layout.feature_index((56, 112), PINPOINTS_56, 56, 4, strategy="full")  # 1x2 grid, 4x8 map, no unpad
   per_tile = 17  # CLS + 16 patches
   np.testing.assert_array_equal(index[:per_tile], np.arange(per_tile))
   first_row = index[per_tile:per_tile + 9]
@@ -232,12 +232,12 @@ def test_geometry_reads_a_model_config():
 
   cfg = LlavaConfig(vision=VisionConfig(image_size=56, patch_size=14, num_hidden_layers=2),
                     image_grid_pinpoints=PINPOINTS_56)
-  geometry = anyres.AnyresGeometry.from_config(cfg)
+  geometry = layout.AnyresGeometry.from_config(cfg)
   assert (geometry.tile, geometry.patches_per_side, geometry.semantics, geometry.max_tiles) == (56, 4, "hf", 5)
   assert geometry.num_image_tokens((112, 112)) == 16 + 8 * 8 + 8
-  assert anyres.AnyresGeometry.from_config(cfg.replace(image_grid_pinpoints=None)) is None
-  assert anyres.AnyresGeometry.from_config(cfg.replace(image_grid_pinpoints=None), PINPOINTS_56).max_tiles == 5
-  assert anyres.AnyresGeometry.from_config(cfg.replace(anyres_semantics="original")).num_tiles((20, 20)) == 3
+  assert layout.AnyresGeometry.from_config(cfg.replace(image_grid_pinpoints=None)) is None
+  assert layout.AnyresGeometry.from_config(cfg.replace(image_grid_pinpoints=None), PINPOINTS_56).max_tiles == 5
+  assert layout.AnyresGeometry.from_config(cfg.replace(anyres_semantics="original")).num_tiles((20, 20)) == 3
 
 
 # ---------------------------------------------------------------- pixels

@@ -28,7 +28,7 @@ from llava_jax import load_checkpoint, load_hf_checkpoint
 from llava_jax.checkpoint import model_from_params, params_of
 from llava_jax.cli import main as cli
 from llava_jax.convert import export_hf
-from llava_jax.data.anyres import AnyresGeometry
+from llava_jax.data.layout import AnyresGeometry
 
 TOL = 1e-4
 HF_GEOMETRY = AnyresGeometry(PINPOINTS_56, tile=56, patches_per_side=4)

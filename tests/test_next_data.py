@@ -11,7 +11,7 @@ from PIL import Image
 
 from llava_jax.config import LlavaConfig
 from llava_jax.data import pipeline, synthetic
-from llava_jax.data.anyres import AnyresGeometry
+from llava_jax.data.layout import AnyresGeometry
 from llava_jax.data.image import ImageProcessorConfig
 from llava_jax.train import recipes
 
@@ -133,7 +133,7 @@ def test_rows_match_the_inference_builder_and_the_model_embeds_each_row_alone(co
     np.testing.assert_allclose(np.asarray(embeds[r]), np.asarray(expected[0]), rtol=1e-6, atol=1e-6)
   # The train step's row-local splice: rows renumbered within each row, each row gathering its own features.
   rows = step_feature_rows(jnp.asarray(batch["image_feature_rows"]), jnp.asarray(batch["pixel_values"]),
-                           cfg.num_image_tokens, host_rows=batch["input_ids"].shape[0])
+                           cfg, host_rows=batch["input_ids"].shape[0])
   by_row = model.embed(jnp.asarray(batch["input_ids"]), jnp.asarray(batch["pixel_values"]),
                        jnp.asarray(batch["image_mask"]), rows, images_by_row=True)
   np.testing.assert_allclose(np.asarray(by_row), np.asarray(embeds), rtol=1e-6, atol=1e-6)

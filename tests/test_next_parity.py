@@ -18,7 +18,7 @@ import hf_tiny
 from hf_tiny import IMAGE_TOKEN, NEXT_PROCESSOR_56, PINPOINTS_56
 from llava_jax import generate, load_hf_checkpoint
 from llava_jax.checkpoint import model_from_params, params_of
-from llava_jax.data.anyres import AnyresGeometry
+from llava_jax.data.layout import AnyresGeometry
 from llava_jax.data.image import ImageProcessorConfig
 
 TOL = 1e-4

@@ -14,9 +14,10 @@ import hf_tiny
 import transformers
 
 from llava_jax.config import LlavaConfig, VisionConfig
-from llava_jax.data.anyres import AnyresGeometry, num_image_tokens, unpadded_grid
+from llava_jax.data.anyres import num_image_tokens, unpadded_grid
 from llava_jax.data.conversation import get_template
 from llava_jax.data.image import ImageProcessorConfig
+from llava_jax.data.layout import AnyresGeometry
 from llava_jax.data.synthetic import build_tokenizer
 from llava_jax.processor import Processor
 

@@ -6,7 +6,8 @@ One module per job: `conversation` (templates), `text` (ids and labels), `image`
 pixels), `records` (record sources, skip markers), `ordering` (epoch order, length
 grouping, host/worker shards), `preprocess` (record -> example), `collate` (batches),
 `pipeline` (assembles them: `make_iterator`), `iterator` (skip counting, limits, state), `synthetic`
-(a toy corpus and tokenizer), `anyres` (LLaVA-NeXT tiles).
+(a toy corpus and tokenizer), `anyres` (LLaVA-NeXT tiles), `layout` (which feature row
+each image token takes).
 """
 
 from llava_jax.data.conversation import TEMPLATES, SeparatorStyle, Template, get_template

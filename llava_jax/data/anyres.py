@@ -6,9 +6,9 @@ of the vision tower's size; the whole image resized to one tile comes first (the
 The model encodes every tile, reassembles the grid tiles' features into one map, crops the
 map back to the image's aspect ratio ("unpad"), appends an `image_newline` vector after every
 row and flattens it after the base tile's features. The variable part of that, which depends
-only on the image size, is computed here on the host, so that the device does fixed-shape work:
-`feature_index` says, for each image-token position, which tile feature (or the newline) goes
-there.
+only on the image size, is computed on the host, so that the device does fixed-shape work: the
+geometry (canvas, grid, unpadded map, token counts) is here, and where each feature goes (the
+feature rows, the newline) is `data/layout.py`'s `AnyresLayout`.
 
 Two semantics, which differ only for some sizes:
 
@@ -25,7 +25,6 @@ image sizes here are always (height, width). Pure numpy / PIL.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 
@@ -35,17 +34,16 @@ from PIL import Image
 from llava_jax.data.image import ImageProcessorConfig, preprocess_image, to_rgb
 
 SEMANTICS = ("hf", "original")
-NEWLINE = -1  # `feature_index` value of a position that takes the `image_newline` vector
 
 
-def _check_semantics(semantics: str) -> None:
+def check_semantics(semantics: str) -> None:
   if semantics not in SEMANTICS:
     raise ValueError(f"anyres semantics must be one of {SEMANTICS}, got {semantics!r}")
 
 
 def canvases(pinpoints: Sequence[Sequence[int]], semantics: str = "hf") -> list[tuple[int, int]]:
   """The candidate canvases as (height, width), in the order the selection visits them."""
-  _check_semantics(semantics)
+  check_semantics(semantics)
   if not pinpoints:
     raise ValueError("image_grid_pinpoints is empty")
   pairs = [(int(a), int(b)) for a, b in pinpoints]
@@ -176,8 +174,8 @@ def unpadded_grid(image_hw: Sequence[int], pinpoints: Sequence[Sequence[int]], t
   return current_h, current_w
 
 
-def _tile_features(patches_per_side: int, strategy: str) -> tuple[int, int]:
-  """(features per tile, offset of patch 0) for the vision feature select strategy."""
+def tile_features(patches_per_side: int, strategy: str) -> tuple[int, int]:
+  """(features per tile, offset of patch 0 among them) for the vision feature select strategy."""
   pp = patches_per_side * patches_per_side
   if strategy == "default":  # CLS dropped
     return pp, 0
@@ -192,7 +190,7 @@ def num_image_tokens(image_hw: Sequence[int], pinpoints: Sequence[Sequence[int]]
 
   Equals what `LlavaNextProcessor` expands "<image>" to (2,928 for a 672x672 image at 336 px).
   """
-  per_tile, _ = _tile_features(patches_per_side, strategy)
+  per_tile, _ = tile_features(patches_per_side, strategy)
   rows, cols = unpadded_grid(image_hw, pinpoints, tile, patches_per_side, semantics)
   return per_tile + rows * cols + rows
 
@@ -200,106 +198,10 @@ def num_image_tokens(image_hw: Sequence[int], pinpoints: Sequence[Sequence[int]]
 def max_num_image_tokens(pinpoints: Sequence[Sequence[int]], tile: int, patches_per_side: int,
                          strategy: str = "default") -> int:
   """An upper bound of `num_image_tokens` over all image sizes (reached by an image of a pinpoint's shape)."""
-  per_tile, _ = _tile_features(patches_per_side, strategy)
+  per_tile, _ = tile_features(patches_per_side, strategy)
   best = 0
   for canvas in canvases(pinpoints):
     _check_tiles(canvas, tile)
     rows, cols = canvas[0] // tile * patches_per_side, canvas[1] // tile * patches_per_side
     best = max(best, rows * cols + rows)
   return per_tile + best
-
-
-def feature_index(image_hw: Sequence[int], pinpoints: Sequence[Sequence[int]], tile: int, patches_per_side: int,
-                  strategy: str = "default", semantics: str = "hf") -> np.ndarray:
-  """int32 [num_image_tokens]: for each image-token position, the row of this image's features, or -1.
-
-  The features are tile-major, flattened: `[n_tiles * per_tile, D]`, tile 0 the base tile, tile
-  k >= 1 grid tile k - 1 (row-major), row k * per_tile + j patch j of tile k (per_tile =
-  patches_per_side**2, + 1 for a leading CLS with strategy "full"). -1 marks where the
-  `image_newline` vector goes, so the model gathers `concatenate([features, newline[None]])[index]`.
-
-  Order as transformers' `pack_image_features`: the base tile's features as they are (CLS
-  included with "full"), then the grid tiles' patches reassembled into a (rows * pps, cols * pps)
-  map (tile (r, c) patch (i, j) at (r * pps + i, c * pps + j)), the map cropped centred to
-  `unpadded_grid`, a newline after each row, row by row. With "full" the grid tiles' CLS features
-  are left out: transformers' `view` of such features into the map is not meaningful (and the
-  reference asserts on it), so only the count there is a contract.
-  """
-  pps = patches_per_side
-  per_tile, offset = _tile_features(pps, strategy)
-  rows, cols = grid_shape(image_hw, pinpoints, tile, semantics)
-  # feature_map[y, x] = row of the feature at map position (y, x)
-  tile_id = 1 + np.arange(rows)[:, None, None, None] * cols + np.arange(cols)[None, None, :, None]
-  patch = np.arange(pps)[None, :, None, None] * pps + np.arange(pps)[None, None, None, :]
-  feature_map = (tile_id * per_tile + offset + patch).reshape(rows * pps, cols * pps)
-  new_h, new_w = unpadded_grid(image_hw, pinpoints, tile, pps, semantics)
-  top, left = (rows * pps - new_h) // 2, (cols * pps - new_w) // 2
-  cropped = feature_map[top:top + new_h, left:left + new_w]
-  with_newlines = np.concatenate([cropped, np.full((new_h, 1), NEWLINE, cropped.dtype)], axis=1)
-  return np.concatenate([np.arange(per_tile), with_newlines.reshape(-1)]).astype(np.int32)
-
-
-@dataclasses.dataclass(frozen=True)
-class AnyresGeometry:
-  """The anyres settings of one model, so callers pass an image size only.
-
-  `from_config` reads a `LlavaConfig` (`image_grid_pinpoints`, `anyres_semantics`,
-  `vision.image_size`, `vision.patch_size`, `vision_feature_select_strategy`).
-  """
-  pinpoints: tuple[tuple[int, int], ...]
-  tile: int
-  patches_per_side: int
-  strategy: str = "default"
-  semantics: str = "hf"
-
-  def __post_init__(self):
-    object.__setattr__(self, "pinpoints", tuple((int(a), int(b)) for a, b in self.pinpoints))
-    _check_semantics(self.semantics)
-    _tile_features(self.patches_per_side, self.strategy)
-    max_tiles(self.pinpoints, self.tile)  # every pinpoint a multiple of the tile
-
-  @classmethod
-  def from_config(cls, cfg, pinpoints=None) -> AnyresGeometry | None:
-    """A `LlavaConfig`'s anyres settings (`pinpoints` overrides its `image_grid_pinpoints`); None when there are
-    no pinpoints (LLaVA-1.5)."""
-    pinpoints = pinpoints or cfg.image_grid_pinpoints
-    if not pinpoints:
-      return None
-    vision = cfg.vision
-    return cls(pinpoints=pinpoints, tile=vision.image_size, patches_per_side=vision.image_size // vision.patch_size,
-               strategy=cfg.vision_feature_select_strategy, semantics=cfg.anyres_semantics)
-
-  @property
-  def max_tiles(self) -> int:
-    return max_tiles(self.pinpoints, self.tile)
-
-  @property
-  def max_num_image_tokens(self) -> int:
-    return max_num_image_tokens(self.pinpoints, self.tile, self.patches_per_side, self.strategy)
-
-  def num_tiles(self, image_hw: Sequence[int]) -> int:
-    return num_tiles(image_hw, self.pinpoints, self.tile, self.semantics)
-
-  def num_image_tokens(self, image_hw: Sequence[int]) -> int:
-    return num_image_tokens(image_hw, self.pinpoints, self.tile, self.patches_per_side, self.strategy,
-                            self.semantics)
-
-  def feature_index(self, image_hw: Sequence[int]) -> np.ndarray:
-    return feature_index(image_hw, self.pinpoints, self.tile, self.patches_per_side, self.strategy, self.semantics)
-
-  def batch_feature_index(self, image_sizes: Sequence[Sequence[int]], slots: int) -> np.ndarray:
-    """int32 [sum of num_image_tokens]: `feature_index` of each image in turn, for a batch's features
-    `[N * slots * per_tile, D]` (pixel_values [N, slots, H, W, 3] through the tower, flattened); -1 = newline.
-
-    Images come in "<image>"-tag order, which is the order of the image tokens in the row-major input_ids."""
-    per_tile, _ = _tile_features(self.patches_per_side, self.strategy)
-    parts = [np.zeros(0, np.int32)]
-    for i, hw in enumerate(image_sizes):
-      if self.num_tiles(hw) > slots:
-        raise ValueError(f"image {i} of size {tuple(hw)} needs {self.num_tiles(hw)} tiles, more than {slots} slots")
-      index = self.feature_index(hw)
-      parts.append(np.where(index == NEWLINE, NEWLINE, index + i * slots * per_tile).astype(np.int32))
-    return np.concatenate(parts)
-
-  def tiles(self, image, image_config: ImageProcessorConfig) -> np.ndarray:
-    return anyres_tiles(image, image_config, self.pinpoints, self.semantics)

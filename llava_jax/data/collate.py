@@ -17,7 +17,7 @@ from typing import Any
 import grain
 import numpy as np
 
-from llava_jax.data.anyres import NEWLINE
+from llava_jax.data.layout import ImageLayout, SingleTileLayout
 from llava_jax.data.records import SKIP_KEY, SKIP_RUNS_KEY, SKIPPED_KEY, SkipRuns
 from llava_jax.data.text import IGNORE_INDEX
 
@@ -37,18 +37,16 @@ def pad_token_id(tokenizer) -> int:
 class Collate:
   """Rows of examples -> one fixed-shape batch; the fields are `DataConfig`'s, plus the pad id and (H, W).
 
-  LLaVA-NeXT (`max_tiles` > 0): every image slot holds `max_tiles` tiles (the image's, then zeros), and
-  `image_feature_rows` places each image token's feature: slot s (s = row for padded batches, row * M + k
-  packed) owns rows [s * max_tiles * tile_features, (s + 1) * max_tiles * tile_features) of the flattened tile
-  features, and the row one past all slots' features is `image_newline` (see `Llava.embed`)."""
+  A `layout` that places features (LLaVA-NeXT) gives every image slot `layout.max_tiles` tiles (the image's,
+  then zeros) and `image_feature_rows`, each image token's row of the batch's tile features: image slot s is
+  the row for padded batches, row * M + k packed, and `ImageLayout.slot_rows` numbers its rows."""
   batch_size: int
   max_length: int
   packing: bool
   max_images_per_row: int
   pad_id: int
   image_size: tuple[int, int]
-  max_tiles: int = 0        # LLaVA-NeXT: tile slots per image (`AnyresGeometry.max_tiles`); 0 = one tile (1.5)
-  tile_features: int = 0    # LLaVA-NeXT: features per tile (patches)
+  layout: ImageLayout = SingleTileLayout(1)  # the model's image layout (`data/layout.py`); default one tile (1.5)
   image_token_index: int = -1  # LLaVA-NeXT: where the image's features go
 
   def fits(self, row: list[dict], example: dict) -> bool:
@@ -71,12 +69,13 @@ class Collate:
         "labels": np.full((b, length), IGNORE_INDEX, np.int32),
         "attention_mask": np.zeros((b, length), np.int32),
     }
-    tiles = (self.max_tiles,) if self.max_tiles else ()
+    places = self.layout.places_features
+    tiles = (self.layout.max_tiles,) if places else ()
     slots = (b, self.max_images_per_row) if self.packing else (b,)
     batch.update(pixel_values=np.zeros(slots + tiles + (h, w, 3), np.float32), image_mask=np.zeros(slots, bool))
     if self.packing:
       batch.update(segment_ids=np.zeros((b, length), np.int32), positions=np.zeros((b, length), np.int32))
-    if self.max_tiles:
+    if places:
       batch.update(image_feature_rows=np.zeros((b, length), np.int32), image_sizes=np.zeros(slots + (2,), np.int32))
     for r, row in enumerate(rows):
       start, slot = 0, 0
@@ -102,17 +101,14 @@ class Collate:
   def _place_image(self, batch: dict, where: tuple[int, ...], ex: dict, start: int) -> None:
     """Puts an example's image into slot `where`; for LLaVA-NeXT also its tiles' feature rows."""
     batch["image_mask"][where] = True
-    if not self.max_tiles:
+    if not self.layout.places_features:
       batch["pixel_values"][where] = ex["pixel_values"]
       return
     tiles = ex["pixel_values"]
     batch["pixel_values"][where][:len(tiles)] = tiles
     batch["image_sizes"][where] = ex["image_size"]
-    slots = batch["image_mask"].size
     slot = int(np.ravel_multi_index(where, batch["image_mask"].shape))
-    per_slot = self.max_tiles * self.tile_features
-    index = ex["feature_index"]
-    rows = np.where(index == NEWLINE, slots * per_slot, index + slot * per_slot).astype(np.int32)
+    rows = self.layout.slot_rows(ex["feature_index"], slot, batch["image_mask"].size)
     positions = start + np.flatnonzero(ex["input_ids"] == self.image_token_index)
     if len(positions) != len(rows):  # preprocessing guarantees it; a mismatch would misplace every feature
       raise ValueError(f"sample {ex['id']}: {len(positions)} image tokens for {len(rows)} image features")

@@ -44,15 +44,15 @@ H, W = the processor's crop size, M = `max_images_per_row`):
                                   image tokens in row b is image pixel_values[b, k]
     image_mask      [B, M]  bool  slot k of row b holds an image
 
-  LLaVA-NeXT (`anyres` set, from the model's config: `AnyresGeometry.from_config`): each image is
+  LLaVA-NeXT (`anyres` set, from the model's config: `AnyresLayout.from_config`): each image is
   its anyres tiles (base tile first) padded with zero tiles to P = `anyres.max_tiles` (the
   pinpoints' maximum), so shapes never depend on the image sizes; its "<image>" becomes that
   image's own `anyres.num_image_tokens(size)` tokens; `num_image_tokens` is not used:
     pixel_values    [B, P, H, W, 3] (padded) or [B, M, P, H, W, 3] (packed)
     image_feature_rows [B, L] int32  for each image token, the row of the flattened tile features
-                                  [S * P * per_tile, D] it takes (S = B or B * M image slots, slot
-                                  s = b or b * M + k, per_tile = patches per tile), S * P * per_tile
-                                  for `image_newline`, 0 elsewhere: what `Llava.embed` gathers with
+                                  [S * P * per_tile, D] it takes, or `image_newline`'s (S = B or
+                                  B * M image slots, slot s = b or b * M + k; numbered by
+                                  `data/layout.py`), 0 elsewhere: what `Llava.embed` gathers with
     image_sizes     [B, 2] or [B, M, 2] int32  (height, width) of each slot's image, 0 if none
 
 At the end of a finite run (`num_epochs` set) the last batch is filled up with empty
@@ -91,7 +91,7 @@ import grain
 import numpy as np
 
 from llava_jax.data import image as image_lib
-from llava_jax.data.anyres import AnyresGeometry
+from llava_jax.data.layout import AnyresLayout, ImageLayout, SingleTileLayout
 from llava_jax.data.collate import MAX_SKIPS_PER_BATCH, BatchIterDataset, Collate, pad_token_id
 from llava_jax.data.ordering import Blocks, EpochOrder
 from llava_jax.data.preprocess import DEFAULT_MAX_IMAGE_PIXELS, Preprocess
@@ -133,7 +133,7 @@ class DataConfig:
   min_samples_for_fraction: int = 200    # ... checked once this many samples were seen
   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # decoded (and, for "pad", padded) pixels; larger: skipped
   allow_images_outside_dir: bool = False  # let "image" paths resolve outside image_dir ("../", absolute, symlinks)
-  anyres: AnyresGeometry | None = None   # LLaVA-NeXT tiling (the model's geometry); None: one tile (LLaVA-1.5)
+  anyres: AnyresLayout | None = None     # LLaVA-NeXT tiling (the model's geometry); None: one tile (LLaVA-1.5)
 
   def __post_init__(self):
     if self.batch_size < 1 or self.max_length < 2 or self.max_images_per_row < 1:
@@ -155,6 +155,11 @@ class DataConfig:
       raise ValueError(f"max_skip_fraction={self.max_skip_fraction} must be in [0, 1] (1: no limit)")
     if self.max_image_pixels < 1:
       raise ValueError(f"max_image_pixels={self.max_image_pixels} must be positive")
+
+  @property
+  def layout(self) -> ImageLayout:
+    """The image layout batches follow: `anyres`, else one tile of `num_image_tokens` per image."""
+    return self.anyres if self.anyres is not None else SingleTileLayout(self.num_image_tokens)
 
 
 @dataclasses.dataclass
@@ -233,9 +238,7 @@ def make_dataset(config: DataConfig, tokenizer, image_processor: image_lib.Image
                      f"{anyres.tile} (the vision tower's image size)")
   collate = Collate(config.batch_size, config.max_length, config.packing, config.max_images_per_row,
                     pad_token_id(tokenizer), image_processor.output_size,
-                    max_tiles=anyres.max_tiles if anyres else 0,
-                    tile_features=anyres.patches_per_side ** 2 + (anyres.strategy == "full") if anyres else 0,
-                    image_token_index=config.image_token_index)
+                    layout=config.layout, image_token_index=config.image_token_index)
   # A batch closes after at most this many skips, so the iterator sees a stall as it grows.
   max_skips = min(MAX_SKIPS_PER_BATCH, config.max_consecutive_skips or MAX_SKIPS_PER_BATCH)
   ds = BatchIterDataset(factory, collate, max_skips)

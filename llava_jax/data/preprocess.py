@@ -9,8 +9,8 @@ becomes a `text.DataError`; `Preprocess` turns it into a marker unless `strict`.
 LLaVA-NeXT (`anyres` set): the image becomes its anyres tiles (base tile first, only
 the tiles it needs: the batch pads them to `max_tiles`), its "<image>" expands to that
 image's own `num_image_tokens(size)`, and the example carries the image's size and
-`feature_index` (`data.anyres`: per image token, the row of this image's tile features,
--1 for `image_newline`), which the batch turns into `image_feature_rows`. The text is
+`feature_index` (`data.layout`: per image token, the row of this image's tile features,
+or the newline), which the batch turns into `image_feature_rows`. The text is
 checked and tokenized first; the token count needs the image, so expansion and
 truncation wait for it.
 """
@@ -27,7 +27,7 @@ from PIL import Image
 
 from llava_jax.data import image as image_lib
 from llava_jax.data import text as text_lib
-from llava_jax.data.anyres import AnyresGeometry
+from llava_jax.data.layout import AnyresLayout
 from llava_jax.data.records import SKIP_KEY, skip_record
 from llava_jax.data.text import DataError, SkipReason
 
@@ -123,7 +123,7 @@ class Preprocess:
   def __init__(self, tokenizer, image_config: image_lib.ImageProcessorConfig, *, template: str,
                max_length: int, num_image_tokens: int, image_token_index: int, aspect_ratio: str = "pad",
                image_dir: str = "", strict: bool = False, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-               allow_images_outside_dir: bool = False, anyres: AnyresGeometry | None = None):
+               allow_images_outside_dir: bool = False, anyres: AnyresLayout | None = None):
     self._tokenizer = tokenizer
     self._image_config = image_config
     self.template, self.max_length, self.aspect_ratio = template, max_length, aspect_ratio

@@ -265,7 +265,7 @@ def expand_image_tokens(ids: np.ndarray, labels: np.ndarray, num_image_tokens: i
                         image_token_index: int, *, sample_id: Any = None) -> tuple[np.ndarray, np.ndarray]:
   """The second half: each IMAGE_PLACEHOLDER becomes its image's count of `image_token_index` (ignored labels),
   then truncation to `max_length`. `num_image_tokens` is one count for every image (LLaVA-1.5) or one per image
-  in order (LLaVA-NeXT: `AnyresGeometry.num_image_tokens(size)`). An image cut by `max_length` is a DataError."""
+  in order (LLaVA-NeXT: `AnyresLayout.num_image_tokens(size)`). An image cut by `max_length` is a DataError."""
   is_image = ids == IMAGE_PLACEHOLDER
   n_images = int(is_image.sum())
   counts = ([int(num_image_tokens)] * n_images if np.ndim(num_image_tokens) == 0 else

@@ -174,9 +174,10 @@ def _batch_inputs(model, processor, prompts, images, rows: int, bucket: int, pad
   row order; the slots of text-only rows blank) so mixed batches compile once per prompt bucket.
 
   LLaVA-NeXT (anyres) images are tiled to the geometry's most tiles per image and placed by `image_sizes`; the
-  feature rows are computed for the real images, then their newline row (one past the real images' features) is
-  moved one past the blank slots' features too."""
+  feature rows are computed for the real images, then moved to the batch's `rows` image slots (the layout's
+  `with_blank_slots`)."""
   from llava_jax.generate import image_inputs
+  from llava_jax.models.llava import image_layout
 
   present = [im for im in images if im is not None]
   anyres = processor.anyres
@@ -195,10 +196,8 @@ def _batch_inputs(model, processor, prompts, images, rows: int, bucket: int, pad
     return ids, mask, image_inputs(model, ids, jax.device_put(jnp.asarray(pixels), batch_sharding),
                                    jax.device_put(jnp.asarray(image_mask), batch_sharding))
   out = image_inputs(model, ids, arrays, None, inputs["image_sizes"])
-  feature_rows = np.array(out["image_feature_rows"])  # a writable copy
-  per_image = arrays.shape[1] * model.config.num_image_tokens  # feature rows of one image's tile slots
-  is_image = ids == model.config.image_token_index
-  feature_rows[is_image & (feature_rows == len(present) * per_image)] = rows * per_image
+  feature_rows = image_layout(model.config).with_blank_slots(
+      out["image_feature_rows"], ids == model.config.image_token_index, len(present), rows, tiles=arrays.shape[1])
   out["pixel_values"] = jax.device_put(jnp.asarray(pixels), batch_sharding)
   out["image_feature_rows"] = jax.device_put(jnp.asarray(feature_rows), batch_sharding)
   return ids, mask, out

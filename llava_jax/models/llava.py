@@ -66,26 +66,20 @@ def _check_image_tokens(n_tokens: int, n_images: int, per_image: int, image_toke
                      f"({n_images} images x {per_image})")
 
 
+def image_layout(cfg: LlavaConfig):
+  """The config's image layout (`data/layout.py`, host side): which feature row each image token takes."""
+  from llava_jax.data.layout import layout_for  # pylint: disable=import-outside-toplevel
+
+  return layout_for(cfg)
+
+
 def image_feature_rows(cfg: LlavaConfig, input_ids, image_sizes, tiles_per_image: int) -> np.ndarray:
   """LLaVA-NeXT, on the host: int32 [B, T], for each image-token position the row of the batch's tile features
-  `[N * tiles_per_image * per_tile, D]` it takes, the row one past them for `image_newline`, 0 elsewhere.
+  it takes (`ImageLayout.token_rows`: the newline's included), 0 elsewhere.
 
   This is the variable part of anyres (it depends on each image's size only), so the device gathers with a
-  fixed-shape index whatever the image sizes (`data/anyres.py` has the geometry)."""
-  from llava_jax.data.anyres import NEWLINE, AnyresGeometry  # pylint: disable=import-outside-toplevel
-
-  input_ids, image_sizes = np.asarray(input_ids), np.asarray(image_sizes).reshape(-1, 2)
-  geometry = AnyresGeometry.from_config(cfg)
-  index = geometry.batch_feature_index(image_sizes, tiles_per_image)
-  is_image = input_ids == cfg.image_token_index
-  if int(is_image.sum()) != len(index):
-    raise ValueError(f"Image features and image tokens do not match: {int(is_image.sum())} image tokens "
-                     f"(id {cfg.image_token_index}) in input_ids, {len(index)} features for the {len(image_sizes)} "
-                     f"images of sizes {image_sizes.tolist()}")
-  newline_row = len(image_sizes) * tiles_per_image * cfg.num_image_tokens  # features per tile
-  rows = np.zeros(input_ids.shape, np.int32)
-  rows[is_image] = np.where(index == NEWLINE, newline_row, index)
-  return rows
+  fixed-shape index whatever the image sizes."""
+  return image_layout(cfg).token_rows(input_ids, cfg.image_token_index, image_sizes, tiles_per_image)
 
 
 class Llava(nnx.Module):
@@ -130,10 +124,10 @@ class Llava(nnx.Module):
     `image_feature_rows(...)` places their features.
 
     `images_by_row`: pixel_values[b] ([B, ...] or [B, M, ...]) are row b's own images and each row takes only
-    those (for LLaVA-NeXT, `image_feature_rows` then count within the row: its slots' features from 0, the
-    newline one past them). The same result on a batch where every row's image tokens match its images, but
-    each row gathers from its own features only, so the splice stays split with the batch on a mesh (the
-    batch-wide gather makes every device hold every row's features). The train step uses it.
+    those (for LLaVA-NeXT, `image_feature_rows` then count within the row: `ImageLayout.row_local_rows`). The
+    same result on a batch where every row's image tokens match its images, but each row gathers from its own
+    features only, so the splice stays split with the batch on a mesh (the batch-wide gather makes every device
+    hold every row's features). The train step uses it.
     """
     image_token = self.config.image_token_index
     is_image = input_ids == image_token
@@ -144,7 +138,7 @@ class Llava(nnx.Module):
         raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens (id {image_token}) but no "
                          "pixel_values were given")
       return embeds
-    if self.config.is_next:
+    if image_layout(self.config).places_features:
       return self._embed_tiles(embeds, is_image, pixel_values, image_feature_rows, images_by_row)
     groups = embeds.shape[0] if images_by_row else 1  # each row gathers from its own images, or the batch's
     slots = pixel_values.reshape(groups, -1, *pixel_values.shape[-3:])  # [G, M, H, W, C]
@@ -170,13 +164,11 @@ class Llava(nnx.Module):
     if image_feature_rows is None:
       raise ValueError("a LLaVA-NeXT model needs image_sizes (or image_feature_rows) with pixel_values")
     features = self.image_features(pixel_values.reshape(-1, *pixel_values.shape[-3:]))
-    dim = features.shape[-1]
     groups = embeds.shape[0] if images_by_row else 1
-    newline = jnp.broadcast_to(self.image_newline[...].astype(features.dtype), (groups, 1, dim))
-    flat = jnp.concatenate([features.reshape(groups, -1, dim), newline], axis=1).astype(embeds.dtype)
-    rows = jnp.clip(image_feature_rows, 0, flat.shape[1] - 1).reshape(groups, -1)
-    spliced = jnp.take_along_axis(flat, rows[..., None], axis=1).reshape(embeds.shape)
-    return jnp.where(is_image[..., None], spliced, embeds)
+    features = features.reshape(groups, -1, features.shape[-1])
+    rows = image_feature_rows.reshape(groups, -1)
+    spliced = image_layout(self.config).gather(features, self.image_newline[...], rows, xp=jnp)
+    return jnp.where(is_image[..., None], spliced.astype(embeds.dtype).reshape(embeds.shape), embeds)
 
   def logits_from_hidden(self, hidden):
     if self.lm_head is None:
@@ -194,7 +186,7 @@ class Llava(nnx.Module):
   def feature_rows(self, input_ids, pixel_values, image_sizes, rows=None):
     """LLaVA-NeXT's `image_feature_rows`, computed on the host from concrete `image_sizes` [N, 2] (height,
     width) unless given as `rows`; None for LLaVA-1.5 or without images."""
-    if not self.config.is_next or pixel_values is None or rows is not None:
+    if not image_layout(self.config).places_features or pixel_values is None or rows is not None:
       return rows
     if image_sizes is None or not (_is_concrete(input_ids) and _is_concrete(image_sizes)):
       raise ValueError("a LLaVA-NeXT model needs concrete image_sizes [N, 2] (height, width) with pixel_values; "

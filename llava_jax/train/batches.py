@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from llava_jax.config import IGNORE_INDEX, LlavaConfig
-from llava_jax.data.anyres import NEWLINE, AnyresGeometry
+from llava_jax.data.layout import AnyresLayout, layout_for
 
 KINDS = ("synthetic", "llava")
 
@@ -53,18 +53,19 @@ class SyntheticIterator:
     labels = np.full((b, t), IGNORE_INDEX, np.int32)
     mask = np.zeros((b, t), np.int32)
     image_mask = np.array([r % 4 != 3 for r in range(b)])
-    geometry = AnyresGeometry.from_config(cfg)
-    if geometry is not None:  # LLaVA-NeXT: an image size per row, its own token count, tiles and feature rows
-      tiles, per_tile = geometry.max_tiles, cfg.num_image_tokens
+    layout = layout_for(cfg)
+    rows = slice(self.process_index * self.batch_size, (self.process_index + 1) * self.batch_size)
+    if layout.places_features:  # LLaVA-NeXT: an image size per row, its own token count, tiles and feature rows
+      tiles = layout.max_tiles
       pixels = np.zeros((b, tiles, size, size, cfg.vision.num_channels), np.float32)
-      feature_rows = np.zeros((b, t), np.int32)
+      feature_rows = np.zeros((self.batch_size, t), np.int32)  # this host's rows, numbered from its first
       image_sizes = np.zeros((b, 2), np.int32)
     for r in range(b):
-      if geometry is not None and image_mask[r]:
-        image_sizes[r] = self._image_size(rng, geometry, t - 8)
-        n_img = geometry.num_image_tokens(image_sizes[r])
-        pixels[r, :geometry.num_tiles(image_sizes[r])] = rng.standard_normal(
-            (geometry.num_tiles(image_sizes[r]), size, size, cfg.vision.num_channels))
+      if layout.places_features and image_mask[r]:
+        image_sizes[r] = self._image_size(rng, layout, t - 8)
+        n_img = layout.num_image_tokens(image_sizes[r])
+        pixels[r, :layout.num_tiles(image_sizes[r])] = rng.standard_normal(
+            (layout.num_tiles(image_sizes[r]), size, size, cfg.vision.num_channels))
       length = int(rng.integers(max(n_img + 8, (t * 3) // 4), t + 1))
       row = rng.integers(3, vocab, length).astype(np.int32)
       row[row == cfg.image_token_index] = 3
@@ -74,21 +75,15 @@ class SyntheticIterator:
         start = int(rng.integers(1, 4))
         row[start:start + n_img] = cfg.image_token_index
         text_start = start + n_img
-        if geometry is not None:  # slot r owns rows r * tiles * per_tile ...; the newline is one past all slots
-          index = geometry.feature_index(image_sizes[r])
-          feature_rows[r, start:start + n_img] = np.where(index == NEWLINE, b * tiles * per_tile,
-                                                          index + r * tiles * per_tile)
+        if layout.places_features and rows.start <= r < rows.stop:  # this host's image slot r - rows.start
+          feature_rows[r - rows.start, start:start + n_img] = layout.slot_rows(
+              layout.feature_index(image_sizes[r]), r - rows.start, self.batch_size)
       answer = int(rng.integers(2, max(3, (length - text_start) // 2 + 1)))
       ids[r, :length], mask[r, :length] = row, 1
       labels[r, length - answer:length] = row[length - answer:]
-    rows = slice(self.process_index * self.batch_size, (self.process_index + 1) * self.batch_size)
-    if geometry is not None:  # this host's rows, numbered from its first (the pipeline's contract)
-      local = feature_rows[rows]
-      offset = self.process_index * self.batch_size * tiles * per_tile
-      local = np.where(local == b * tiles * per_tile, self.batch_size * tiles * per_tile, local - offset)
-      local[ids[rows] != cfg.image_token_index] = 0
+    if layout.places_features:
       return {"input_ids": ids[rows], "labels": labels[rows], "attention_mask": mask[rows],
-              "pixel_values": pixels[rows], "image_mask": image_mask[rows], "image_feature_rows": local,
+              "pixel_values": pixels[rows], "image_mask": image_mask[rows], "image_feature_rows": feature_rows,
               "image_sizes": image_sizes[rows]}
     pixels = rng.standard_normal((b, size, size, cfg.vision.num_channels)).astype(np.float32)
     pixels[~image_mask] = 0
@@ -96,15 +91,15 @@ class SyntheticIterator:
             "pixel_values": pixels[rows], "image_mask": image_mask[rows]}
 
   @staticmethod
-  def _image_size(rng, geometry, max_tokens: int) -> tuple[int, int]:
+  def _image_size(rng, layout: AnyresLayout, max_tokens: int) -> tuple[int, int]:
     """A random (height, width) from half a tile to the largest pinpoint, whose tokens fit `max_tokens`."""
-    top = max(max(p) for p in geometry.pinpoints)
+    top = max(max(p) for p in layout.pinpoints)
     for _ in range(100):
-      hw = tuple(int(x) for x in rng.integers(geometry.tile // 2, top + 1, 2))
-      if geometry.num_image_tokens(hw) <= max_tokens:
+      hw = tuple(int(x) for x in rng.integers(layout.tile // 2, top + 1, 2))
+      if layout.num_image_tokens(hw) <= max_tokens:
         return hw
     raise ValueError(f"data.seq_len leaves {max_tokens} tokens for an image: too few for this model's anyres tiles "
-                     f"(up to {geometry.max_num_image_tokens}); raise --config.data.seq_len")
+                     f"(up to {layout.max_num_image_tokens}); raise --config.data.seq_len")
 
   def get_state(self) -> dict:
     return {"index": self.index}
@@ -140,7 +135,7 @@ def make_iterator(data_cfg, model_cfg: LlavaConfig, host_batch_size: int, *, see
       batch_size=host_batch_size, num_image_tokens=model_cfg.num_image_tokens,
       image_token_index=model_cfg.image_token_index, aspect_ratio=data_cfg.aspect_ratio, seed=seed,
       shuffle=data_cfg.shuffle, group_by_modality_length=data_cfg.group_by_modality_length,
-      packing=data_cfg.packing, num_workers=data_cfg.num_workers, anyres=AnyresGeometry.from_config(model_cfg),
+      packing=data_cfg.packing, num_workers=data_cfg.num_workers, anyres=AnyresLayout.from_config(model_cfg),
       max_consecutive_skips=data_cfg.max_consecutive_skips, max_skip_fraction=data_cfg.max_skip_fraction,
       min_samples_for_fraction=data_cfg.min_samples_for_fraction, max_image_pixels=data_cfg.max_image_pixels,
       allow_images_outside_dir=data_cfg.allow_images_outside_dir)

@@ -83,19 +83,14 @@ def all_finite(tree):
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def step_feature_rows(rows, pixel_values, tile_features: int, host_rows: int):
-  """LLaVA-NeXT `image_feature_rows` [B, T] as the step's model takes them (`images_by_row`): within each row,
-  its slots' features from 0 and the newline at slots x tiles x F.
+def step_feature_rows(rows, pixel_values, model_cfg: LlavaConfig, host_rows: int):
+  """LLaVA-NeXT `image_feature_rows` [B, T] as the step's model takes them (`images_by_row`): each host's pipeline
+  numbers its block of `host_rows` rows from 0; the model's image layout renumbers them within each row
+  (`ImageLayout.row_local_rows`), a row's tile slots (images x tiles) read from pixel_values."""
+  from llava_jax.models.llava import image_layout  # pylint: disable=import-outside-toplevel
 
-  Each host's pipeline numbers its rows' image slots from 0 (slot features at local_row * per_row, newline at
-  host_rows * per_row); each host's rows are one contiguous block of `host_rows` rows of the global batch
-  (`shard_batch`), so a row's local index is b % host_rows. Counted within the row, they hold for any
-  micro-batch of rows too.
-  """
-  b = rows.shape[0]
-  per_row = (pixel_values.size // b // math.prod(pixel_values.shape[-3:])) * tile_features  # slots x tiles x F
-  local_row = jnp.arange(b, dtype=rows.dtype)[:, None] % host_rows
-  return jnp.where(rows == host_rows * per_row, per_row, rows - local_row * per_row)
+  tiles_per_row = pixel_values.size // rows.shape[0] // math.prod(pixel_values.shape[-3:])
+  return image_layout(model_cfg).row_local_rows(rows, tiles_per_row, host_rows, xp=jnp)
 
 
 def partition(tree, labels):
@@ -238,7 +233,7 @@ class Trainer:
     if "image_feature_rows" in batch:  # host-local slot numbers -> counted within each row
       host_rows = batch["input_ids"].shape[0] // jax.process_count()
       batch = dict(batch, image_feature_rows=step_feature_rows(
-          batch["image_feature_rows"], batch["pixel_values"], self.model_cfg.num_image_tokens, host_rows))
+          batch["image_feature_rows"], batch["pixel_values"], self.model_cfg, host_rows))
     if n == 1:
       loss, grads = grad_fn(trainable, batch, step_key)
     else:

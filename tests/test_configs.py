@@ -1,35 +1,145 @@
-"""Every config builds; overrides of unknown keys are errors; the 7B/13B configs describe the published models."""
+"""Every file in configs/ builds with every stage and passes the run's checks; its optimizer groups cover every
+parameter exactly once and train what its recipe says; its model and template are the published model's. Models are
+built abstractly (eval_shape), so the 7B-34B configs cost no memory."""
 
+import functools
+import math
 import os
 
 import jax
 import pytest
 from flax import nnx
 
+from llava_jax import lora as lora_lib
+from llava_jax.data.conversation import TEMPLATES
 from llava_jax.models.llava import Llava
-from llava_jax.train import run_config
-from llava_jax.train.cli import parse
+from llava_jax.models.options import ModelOptions
+from llava_jax.train import recipes, run_config
+from llava_jax.train.cli import load_config, parse
+from llava_jax.train.optim import FROZEN, group_labels, path_str
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = ["tiny", "llava_v1_5_7b", "llava_v1_5_13b", "llava_v1_7b"]
+CONFIGS = sorted(f[:-len(".py")] for f in os.listdir(os.path.join(ROOT, "configs")) if f.endswith(".py"))
+
+# The published model of each recipe: text (hidden, layers, heads, KV heads, vocab), vision tower (hidden, layers,
+# image size, patch), projector, the stage-2 template, anyres, and whether stage 2 trains the tower (LLaVA-1.6).
+TINY = dict(text=(64, 2, 4, 2, 256), vision=(64, 2, 28, 7), projector="mlp2x_gelu", template="vicuna_v1",
+            anyres=False, tower_lr=None)
+CLIP_336 = (1024, 24, 336, 14)
+V15 = dict(vision=CLIP_336, projector="mlp2x_gelu", template="vicuna_v1", anyres=False, tower_lr=None)
+V16 = dict(vision=CLIP_336, projector="mlp2x_gelu", anyres=True, tower_lr=recipes.NEXT_VISION_TOWER_LR)
+PUBLISHED = {
+    "tiny": TINY,
+    "tiny_next": dict(TINY, anyres=True),
+    "llava_v1_7b": dict(V15, vision=(1024, 24, 224, 14), projector="linear", template="llava_v1",
+                        text=(4096, 32, 32, 32, 32000)),  # LLaMA/Vicuna-7B, CLIP ViT-L/14 at 224
+    "llava_v1_5_7b": dict(V15, text=(4096, 32, 32, 32, 32000)),  # Vicuna-7B v1.5
+    "llava_v1_5_13b": dict(V15, text=(5120, 40, 40, 40, 32000)),  # Vicuna-13B v1.5
+    "llava_v1_6_vicuna_7b": dict(V16, text=(4096, 32, 32, 32, 32000), template="vicuna_v1"),
+    "llava_v1_6_vicuna_13b": dict(V16, text=(5120, 40, 40, 40, 32000), template="vicuna_v1"),
+    "llava_v1_6_mistral_7b": dict(V16, text=(4096, 32, 32, 8, 32000), template="mistral_instruct"),
+    "llava_v1_6_34b": dict(V16, text=(7168, 60, 56, 8, 64000), template="chatml_direct"),  # Nous-Hermes-2-Yi-34B
+}
+LLM = ("language_model", "lm_head", "image_newline")
 
 
-def config_path(name):
-  return os.path.join(ROOT, "configs", f"{name}.py")
+def test_every_config_is_described():
+  assert sorted(PUBLISHED) == CONFIGS
+
+
+def spec(name, stage):
+  return os.path.join(ROOT, "configs", f"{name}.py") + f":{stage}"
+
+
+@functools.lru_cache(maxsize=None)
+def abstract_model(name):
+  """The model's params as the trainer holds them (layers stacked where the config scans), shapes only."""
+  config = load_config(spec(name, "stage2"))
+  cfg = run_config.model_config(config)
+  model = nnx.eval_shape(lambda: Llava(cfg, options=ModelOptions(scan_layers=config.scan_layers)))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def trainable_tree(name, config):
+  model = abstract_model(name)
+  adapters = jax.eval_shape(lambda: lora_lib.init(model, config.lora.r, jax.random.key(0))) \
+      if config.stage == "lora" else {}
+  return {"model": model, "lora": adapters}
+
+
+def mesh_devices(config):
+  return math.prod(config.mesh) if all(d > 0 for d in config.mesh) else 8
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-@pytest.mark.parametrize("stage", ["stage1", "stage2", "lora"])
-def test_every_config_builds(name, stage):
-  config, workdir = parse(["--config", f"{config_path(name)}:{stage}", "--workdir", "/tmp/w"])
-  assert config.stage == stage and workdir == "/tmp/w"
+@pytest.mark.parametrize("stage", recipes.STAGES)
+def test_every_config_and_stage_builds_and_its_groups_train_what_the_recipe_says(name, stage):
+  config = load_config(spec(name, stage), {"data.json_path": "train.json"} if name.startswith("llava") else {})
+  assert config.stage == stage
+  run_config.check_config(config, mesh_devices(config))
+  optim = run_config.optim_config(config)
+  groups = recipes.optim_groups(optim, stage)
+  params = trainable_tree(name, config)
+  labels = group_labels(params, groups)  # raises unless every leaf is in exactly one group
+  by_part = {}
+  for path, label in jax.tree_util.tree_leaves_with_path(labels):
+    parts = path_str(path).split("/")
+    by_part.setdefault(parts[0] if parts[0] == "lora" else parts[1], set()).add(label)
+
+  tower_lr = PUBLISHED[name]["tower_lr"]
+  expected = {"vision_tower": "vision" if stage == "stage2" and tower_lr else FROZEN,
+              "multi_modal_projector": "projector",
+              **{part: "llm" if stage == "stage2" else FROZEN for part in LLM if part in by_part}}
+  if stage == "lora":
+    expected["lora"] = "lora"
+  assert by_part == {part: {label} for part, label in expected.items()}
+  assert ("image_newline" in by_part) == PUBLISHED[name]["anyres"]
+
+  lrs = {g.name: g.lr for g in groups if g.lr is not None}
+  o = config.optimizer
+  want = {"stage1": {"projector": o.lr}, "stage2": {"projector": o.lr, "llm": o.lr},
+          "lora": {"projector": 2e-5, "lora": o.lr}}[stage]
+  if expected["vision_tower"] == "vision":
+    want["vision"] = tower_lr
+  assert lrs == want
+  assert o.lr == {"stage1": 2e-3 if name == "llava_v1_7b" else 1e-3, "stage2": 2e-5, "lora": 2e-4}[stage]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_model_and_template_are_the_published_ones(name):
+  published = PUBLISHED[name]
+  for stage in recipes.STAGES:
+    config = load_config(spec(name, stage))
+    template = "plain" if stage == "stage1" else published["template"]
+    assert config.data.template == template and template in TEMPLATES
   cfg = run_config.model_config(config)
-  assert cfg.num_image_tokens > 0
+  t, v = cfg.text, cfg.vision
+  assert (t.hidden_size, t.num_hidden_layers, t.num_attention_heads, t.num_key_value_heads, t.vocab_size) == \
+      published["text"]
+  assert (v.hidden_size, v.num_hidden_layers, v.image_size, v.patch_size) == published["vision"]
+  assert cfg.projector_type == published["projector"]
+  assert (cfg.image_grid_pinpoints is not None) == published["anyres"]
+  assert cfg.image_token_index == t.vocab_size and cfg.num_image_tokens > 0
+
+  # The built params have these shapes (the stacked layer axis where the config scans).
+  params = abstract_model(name)
+  hidden, layers, heads, kv_heads, vocab = published["text"]
+  lm = params["language_model"]
+  assert lm["embed_tokens"]["embedding"].shape == (vocab, hidden)
+  assert params["lm_head"]["kernel"].shape == (hidden, vocab)
+  attn = lm["layers"]["self_attn"] if config.scan_layers else lm["layers"][layers - 1]["self_attn"]
+  lead = (layers,) if config.scan_layers else ()
+  assert attn["q_proj"]["kernel"].shape == (*lead, hidden, heads * t.head_dim)
+  assert attn["k_proj"]["kernel"].shape == (*lead, hidden, kv_heads * t.head_dim)
+  v_hidden, _, image, patch = published["vision"]
+  embeddings = params["vision_tower"]["embeddings"]
+  assert embeddings["patch_embedding"]["kernel"].shape == (patch, patch, 3, v_hidden)
+  assert embeddings["position_embedding"]["embedding"].shape == ((image // patch) ** 2 + 1, v_hidden)
 
 
 @pytest.mark.parametrize("preset, devices", [("v4-32", 16), ("v5p-64", 32), ("v5e-256", 256), ("gpu-8", 8)])
 def test_presets_give_meshes_that_divide_their_devices(preset, devices):
-  config, _ = parse(["--config", f"{config_path('llava_v1_5_7b')}:stage2,{preset}", "--workdir", "w"])
+  config = load_config(spec("llava_v1_5_7b", f"stage2,{preset}"))
   data, fsdp, tensor = config.mesh
   assert data * fsdp * tensor == devices
   assert config.batch_size % (data * fsdp) == 0  # the global batch splits over the batch axes
@@ -37,9 +147,59 @@ def test_presets_give_meshes_that_divide_their_devices(preset, devices):
 
 def test_unknown_override_is_an_error():
   with pytest.raises(ValueError, match="config.optimizer.learning_rate"):
-    parse(["--config", f"{config_path('tiny')}:stage1", "--workdir", "w", "--config.optimizer.learning_rate=1"])
+    parse(["--config", spec("tiny", "stage1"), "--workdir", "w", "--config.optimizer.learning_rate=1"])
   with pytest.raises(ValueError, match="unknown stage 'stage3'"):
-    parse(["--config", f"{config_path('tiny')}:stage3", "--workdir", "w"])
+    parse(["--config", spec("tiny", "stage3"), "--workdir", "w"])
+
+
+COVER_TINY = ("('frozen', 'vision_tower', 'frozen'), ('projector', 'multi_modal_projector', 'lr'), "
+              "('llm', 'language_model|lm_head', 'lr')")
+
+
+@pytest.mark.parametrize("groups, error", [
+    ("(('llm', 'language_model(', 'lr'),)", r"pattern 'language_model\(' is not a regular expression"),
+    ("(('llm', 'language_model', 'lr_of_llm'),)", "learning rate 'lr_of_llm'"),
+    ("(('llm', 'language_model', 'frozen'),)", "only 'frozen' entries are named 'frozen'"),
+    ("(('llm', 'language_model', 'lr'), ('llm', 'lm_head', 1.0))", "llm has two learning rates"),
+    ("(('llm', 'language_model'),)", r"use \(name, pattern, lr\)"),
+])
+def test_a_malformed_groups_override_fails_the_config_check(groups, error):
+  config, _ = parse(["--config", spec("tiny", "stage2"), "--workdir", "w", f"--config.optimizer.groups={groups}"])
+  with pytest.raises(run_config.ConfigValueError, match=error) as e:
+    run_config.check_config(config, 1)
+  assert "set --config.optimizer.groups" in str(e.value)
+
+
+@pytest.mark.parametrize("groups, error", [
+    ("(('projector', 'multi_modal_projector', 'lr'), ('llm', 'language_model|lm_head', 'lr'))",
+     "parameter model/vision_tower/.* is in no optimizer group"),
+    (f"({COVER_TINY}, ('vision', 'vision_tower/encoder', 1e-5))",
+     r"parameter model/vision_tower/encoder/.* is in 2 optimizer groups \(frozen 'vision_tower', vision"),
+    (f"({COVER_TINY}, ('lora', 'lora', 'lr'))", "optimizer group lora 'lora' matches no parameter"),
+    (f"({COVER_TINY}, ('tower', 'visiontower', 'lr'))", "optimizer group tower 'visiontower' matches no parameter"),
+])
+def test_groups_that_miss_or_overlap_parameters_fail_when_labelled(groups, error):
+  """Well-formed entries that leave a parameter out, take one twice or name nothing fail as the trainer labels the
+  model's leaves, before anything compiles."""
+  config, _ = parse(["--config", spec("tiny", "stage2"), "--workdir", "w", f"--config.optimizer.groups={groups}"])
+  run_config.check_config(config, 1)
+  with pytest.raises(ValueError, match=error):
+    group_labels(trainable_tree("tiny", config), recipes.optim_groups(run_config.optim_config(config), "stage2"))
+
+
+def test_optimizer_groups_override_replaces_the_stage():
+  three = (("vision", "vision_tower", 2e-6), ("projector", "multi_modal_projector", 1e-5),
+           ("llm", "language_model|lm_head|image_newline", "lr*0.5"))
+  config, _ = parse(["--config", spec("tiny_next", "stage2"), "--workdir", "w",
+                     f"--config.optimizer.groups={three!r}"])
+  run_config.check_config(config, 1)
+  groups = recipes.optim_groups(run_config.optim_config(config), "stage2")
+  assert [(g.name, g.lr) for g in groups] == [("vision", 2e-6), ("projector", 1e-5), ("llm", 1e-5)]
+  labels = group_labels(trainable_tree("tiny_next", config), groups)
+  assert set(jax.tree.leaves(labels)) == {"vision", "projector", "llm"}
+  config.train_vision_tower = True  # two ways of saying what trains
+  with pytest.raises(run_config.ConfigValueError, match="train_vision_tower"):
+    run_config.check_config(config, 1)
 
 
 def _count(tree):
@@ -48,8 +208,7 @@ def _count(tree):
 
 def test_7b_config_has_the_published_parameter_count():
   """LLaVA-1.5-7B: Vicuna-7B (6.74B) + CLIP ViT-L/14-336 (0.30B) + the MLP projector (21M) = 7.06B."""
-  config, _ = parse(["--config", f"{config_path('llava_v1_5_7b')}:stage2", "--workdir", "w"])
-  params = nnx.state(nnx.eval_shape(lambda: Llava(run_config.model_config(config))), nnx.Param)
+  params = abstract_model("llava_v1_5_7b")
   llm, clip, proj = (_count(params[k]) for k in ("language_model", "vision_tower", "multi_modal_projector"))
   llm += _count(params["lm_head"])
   assert abs(llm - 6.738e9) < 0.005e9, llm
@@ -57,18 +216,16 @@ def test_7b_config_has_the_published_parameter_count():
   assert proj == 1024 * 4096 + 4096 + 4096 * 4096 + 4096  # 20.98M
   assert abs(llm + clip + proj - 7.063e9) < 0.005e9
   # The reference recipe.
+  config = load_config(spec("llava_v1_5_7b", "stage2"))
   assert (config.batch_size, config.optimizer.lr, config.data.seq_len, config.data.template) == (
       128, 2e-5, 2048, "vicuna_v1")
-  stage1, _ = parse(["--config", f"{config_path('llava_v1_5_7b')}:stage1", "--workdir", "w"])
+  stage1 = load_config(spec("llava_v1_5_7b", "stage1"))
   assert (stage1.batch_size, stage1.optimizer.lr, stage1.data.template) == (256, 1e-3, "plain")
-  lora, _ = parse(["--config", f"{config_path('llava_v1_5_7b')}:lora", "--workdir", "w"])
+  lora = load_config(spec("llava_v1_5_7b", "lora"))
   assert (lora.optimizer.lr, lora.optimizer.projector_lr, lora.lora.r, lora.lora.alpha) == (2e-4, 2e-5, 128, 256)
 
 
 def test_13b_and_v1_configs():
-  config, _ = parse(["--config", f"{config_path('llava_v1_5_13b')}:stage2", "--workdir", "w"])
-  params = nnx.state(nnx.eval_shape(lambda: Llava(run_config.model_config(config))), nnx.Param)
-  assert abs(_count(params) - 13.35e9) < 0.03e9  # Vicuna-13B 13.02B + CLIP 0.30B + projector 0.03B
-  v1, _ = parse(["--config", f"{config_path('llava_v1_7b')}:stage1", "--workdir", "w"])
-  cfg = run_config.model_config(v1)
+  assert abs(_count(abstract_model("llava_v1_5_13b")) - 13.35e9) < 0.03e9  # Vicuna-13B + CLIP + projector
+  cfg = run_config.model_config(load_config(spec("llava_v1_7b", "stage1")))
   assert cfg.projector_type == "linear" and cfg.vision.image_size == 224 and cfg.num_image_tokens == 256

@@ -1,5 +1,6 @@
 """The pieces every training config shares: the config schema (with the tiny model's values), the reference's
-per-stage learning rates, the published model dimensions, the LLaVA-1.5 recipe and the hardware presets.
+per-stage learning rates and optimizer groups, the published model dimensions, the LLaVA-1.5 recipe and the
+hardware presets.
 
 `configs/*.py` are short files that import these from the installed package (`from llava_jax.train import
 recipes`), so a config runs from any directory and nothing reaches into `configs/` through `sys.path`.
@@ -11,9 +12,53 @@ import ml_collections
 from ml_collections import config_dict
 
 from llava_jax.sharding import DEFAULT_RULES
+from llava_jax.train.optim import FROZEN, Group, OptimConfig, resolve_groups
 
 # The reference's per-stage learning rates (LLaVA-1.5 scripts).
 STAGE_LR = {"stage1": 1e-3, "stage2": 2e-5, "lora": 2e-4}
+
+# What each stage trains, as optimizer group entries (name, pattern over parameter paths, lr): train/optim.py says
+# how they match. The names key the optimizer state: keep them, or old workdirs no longer restore. LLaVA-NeXT's
+# image_newline trains with the LLM: LLaVA-NeXT's train.py unfreezes it under "mm_language_model" (every parameter
+# outside vision_tower and mm_projector), not under "mm_mlp_adapter".
+LLM_PARTS = "language_model|lm_head|image_newline"
+STAGE_GROUPS = {
+    "stage1": ((FROZEN, "vision_tower", FROZEN), ("projector", "multi_modal_projector", "projector_lr"),
+               (FROZEN, LLM_PARTS, FROZEN)),
+    "stage2": ((FROZEN, "vision_tower", FROZEN), ("projector", "multi_modal_projector", "projector_lr"),
+               ("llm", LLM_PARTS, "lr")),
+    "lora": ((FROZEN, "vision_tower", FROZEN), ("projector", "multi_modal_projector", "projector_lr"),
+             (FROZEN, LLM_PARTS, FROZEN), ("lora", "lora", "lr")),
+}
+STAGES = tuple(STAGE_GROUPS)
+# train_vision_tower (stage2): the tower's entry instead of the frozen one, at its own rate (LLaVA-1.6's
+# mm_vision_tower_lr with mm_tunable_parts="mm_vision_tower,mm_mlp_adapter,mm_language_model").
+TRAINED_VISION_TOWER = ("vision", "vision_tower", "vision_tower_lr")
+
+
+def check_stage(stage: str) -> None:
+  if stage not in STAGES:
+    raise ValueError(f"stage {stage!r} is not one of {STAGES}: use configs/<model>.py:stage1 (projector only), "
+                     ":stage2 (projector + LLM) or :lora (LoRA adapters + projector), or set --config.stage")
+
+
+def stage_groups(stage: str, train_vision_tower: bool = False) -> tuple:
+  """The stage's group entries, with the vision tower trained if asked (stage2 only)."""
+  check_stage(stage)
+  if not train_vision_tower:
+    return STAGE_GROUPS[stage]
+  if stage != "stage2":
+    raise ValueError(f"train_vision_tower is a stage2 setting (as LLaVA-1.6 trained it), not {stage}; set "
+                     "--config.train_vision_tower=False or use :stage2")
+  return tuple(TRAINED_VISION_TOWER if e[1] == "vision_tower" else e for e in STAGE_GROUPS[stage])
+
+
+def optim_groups(optim: OptimConfig, stage: str) -> tuple[Group, ...]:
+  """A run's resolved groups: `optim.groups` if given, else the stage's."""
+  if optim.groups and optim.train_vision_tower:
+    raise ValueError("train_vision_tower and explicit optimizer.groups both say what trains: give the vision "
+                     "tower's entry in optimizer.groups and leave train_vision_tower False")
+  return resolve_groups(optim.groups or stage_groups(stage, optim.train_vision_tower), optim)
 
 # Samples in one epoch of each stage's data (the reference trains one epoch).
 PRETRAIN_SAMPLES = 558_128  # blip_laion_cc_sbu_558k.json
@@ -82,11 +127,14 @@ def base_config(stage: str = "stage1") -> ml_collections.ConfigDict:
   c.total_steps = 100
   c.batch_size = 8
   c.grad_accum_steps = 1
-  # train_vision_tower (stage2 only): the vision tower trains at optimizer.vision_tower_lr (unset: lr), as LLaVA-1.6.
+  # What trains is the stage's STAGE_GROUPS; train_vision_tower (stage2 only) trains the vision tower too, at
+  # optimizer.vision_tower_lr (unset: lr), as LLaVA-1.6. optimizer.groups, if given, replaces the stage's entries:
+  # (name, pattern, lr) tuples as train/optim.py describes, e.g. LLaVA-OneVision's (("vision", "vision_tower",
+  # 2e-6), ("projector", "multi_modal_projector", 1e-5), ("llm", "language_model|lm_head|image_newline", 1e-5)).
   c.train_vision_tower = False
   c.optimizer = dict(lr=STAGE_LR[stage], projector_lr=config_dict.placeholder(float),
                      vision_tower_lr=config_dict.placeholder(float), warmup_ratio=0.03,
-                     weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0)
+                     weight_decay=0.0, b1=0.9, b2=0.999, eps=1e-8, clip_norm=1.0, groups=())
   if stage == "lora":
     c.optimizer.projector_lr = 2e-5
   c.lora = dict(r=8, alpha=16.0, dropout=0.05)  # the 7B/13B recipe: r=128, alpha=256

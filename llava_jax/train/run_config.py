@@ -16,7 +16,8 @@ from llava_jax.lora import LoraConfig
 from llava_jax.models.options import ModelOptions, OptionValueError
 from llava_jax.sharding import batch_axes, batch_shards, resolve_mesh_shape, rules_from_config
 from llava_jax.train.batches import KINDS
-from llava_jax.train.optim import OptimConfig, check_stage
+from llava_jax.train.optim import OptimConfig
+from llava_jax.train.recipes import check_stage, optim_groups
 
 
 class ConfigValueError(ValueError):
@@ -43,7 +44,8 @@ def optim_config(config) -> OptimConfig:
   return OptimConfig(lr=o.lr, projector_lr=o.projector_lr, warmup_ratio=o.warmup_ratio,
                      weight_decay=o.weight_decay, b1=o.b1, b2=o.b2, eps=o.eps, clip_norm=o.clip_norm,
                      vision_tower_lr=o.get("vision_tower_lr"),
-                     train_vision_tower=bool(config.get("train_vision_tower", False)))
+                     train_vision_tower=bool(config.get("train_vision_tower", False)),
+                     groups=tuple(tuple(e) if isinstance(e, (list, tuple)) else e for e in o.get("groups", ())))
 
 
 def model_options(config) -> ModelOptions:
@@ -73,6 +75,7 @@ def check_config(config, num_devices: int, process_count: int = 1) -> tuple[int,
   if config.data.kind not in KINDS:
     raise ConfigValueError(f"config.data.kind={config.data.kind!r} is not one of {KINDS}")
   _check_numbers(config)
+  _check_groups(config)
   _check_data(config.data)
   if config.total_steps < 1:
     raise ConfigValueError(f"config.total_steps={config.total_steps}: set --config.total_steps to at least 1")
@@ -137,6 +140,18 @@ def _check_numbers(config) -> None:
   for flag in ("dtype", "param_dtype"):
     need(config[flag] in DTYPES, flag, config[flag], f"use one of {', '.join(DTYPES)}")
   need(config.data.seq_len >= 2, "data.seq_len", config.data.seq_len, "use at least 2")
+
+
+def _check_groups(config) -> None:
+  """The optimizer groups (the stage's, or optimizer.groups): well-formed entries, patterns, learning rates. That
+  they cover every parameter exactly once is checked when the trainer labels the model's leaves."""
+  try:
+    optim_groups(optim_config(config), config.stage)
+  except ValueError as e:
+    given = config.optimizer.get("groups", ())
+    if not given:
+      raise ConfigValueError(str(e)) from None
+    raise ConfigValueError(f"config.optimizer.groups={given!r}: {e}; set --config.optimizer.groups") from None
 
 
 def _check_data(data) -> None:

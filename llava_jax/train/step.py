@@ -28,7 +28,8 @@ from llava_jax.models.options import ModelOptions, options_with
 from llava_jax.lora import LoraConfig
 from llava_jax.sharding import DEFAULT_RULES, batch_sharding, logical_axes_tree, param_shardings, shard_batch
 from llava_jax.tree import get_path, is_stacked, relayout
-from llava_jax.train.optim import FROZEN, OptimConfig, make_optimizer, stage_labels
+from llava_jax.train.optim import FROZEN, OptimConfig, group_labels, make_optimizer
+from llava_jax.train.recipes import optim_groups
 
 # LLaVA-NeXT batches add `image_feature_rows` (host-computed tile-feature rows: data/pipeline.py's contract).
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "image_mask", "segment_ids", "positions",
@@ -145,8 +146,9 @@ class Trainer:
       lora_shardings = lora_lib.shardings(lora_abstract, kernel_axes, mesh, rules)
 
     params_abstract = {"model": abstract_model, "lora": lora_abstract}
-    self.labels = stage_labels(params_abstract, stage, train_vision_tower=optim.train_vision_tower)
-    self.tx, self.lr_schedule = make_optimizer(optim, self.labels, total_steps)
+    self.groups = optim_groups(optim, stage)  # optim.groups, else the stage's (recipes.STAGE_GROUPS)
+    self.labels = group_labels(params_abstract, self.groups)
+    self.tx, self.lr_schedule = make_optimizer(optim, self.groups, self.labels, total_steps)
     replicated = NamedSharding(mesh, PartitionSpec())
     param_sh = {"model": model_shardings, "lora": lora_shardings}
     opt_abstract = jax.eval_shape(self.tx.init, params_abstract)

@@ -11,7 +11,7 @@ import hf_tiny
 from llava_jax import load_checkpoint
 from llava_jax.cli import main as cli
 from llava_jax.data.text import encode_prompt
-from llava_jax.generate import generate
+from llava_jax import generate
 from llava_jax.processor import Processor
 
 

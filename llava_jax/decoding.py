@@ -90,6 +90,7 @@ def choose(logits, sampling: Sampling, seeds, counter):
 
 
 def seed_array(seed: int):
+  """A seed as the traced uint32 the compiled functions take (any int; one compile for every seed)."""
   return jnp.uint32(int(seed) % 2**32)
 
 

@@ -332,4 +332,4 @@ def _settings(rows) -> tuple:
   """Per-row (temperature, top_p, top_k, seed, counter) tuples -> the five arrays `llava_jax.decoding` takes."""
   temperature, top_p, top_k, seeds, counters = zip(*rows)
   return (jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32), jnp.asarray(top_k, jnp.int32),
-          jnp.asarray(np.asarray(seeds, np.uint64) % 2**32, jnp.uint32), jnp.asarray(counters, jnp.int32))
+          jnp.asarray([int(s) % 2**32 for s in seeds], jnp.uint32), jnp.asarray(counters, jnp.int32))

@@ -14,7 +14,7 @@ weights. Rows (each side warmed up first, so our compiles are excluded; the two 
              torch.optim.AdamW(fused=True), HF Trainer's default; both clip the gradient norm to 1)
   stage1     one AdamW step with only the projector trainable
   decode     greedy decode steps at batch 1 and 8 after a 1024-token prompt, each side's own KV cache (ours: the
-             static cache and decode step of llava_jax.generate inside one compiled loop; torch: forward with a
+             static cache and decode step of llava_jax.decoding inside one compiled loop; torch: forward with a
              DynamicCache, one step per call, without `generate`'s per-token bookkeeping)
   tiny       `generate` against `generate` on the tiny README model (per-token overhead dominates), decode rate
              from the difference of 64 and 1 new tokens so the prefill cancels
@@ -343,7 +343,7 @@ def row_decode(hf, ours, cfg, seq, batch, steps, floors, repeats):
   import torch
   from flax import nnx
 
-  from llava_jax.generate import decode_step, prefill
+  from llava_jax.decoding import decode_step, prefill
 
   ids, mask, _, px = make_rows(cfg, batch, seq, np.random.default_rng(4))
   graphdef, state = nnx.split(ours)
@@ -411,7 +411,7 @@ def rows_tiny(repeats, new=64):
   import jax.numpy as jnp
   import torch
 
-  from llava_jax.generate import generate
+  from llava_jax import generate
 
   out = []
   with tempfile.TemporaryDirectory() as tmp:

@@ -3,7 +3,7 @@
 from llava_jax.checkpoint import load_checkpoint, save_checkpoint
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
 from llava_jax.convert import convert_checkpoint, export_hf, load_hf_checkpoint
-from llava_jax.generate import generate
+from llava_jax.generation import generate
 from llava_jax.models.llava import Llava
 
 __all__ = ["Llava", "LlavaConfig", "TextConfig", "VisionConfig", "convert_checkpoint", "export_hf", "generate",

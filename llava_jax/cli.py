@@ -78,10 +78,12 @@ def _load_for_generation(args):
 def _reply(model, processor, turns, image, args, out=None) -> str:
   """Streams one assistant reply to `out` as tokens come; stops at EOS, the template's stop string or the limit.
 
-  Text is shown only up to a complete character: byte-fallback tokens can end mid-way through one."""
+  The text comes from `llava_jax.decoding.Detokenizer`, as the server's: what it shows always ends as the full
+  decode of the reply (byte-fallback tokens and half characters are held back until final)."""
   import jax.numpy as jnp
 
-  from llava_jax.generate import stop_at, stream
+  from llava_jax.decoding import Detokenizer, byte_token_ids
+  from llava_jax.generation import stream
 
   out = out or sys.stdout
   inputs = processor(processor.prompt(turns, image=image is not None), [image] if image is not None else None)
@@ -94,31 +96,19 @@ def _reply(model, processor, turns, image, args, out=None) -> str:
     max_new_tokens = max(room, 1)  # the first new token needs no position of its own
   pixels = None if inputs["pixel_values"] is None else jnp.asarray(inputs["pixel_values"])
   eos = processor.tokenizer.eos_token_id
-  stops = [s for s in (processor.template.stop_str,) if s]
-  ids, shown = [], ""
-
-  def show(text):
-    nonlocal shown
-    if text.startswith(shown):
-      out.write(text[len(shown):])
-      out.flush()
-      shown = text
-
+  text = Detokenizer(processor.decode, [processor.template.stop_str or ""], byte_token_ids(processor.tokenizer))
   for token in stream(model, inputs["input_ids"], pixels, inputs["attention_mask"],
                       max_new_tokens=max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                      eos_token_id=eos, seed=args.seed, image_sizes=inputs.get("image_sizes")):  # NeXT
+                      top_k=getattr(args, "top_k", 0), eos_token_id=eos, seed=args.seed,
+                      image_sizes=inputs.get("image_sizes")):  # NeXT
     if int(token[0]) == eos:
       break
-    ids.append(int(token[0]))
-    text, stopped = stop_at(processor.decode(ids), stops)
-    if stopped:
+    out.write(text.add(int(token[0])))
+    out.flush()
+    if text.stopped:
       break
-    if not text.endswith("\ufffd"):
-      show(text)
-  final = stop_at(processor.decode(ids), stops)[0]
-  show(final)  # the rest, unless decoding rewrote text already shown (it can, mid-way through a character)
-  out.write("\n")
-  return final.strip()
+  out.write(text.finish() + "\n")
+  return text.text.strip()
 
 
 def _generate(args):
@@ -149,6 +139,7 @@ def _add_generation_flags(p):
   p.add_argument("--image", help="image file")
   p.add_argument("--temperature", type=float, default=0.2, help="0 for greedy (default 0.2, as the reference)")
   p.add_argument("--top-p", type=float, default=1.0)
+  p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens only (0: off)")
   p.add_argument("--max-new-tokens", type=_positive_int, default=512)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--template", help="conversation template (default: the checkpoint's, else vicuna_v1)")

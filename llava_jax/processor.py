@@ -23,6 +23,7 @@ from llava_jax.data.conversation import DEFAULT_IMAGE_TOKEN, get_template
 from llava_jax.data.image import ImageProcessorConfig, preprocess_image, read_processor_files, to_rgb
 from llava_jax.data.layout import AnyresLayout, layout_for
 from llava_jax.data.text import encode_prompt
+from llava_jax.padding import left_pad
 
 SETTINGS_FILE = "llava_jax_processor.json"  # in a checkpoint's assets: {"template", "image_aspect_ratio"}
 
@@ -126,12 +127,7 @@ class Processor:
       raise PromptTooLongError(f"the prompt is {t} tokens (image tokens included), {t - self.max_length} more than "
                                f"the model's context of {self.max_length} (text.max_position_embeddings); shorten "
                                "it", length=t, limit=self.max_length)
-    pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-    input_ids = np.full((len(rows), t), pad, np.int32)
-    attention_mask = np.zeros((len(rows), t), np.int32)
-    for i, row in enumerate(rows):
-      input_ids[i, t - len(row):], attention_mask[i, t - len(row):] = row, 1
-    return input_ids, attention_mask
+    return left_pad(rows, self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
 
   def _call_anyres(self, prompts: Sequence[str], images, max_tiles: int | None) -> dict:
     images = [to_rgb(self._open(im)) for im in _as_list(images)]

@@ -51,7 +51,7 @@ def _alone(model, proc, question) -> str:
     image = question.image() if callable(question.image) else Image.open(question.image).convert("RGB")
   inputs = proc(proc.prompt([question.text], image=image is not None), [image] if image is not None else None)
   pixels = None if inputs["pixel_values"] is None else jnp.asarray(inputs["pixel_values"])
-  from llava_jax.generate import generate
+  from llava_jax import generate
 
   tokens = generate(model, inputs["input_ids"], pixels, inputs["attention_mask"], max_new_tokens=NEW_TOKENS,
                     eos_token_id=proc.tokenizer.eos_token_id, pad_token_id=proc.tokenizer.eos_token_id)[0]

@@ -1,8 +1,6 @@
 """Generation: greedy tokens equal transformers' generate; sampling is reproducible and draws from the right
 distribution; the decode step compiles once."""
 
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,10 +11,8 @@ from transformers.generation import logits_process as hf_lp
 
 import hf_tiny
 from hf_tiny import IMAGE_TOKEN
-from llava_jax import load_hf_checkpoint
-import llava_jax.generate  # noqa: F401,E402
-
-gen = sys.modules["llava_jax.generate"]  # the module: `llava_jax.generate` is the public function
+from llava_jax import decoding, generate, load_hf_checkpoint
+from llava_jax.generation import stream
 N_IMG = 16
 PAD = 0
 
@@ -62,8 +58,8 @@ def test_greedy_equals_transformers(models, name):
   n_images = int((ids == IMAGE_TOKEN).sum()) // N_IMG
   px = hf_tiny.pixels(n_images, seed=4) if n_images else None
   ref = hf_generate(hf, ids, mask, px, 32)
-  got = gen.generate(ours, ids, None if px is None else jnp.asarray(px), mask, max_new_tokens=32,
-                     eos_token_id=(), pad_token_id=PAD)
+  got = generate(ours, ids, None if px is None else jnp.asarray(px), mask, max_new_tokens=32,
+                 eos_token_id=(), pad_token_id=PAD)
   np.testing.assert_array_equal(got, ref)
 
 
@@ -71,10 +67,10 @@ def test_stops_at_eos_and_pads_like_transformers(models):
   hf, ours = models
   ids, mask = left_padded(PROMPTS["batch_of_different_lengths"])
   px = hf_tiny.pixels(3, seed=4)
-  free = gen.generate(ours, ids, jnp.asarray(px), mask, max_new_tokens=32, eos_token_id=())
+  free = generate(ours, ids, jnp.asarray(px), mask, max_new_tokens=32, eos_token_id=())
   eos = int(free[0, 5])  # a token row 0 really produces, so generation stops there
   ref = hf_generate(hf, ids, mask, px, 32, eos=eos)
-  got = gen.generate(ours, ids, jnp.asarray(px), mask, max_new_tokens=32, eos_token_id=eos, pad_token_id=PAD)
+  got = generate(ours, ids, jnp.asarray(px), mask, max_new_tokens=32, eos_token_id=eos, pad_token_id=PAD)
   np.testing.assert_array_equal(got[:, :ref.shape[1]], ref)
   assert (got[:, ref.shape[1]:] == PAD).all()
   first = int(np.argmax(free[0] == eos))
@@ -85,27 +81,27 @@ def test_stream_equals_generate_and_decode_compiles_once(models):
   _, ours = models
   ids, mask = left_padded(PROMPTS["batch_of_different_lengths"])
   px = jnp.asarray(hf_tiny.pixels(3, seed=4))
-  before = gen._step_jit._cache_size()
-  streamed = np.stack(list(gen.stream(ours, ids, px, mask, max_new_tokens=40, eos_token_id=())), axis=1)
+  before = decoding.step_sample._cache_size()
+  streamed = np.stack(list(stream(ours, ids, px, mask, max_new_tokens=40, eos_token_id=())), axis=1)
   assert streamed.shape == (3, 40)
-  assert gen._step_jit._cache_size() - before == 1  # 39 decode steps, one compile
-  np.testing.assert_array_equal(streamed, gen.generate(ours, ids, px, mask, max_new_tokens=40, eos_token_id=()))
+  assert decoding.step_sample._cache_size() - before == 1  # 39 decode steps, one compile
+  np.testing.assert_array_equal(streamed, generate(ours, ids, px, mask, max_new_tokens=40, eos_token_id=()))
   # Another prompt of the same padded shape reuses both compiled programs.
-  compiled = gen._generate._cache_size()
+  compiled = decoding.decode_loop._cache_size()
   other = ids.copy()
   other[:, -1] = 33
-  list(gen.stream(ours, other, px, mask, max_new_tokens=40, eos_token_id=()))
-  gen.generate(ours, other, px, mask, max_new_tokens=40, eos_token_id=())
-  assert gen._step_jit._cache_size() - before == 1 and gen._generate._cache_size() == compiled
+  list(stream(ours, other, px, mask, max_new_tokens=40, eos_token_id=()))
+  generate(ours, other, px, mask, max_new_tokens=40, eos_token_id=())
+  assert decoding.step_sample._cache_size() - before == 1 and decoding.decode_loop._cache_size() == compiled
 
 
 def test_sampling_is_reproducible(models):
   _, ours = models
   ids, mask = left_padded(PROMPTS["text_only_batch"])
   kw = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, eos_token_id=())
-  a = gen.generate(ours, ids, None, mask, seed=3, **kw)
-  np.testing.assert_array_equal(a, gen.generate(ours, ids, None, mask, seed=3, **kw))
-  assert not np.array_equal(a, gen.generate(ours, ids, None, mask, seed=4, **kw))
+  a = generate(ours, ids, None, mask, seed=3, **kw)
+  np.testing.assert_array_equal(a, generate(ours, ids, None, mask, seed=3, **kw))
+  assert not np.array_equal(a, generate(ours, ids, None, mask, seed=4, **kw))
 
 
 @pytest.mark.parametrize("temperature, top_p, top_k", [(0.7, 1.0, 0), (1.3, 0.8, 0), (1.0, 0.6, 5), (0.9, 1.0, 4)])
@@ -120,9 +116,9 @@ def test_sampling_draws_from_transformers_distribution(temperature, top_p, top_k
   expected = torch.softmax(scores, -1).numpy()[0].astype(np.float64)
 
   n = 40_000
-  sampling = gen.Sampling(temperature, top_p, top_k)
+  sampling = decoding.Sampling(temperature, top_p, top_k)
   keys = jax.random.split(jax.random.key(0), n)
-  draws = np.asarray(jax.vmap(lambda k: gen.next_token(jnp.asarray(logits), sampling, k)[0])(keys))
+  draws = np.asarray(jax.vmap(lambda k: decoding.sample(jnp.asarray(logits), *sampling.rows(1), k[None])[0])(keys))
   counts = np.bincount(draws, minlength=12)
   kept = expected > 0
   assert counts[~kept].sum() == 0
@@ -133,12 +129,12 @@ def test_sampling_draws_from_transformers_distribution(temperature, top_p, top_k
 def test_right_padding_is_refused(models):
   _, ours = models
   with pytest.raises(ValueError, match="left-padded"):
-    gen.generate(ours, np.array([[1, 2, 0]]), None, np.array([[1, 1, 0]]))
+    generate(ours, np.array([[1, 2, 0]]), None, np.array([[1, 1, 0]]))
 
 
 def test_stop_strings():
-  assert gen.stop_at("a cat.</s> more", ["</s>", "###"]) == ("a cat.", True)
-  assert gen.stop_at("a cat", ["###"]) == ("a cat", False)
+  assert decoding.stop_at("a cat.</s> more", ["</s>", "###"]) == ("a cat.", True)
+  assert decoding.stop_at("a cat", ["###"]) == ("a cat", False)
 
 
 def test_tensor_parallel_generation_equals_single_device(tmp_path):
@@ -153,7 +149,7 @@ def test_tensor_parallel_generation_equals_single_device(tmp_path):
   model = load_hf_checkpoint(str(tmp_path))
   ids, mask = left_padded(PROMPTS["batch_of_different_lengths"])
   px = jnp.asarray(hf_tiny.pixels(3, seed=4))
-  expected = gen.generate(model, ids, px, mask, max_new_tokens=12, eos_token_id=())
+  expected = generate(model, ids, px, mask, max_new_tokens=12, eos_token_id=())
 
   mesh = jax.make_mesh((1, 1, 8), ("data", "fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 3)
   state = nnx.state(model, nnx.Param)
@@ -161,4 +157,4 @@ def test_tensor_parallel_generation_equals_single_device(tmp_path):
   nnx.update(model, sharded)
   q = model.language_model.layers[0].self_attn.q_proj.kernel[...]
   assert q.addressable_shards[0].data.shape == (64, 64 // 8)  # really split over the tensor axis
-  np.testing.assert_array_equal(gen.generate(model, ids, px, mask, max_new_tokens=12, eos_token_id=()), expected)
+  np.testing.assert_array_equal(generate(model, ids, px, mask, max_new_tokens=12, eos_token_id=()), expected)

@@ -109,8 +109,8 @@ def test_graph_reads_relative_and_function_level_imports(tmp_path):
   assert find_cycle(graph) == ["llava_jax.a", "llava_jax.sub.b", "llava_jax.a"]
 
 
-@pytest.mark.parametrize("module", ["llava_jax.checkpoint", "llava_jax.generate", "llava_jax.processor",
-                                    "llava_jax.convert"])
+@pytest.mark.parametrize("module", ["llava_jax.checkpoint", "llava_jax.generation", "llava_jax.decoding",
+                                    "llava_jax.processor", "llava_jax.convert"])
 def test_inference_does_not_import_the_trainer(module):
   graph = GRAPH
   seen, todo = set(), [module]
@@ -121,3 +121,8 @@ def test_inference_does_not_import_the_trainer(module):
     seen.add(m)
     todo.extend(graph.get(m, ()))
   assert not [m for m in seen if m.startswith("llava_jax.train")], sorted(seen)
+
+
+def test_no_module_shadows_the_generate_function():
+  """`llava_jax.generate` is the exported function; a module of that name would hide it from `import`."""
+  assert "llava_jax.generate" not in GRAPH

@@ -5,7 +5,6 @@ CLI's processor tiles each image (anyres) and passes its `image_sizes` on; the s
 tokens `llava_jax.generate` gives for the same prompt and image.
 """
 
-import importlib
 import io
 import json
 
@@ -16,10 +15,10 @@ import transformers
 from PIL import Image
 
 import hf_tiny
-from llava_jax import load_checkpoint
 from llava_jax.cli import main as cli
 from llava_jax.data.synthetic import build_tokenizer
-from llava_jax.generate import generate, stop_at
+from llava_jax import generate, generation, load_checkpoint
+from llava_jax.decoding import stop_at
 from llava_jax.processor import Processor
 
 MAX_NEW = 8
@@ -44,7 +43,6 @@ def ckpt(tmp_path_factory):
 
 @pytest.mark.parametrize("image", ["tall", "wide"])
 def test_chat_streams_the_greedy_reply(ckpt, image, monkeypatch, capsys):
-  generation = importlib.import_module("llava_jax.generate")  # the module (the package exports the function)
   streamed, original_stream = [], generation.stream
 
   def recording_stream(*args, **kwargs):  # the chat's own stream, its tokens noted on the way

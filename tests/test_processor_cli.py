@@ -11,7 +11,7 @@ import hf_tiny
 from llava_jax import load_checkpoint
 from llava_jax.cli import main as cli
 from llava_jax.data.text import encode_prompt
-from llava_jax.generate import generate
+from llava_jax import generate
 from llava_jax.processor import Processor
 
 
@@ -55,12 +55,9 @@ def test_generate_command_streams_the_greedy_reply(ckpt, capsys):
   eos = np.flatnonzero(tokens == proc.tokenizer.eos_token_id)
   tokens = tokens[:eos[0]] if len(eos) else tokens
   expected = proc.decode(tokens)
-  prefixes = [proc.decode(tokens[:k]) for k in range(len(tokens) + 1)]
-  if all(b.startswith(a) for a, b in zip(prefixes, prefixes[1:])):
-    assert printed == expected + "\n"
-  else:  # a random model emits stray byte tokens, whose decoding may rewrite text already shown
-    common = next(k for k, (a, b) in enumerate(zip(prefixes, prefixes[1:])) if not b.startswith(a))
-    assert printed.startswith(prefixes[common].rstrip("\ufffd"))
+  # A random model emits stray byte tokens whose decoding can rewrite text a whole-reply decoder already showed
+  # ("Orange un" -> "Orange u\ufffd\ufffd..."); the streamed text must still end as the full decode.
+  assert printed == expected + "\n"
 
   from llava_jax.cli import _reply  # the reply the chat keeps in its history is the full decode
 

@@ -15,7 +15,8 @@ import pytest
 import serve_tiny
 from llava_jax import load_checkpoint
 from llava_jax.cli import build_parser
-from llava_jax.generate import generate, stop_at
+from llava_jax import generate
+from llava_jax.decoding import stop_at
 from llava_jax.processor import Processor
 from llava_jax.serve import serve_model
 from llava_jax.serve.api import create_app
@@ -252,3 +253,13 @@ def test_cli_has_serve_and_web():
   args = build_parser().parse_args(["serve", "--ckpt", "c", "--max-batch", "4", "--allow-local-images", "/data"])
   assert (args.host, args.port, args.max_batch, args.allow_local_images) == ("127.0.0.1", 8000, 4, "/data")
   assert build_parser().parse_args(["web", "--ckpt", "c"]).port == 7860
+
+
+def test_top_k_is_accepted_and_checked(setup):
+  """vLLM's `top_k` extension: sampling from the k most likely tokens; anything but an integer >= -1 is a 400."""
+  url = setup["url"] + "/v1/chat/completions"
+  body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0.7,
+          "top_k": 3, "seed": 1}
+  assert httpx.post(url, json=body, trust_env=False, timeout=120).status_code == 200
+  for bad in (-2, 1.5, True, "3"):
+    assert httpx.post(url, json={**body, "top_k": bad}, trust_env=False, timeout=120).status_code == 400

@@ -12,7 +12,8 @@ import pytest
 
 import serve_tiny
 from llava_jax import load_checkpoint
-from llava_jax.generate import generate, stop_at
+from llava_jax import generate
+from llava_jax.decoding import stop_at
 from llava_jax.processor import Processor
 from llava_jax.serve import serve_model
 

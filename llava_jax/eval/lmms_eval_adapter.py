@@ -130,7 +130,7 @@ class LlavaJax(_base_class()):
     max_new_tokens are answered together through the runner's batches; a question whose image cannot be read
     gets "" (and is logged)."""
     from llava_jax.eval.runner import generate_answers, read_answers  # pylint: disable=import-outside-toplevel
-    from llava_jax.generate import stop_at  # pylint: disable=import-outside-toplevel
+    from llava_jax.decoding import stop_at  # pylint: disable=import-outside-toplevel
 
     groups, stops = {}, []
     for index, request in enumerate(requests):

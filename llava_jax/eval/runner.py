@@ -1,9 +1,9 @@
 """`llava-jax eval`: answer a task's questions with greedy decoding, then score the answers file as the reference does.
 
-Generation is batched greedy decoding over the static KV cache (`llava_jax.generate`'s prefill and decode step in
-one compiled loop; fixed batch rows, prompts padded to length buckets, so a run compiles once per bucket), with the
-batch rows split over a 1-D "data" mesh of this process's devices and the parameters replicated. Questions are
-split across processes (`jax.process_index()` takes every `jax.process_count()`-th one); each process appends its
+Generation is batched greedy decoding over the static KV cache (`llava_jax.decoding.decode_loop`: prefill and decode
+step in one compiled loop; fixed batch rows, prompts padded to length buckets, so a run compiles once per bucket),
+with the batch rows split over a 1-D "data" mesh of this process's devices and the parameters replicated. Questions
+are split across processes (`jax.process_index()` takes every `jax.process_count()`-th one); each process appends its
 answers to its own part file, flushed after every batch, and process 0 merges the parts into OUT/answers.jsonl in
 question order. Rerunning into the same OUT reads the answers file and the parts first and skips every question
 already answered, so a killed run resumes. LLaVA-NeXT checkpoints get anyres tiles and `image_sizes`
@@ -12,10 +12,8 @@ already answered, so a killed run resumes. LLaVA-NeXT checkpoints get anyres til
 
 from __future__ import annotations
 
-import functools
 import glob
 import json
-import math
 import os
 import time
 import uuid
@@ -25,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llava_jax.eval.tasks import Question, Task, answer_key, get_task
+from llava_jax.padding import left_pad, round_up
 
 ANSWERS = "answers.jsonl"
 METRICS = "metrics.json"
@@ -121,7 +120,7 @@ def generate_answers(model, processor, questions: list[Question], out: str, *, b
   # Similar lengths share a batch (less padding, fewer buckets); answers do not depend on the order.
   todo.sort(key=lambda q: len(q.text))
   mesh = _data_mesh(devices)
-  rows = math.ceil(batch_size / mesh.size) * mesh.size
+  rows = round_up(batch_size, mesh.size)
   replicate(model, mesh)
   batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
   pad = processor.tokenizer.eos_token_id
@@ -176,7 +175,7 @@ def _batch_inputs(model, processor, prompts, images, rows: int, bucket: int, pad
   LLaVA-NeXT (anyres) images are tiled to the geometry's most tiles per image and placed by `image_sizes`; the
   feature rows are computed for the real images, then moved to the batch's `rows` image slots (the layout's
   `with_blank_slots`)."""
-  from llava_jax.generate import image_inputs
+  from llava_jax.decoding import image_inputs
   from llava_jax.models.llava import image_layout
 
   present = [im for im in images if im is not None]
@@ -203,32 +202,14 @@ def _batch_inputs(model, processor, prompts, images, rows: int, bucket: int, pad
   return ids, mask, out
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "eos_id", "pad_id"))
 def _greedy(graphdef, state, input_ids, attention_mask, images, *, max_new_tokens, eos_id, pad_id):
-  """Greedy decoding in one compiled loop over the static KV cache: `generate`'s loop at temperature 0, with the
-  batch arrays kept where the caller put them (row-sharded over the mesh), which `generate`'s host-side padding
-  would undo. A test checks every batched row against `generate` on that question alone."""
-  from flax import nnx
+  """Greedy decoding: `llava_jax.decoding.decode_loop` at temperature 0 on the batch arrays as the caller put them
+  (row-sharded over the mesh; `generate`'s host-side padding would undo that). A test checks every batched row
+  against `generate` on that question alone."""
+  from llava_jax.decoding import Sampling, decode_loop, seed_array
 
-  from llava_jax.generate import decode_step, prefill
-
-  model = nnx.merge(graphdef, state)
-  b, t = input_ids.shape
-  logits, caches, key_valid, position = prefill(model, input_ids, attention_mask, images, t + max_new_tokens)
-  token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
-
-  def cond(carry):
-    return (carry[0] < max_new_tokens) & ~jnp.all(carry[-1])
-
-  def body(carry):
-    i, tokens, token, caches, key_valid, position, done = carry
-    logits, caches, key_valid = decode_step(model, token, caches, key_valid, position, t + i - 1)
-    new = jnp.where(done, pad_id, jnp.argmax(logits, axis=-1).astype(jnp.int32))
-    return i + 1, tokens.at[:, i].set(new), new, caches, key_valid, position + 1, done | (new == eos_id)
-
-  carry = (jnp.int32(1), tokens, token, caches, key_valid, position, token == eos_id)
-  return jax.lax.while_loop(cond, body, carry)[1]
+  return decode_loop(graphdef, state, input_ids, attention_mask, images, seed_array(0),
+                     max_new_tokens=max_new_tokens, sampling=Sampling(), eos_ids=(eos_id,), pad_id=pad_id)
 
 
 def _ends_with_newline(path: str) -> bool:
@@ -238,10 +219,9 @@ def _ends_with_newline(path: str) -> bool:
 
 
 def _pad_to_bucket(input_ids, attention_mask, bucket: int, pad_id: int):
-  """Left-pads to a multiple of `bucket` here, so the arrays handed to `generate` already have their final shape."""
-  extra = -input_ids.shape[1] % bucket
-  return (np.pad(input_ids, ((0, 0), (extra, 0)), constant_values=pad_id).astype(np.int32),
-          np.pad(attention_mask, ((0, 0), (extra, 0))).astype(np.int32))
+  """Left-pads to a multiple of `bucket` here, so the arrays handed to the decode loop already have their final
+  shape."""
+  return left_pad(input_ids, pad_id, bucket, masks=attention_mask)
 
 
 # -- the command --------------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ only when a server is built.
 from __future__ import annotations
 
 import os
-import re
 
+from llava_jax.decoding import byte_token_ids
+from llava_jax.padding import round_up
 from llava_jax.serve.engine import BadRequest, Delta, Engine, Failed, Finished, QueueEvents, QueueFull, Request
 
 
@@ -38,18 +39,13 @@ def serve_model(model, processor, *, max_batch: int = 8, max_len: int | None = N
   if max_len is None:
     context = min(model.config.text.max_position_embeddings or 2048, 2048)
     max_len = context + max_tokens
-  max_len = -(-max_len // prompt_bucket) * prompt_bucket
+  max_len = round_up(max_len, prompt_bucket)
   tokenizer = processor.tokenizer
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   engine = Engine(model, max_batch=max_batch, max_len=max_len, prompt_bucket=prompt_bucket, max_queue=max_queue,
                   eos_id=tokenizer.eos_token_id, pad_id=pad, decode=processor.decode,
-                  stop_strings=[processor.template.stop_str or ""], byte_token_ids=byte_tokens(tokenizer))
+                  stop_strings=[processor.template.stop_str or ""], byte_token_ids=byte_token_ids(tokenizer))
   return Served(engine, processor, model_name, max_tokens=max_tokens, allow_local_images=allow_local_images)
-
-
-def byte_tokens(tokenizer) -> list[int]:
-  """Ids of SentencePiece's byte-fallback tokens ("<0x0A>"): a run of them decodes to text only once complete."""
-  return [i for token, i in tokenizer.get_vocab().items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token)]
 
 
 __all__ = ["BadRequest", "Delta", "Engine", "Failed", "Finished", "QueueEvents", "QueueFull", "Request", "load",

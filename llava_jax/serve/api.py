@@ -26,7 +26,7 @@ log = logging.getLogger("llava_jax.serve")
 
 KNOWN_PARAMETERS = {"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop",
                     "stream", "stream_options", "seed", "n", "user",
-                    "ignore_eos"}  # vLLM's extension
+                    "ignore_eos", "top_k"}  # vLLM's extensions
 
 
 class Served:
@@ -59,6 +59,9 @@ class Served:
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p <= 0:
       raise BadRequest("top_p must be greater than 0")
+    top_k = _typed(body, "top_k", int, 0)
+    if isinstance(top_k, bool) or top_k < -1:
+      raise BadRequest("top_k must be an integer: the number of most likely tokens to sample from (0 or -1: all)")
     seed = body.get("seed")
     if seed is None:
       seed = uuid.uuid4().int % 2**32
@@ -66,8 +69,9 @@ class Served:
       raise BadRequest("seed must be an integer")
     conversation = parse_messages(body.get("messages"), self.allow_local_images)
     request = build_request(self.processor, conversation, max_images=self.max_images, max_tiles=self.max_tiles,
-                            max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed % 2**32,
-                            stop=stop_list(body.get("stop")), ignore_eos=_typed(body, "ignore_eos", bool, False))
+                            max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
+                            seed=seed % 2**32, stop=stop_list(body.get("stop")),
+                            ignore_eos=_typed(body, "ignore_eos", bool, False))
     self.engine.check(request)
     return request, stream, bool(options.get("include_usage"))
 

@@ -126,7 +126,7 @@ def parse_messages(messages: Any, allow_local_images: str | None = None) -> Conv
 def build_request(processor, conversation: Conversation, *, max_images: int = 1, max_tiles: int | None = None,
                   **sampling) -> Request:
   """Renders the conversation with the checkpoint's template and runs the processor; `sampling` goes to Request
-  (max_tokens, temperature, top_p, seed, stop)."""
+  (max_tokens, temperature, top_p, top_k, seed, stop)."""
   images = conversation.images
   tags = sum(t.count("<image>") for t in conversation.turns)
   if len(images) > max_images:

@@ -3,9 +3,11 @@
 The batch has a fixed number of rows (`max_batch`) and a static KV cache of `max_len` slots per row. A request is
 prefilled alone (one compile per prompt bucket, with or without images) straight into a free row of the batch
 cache; then one compiled step advances every row by one token. Rows sit at different lengths, so the step takes
-per-row cache slots, positions and sampling settings: it maps `llava_jax.generate.decode_step` over the rows
-(`jax.vmap`), which turns the cache write at a scalar slot into a per-row scatter. New requests join and finished
-ones leave at step boundaries; compiled shapes stay bounded (prompt buckets x image/no-image, and one step).
+per-row cache slots, positions and sampling settings: `llava_jax.decoding.batch_step` maps the one decode step over
+the rows (`jax.vmap`), which turns the cache write at a scalar slot into a per-row scatter. Each request samples as
+row 0 of its own with its seed (`llava_jax.decoding`'s keys), so it gets what `generate(..., seed=...)` gives, and
+its text streams through `llava_jax.decoding.Detokenizer`. New requests join and finished ones leave at step
+boundaries; compiled shapes stay bounded (prompt buckets x image/no-image, and one step).
 
 The engine runs in its own thread; callers `submit` a `Request` and receive `Delta` / `Finished` events through a
 callback (thread-safe queue for plain threads, `loop.call_soon_threadsafe` for asyncio).
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import functools
 import itertools
 import logging
 import queue
@@ -23,12 +24,12 @@ import threading
 import time
 from typing import Callable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.generate import Sampling, decode_step, image_inputs, init_cache, prefill, stop_at
+from llava_jax.decoding import Detokenizer, Sampling, batch_step, image_inputs, init_cache, prefill_into_row
+from llava_jax.padding import left_pad, round_up
 
 log = logging.getLogger("llava_jax.serve")
 
@@ -50,6 +51,7 @@ class Request:
   max_tokens: int = 256
   temperature: float = 0.0
   top_p: float = 1.0
+  top_k: int = 0  # 0: off
   seed: int = 0
   stop: Sequence[str] = ()
   ignore_eos: bool = False  # vLLM's extension: replies of exactly max_tokens (benchmarks)
@@ -102,58 +104,6 @@ class QueueEvents:
         return
 
 
-# -- compiled pieces -------------------------------------------------------------------------------------------
-
-
-def sample_rows(logits, temperature, top_p, seeds, counters):
-  """Per-row next token from fp32 logits [B, V]: greedy where temperature == 0, else temperature then top-p
-  (transformers' warper order, as `llava_jax.generate.filter_logits`), each row with its own key
-  fold_in(key(seed), counter), so a request samples the same whatever rows it shares the batch with."""
-  greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-  order = jnp.argsort(scaled, axis=-1)  # ascending, as transformers sorts
-  sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)
-  cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-  remove_sorted = (cumulative <= (1 - top_p)[:, None]).at[..., -1].set(False)  # keep at least one
-  rows = jnp.arange(logits.shape[0])[:, None]
-  remove = jnp.zeros_like(remove_sorted).at[rows, order].set(remove_sorted)
-  filtered = jnp.where(remove, -jnp.inf, scaled)
-  keys = jax.vmap(lambda s, c: jax.random.fold_in(jax.random.key(s), c))(seeds, counters)
-  sampled = jax.vmap(lambda k, l: jax.random.categorical(k, l))(keys, filtered).astype(jnp.int32)
-  return jnp.where(temperature > 0, sampled, greedy)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("caches", "key_valid"))
-def _prefill_into_row(graphdef, state, caches, key_valid, row, input_ids, attention_mask, images, temperature,
-                      top_p, seed):
-  """Prefills one prompt [1, T] and writes its KV cache and valid keys into batch row `row`; samples its first
-  token. Returns (token, caches, key_valid, next position)."""
-  model = nnx.merge(graphdef, state)
-  cache_len = key_valid.shape[1]
-  logits, row_caches, row_valid, position = prefill(model, input_ids, attention_mask, images, cache_len)
-  caches = [(k.at[row].set(rk[0]), v.at[row].set(rv[0])) for (k, v), (rk, rv) in zip(caches, row_caches)]
-  key_valid = key_valid.at[row].set(row_valid[0])
-  token = sample_rows(logits, temperature[None], top_p[None], seed[None], jnp.zeros((1,), jnp.int32))
-  return token[0], caches, key_valid, position[0]
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("caches", "key_valid"))
-def _batch_step(graphdef, state, caches, key_valid, tokens, positions, indices, temperature, top_p, seeds,
-                counters):
-  """One token for every row, each written at its own cache slot `indices[r]` (free rows compute garbage that
-  the next prefill into them overwrites). Returns (next tokens [B], caches, key_valid)."""
-  model = nnx.merge(graphdef, state)
-
-  def one_row(token, row_caches, row_valid, position, index):
-    batched = [(k[None], v[None]) for k, v in row_caches]
-    logits, new_caches, new_valid = decode_step(model, token[None], batched, row_valid[None], position[None],
-                                                index)
-    return logits[0], [(k[0], v[0]) for k, v in new_caches], new_valid[0]
-
-  logits, caches, key_valid = jax.vmap(one_row)(tokens, caches, key_valid, positions, indices)
-  return sample_rows(logits, temperature, top_p, seeds, counters), caches, key_valid
-
-
 # -- the engine ------------------------------------------------------------------------------------------------
 
 
@@ -164,8 +114,12 @@ class _Row:
   token: int            # the last sampled token, not yet in the cache
   position: int         # its position
   index: int            # its cache slot
-  ids: list = dataclasses.field(default_factory=list)
-  shown: str = ""       # text already emitted as deltas
+  text: Detokenizer     # the reply's ids and the text already emitted as deltas
+
+  def settings(self) -> tuple:
+    """`llava_jax.decoding`'s per-request sampling settings; the counter is the next token's index."""
+    r = self.handle.request
+    return r.temperature, r.top_p, r.top_k, r.seed, len(self.text.ids)
 
 
 class Engine:
@@ -206,14 +160,14 @@ class Engine:
   def check(self, request: Request) -> None:
     """Raises BadRequest for what no row could serve (checked before queueing, so the client gets a 400)."""
     n = len(request.input_ids)
-    padded = -(-n // self.prompt_bucket) * self.prompt_bucket
+    padded = round_up(n, self.prompt_bucket)
     if padded >= self.max_len:
       raise BadRequest(f"the prompt is {n} tokens ({padded} padded to the bucket of {self.prompt_bucket}), longer "
                        f"than this server's context of {self.max_len} tokens allows")
     if request.max_tokens < 1:
       raise BadRequest(f"max_tokens must be at least 1, got {request.max_tokens}")
     try:
-      Sampling(request.temperature, request.top_p)
+      Sampling(request.temperature, request.top_p, request.top_k)
     except ValueError as e:
       raise BadRequest(str(e)) from None
 
@@ -298,38 +252,30 @@ class Engine:
 
   def _prefill(self, i: int, handle: Handle):
     req = handle.request
-    ids = np.asarray(req.input_ids, np.int32)
-    n = len(ids)
-    padded = -(-n // self.prompt_bucket) * self.prompt_bucket
-    input_ids = np.full((1, padded), self.pad_id, np.int32)
-    mask = np.zeros((1, padded), np.int32)
-    input_ids[0, padded - n:], mask[0, padded - n:] = ids, 1
+    input_ids, mask = left_pad([np.asarray(req.input_ids, np.int32)], self.pad_id, self.prompt_bucket)
     pixels = None if req.pixel_values is None else np.asarray(req.pixel_values, np.float32)
     images = image_inputs(self.model, input_ids, pixels, None, req.image_sizes)
-    token, self.caches, self.key_valid, position = _prefill_into_row(
+    row = _Row(handle, len(req.input_ids), 0, 0, input_ids.shape[1],
+               Detokenizer(self.decode_ids, self.stop_strings + tuple(req.stop), self.byte_token_ids))
+    token, self.caches, self.key_valid, position = prefill_into_row(
         self.graphdef, self.state, self.caches, self.key_valid, jnp.int32(i), jnp.asarray(input_ids),
-        jnp.asarray(mask), images, jnp.float32(req.temperature), jnp.float32(req.top_p), jnp.uint32(req.seed))
+        jnp.asarray(mask), images, _settings([row.settings()]))
     self._count("prefills")
-    row = _Row(handle, n, int(token), int(position), padded)
+    row.token, row.position = int(token), int(position)
     self.rows[i] = row
     self._advance(i, row.token)
 
   def _step(self):
     b = self.max_batch
     tokens, positions, indices = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
-    temperature, top_p = np.zeros(b, np.float32), np.ones(b, np.float32)
-    seeds, counters = np.zeros(b, np.uint32), np.zeros(b, np.int32)
     active = [i for i, r in enumerate(self.rows) if r is not None]
     for i in active:
       r = self.rows[i]
       tokens[i], positions[i], indices[i] = r.token, r.position, r.index
-      temperature[i], top_p[i], seeds[i] = r.handle.request.temperature, r.handle.request.top_p, \
-          r.handle.request.seed
-      counters[i] = len(r.ids)
-    new, self.caches, self.key_valid = _batch_step(
+    settings = _settings([(0.0, 1.0, 0, 0, 0) if r is None else r.settings() for r in self.rows])  # free: greedy
+    new, self.caches, self.key_valid = batch_step(
         self.graphdef, self.state, self.caches, self.key_valid, jnp.asarray(tokens), jnp.asarray(positions),
-        jnp.asarray(indices), jnp.asarray(temperature), jnp.asarray(top_p), jnp.asarray(seeds),
-        jnp.asarray(counters))
+        jnp.asarray(indices), settings)
     new = np.asarray(new)
     with self.lock:
       self.stats["steps"] += 1
@@ -353,21 +299,13 @@ class Engine:
       return self._finish(i, "cancelled")
     if self.eos_id is not None and token == self.eos_id and not r.handle.request.ignore_eos:
       return self._finish(i, "stop")
-    r.ids.append(token)
-    text, stopped = stop_at(self.decode_ids(r.ids), self.stop_strings + tuple(r.handle.request.stop))
-    if stopped:
+    delta = r.text.add(token)
+    if delta:
+      r.handle.emit(Delta(delta))
+    if r.text.stopped:
       return self._finish(i, "stop")
-    if len(r.ids) >= r.handle.request.max_tokens or r.index >= self.max_len:
+    if len(r.text.ids) >= r.handle.request.max_tokens or r.index >= self.max_len:
       return self._finish(i, "length")
-    stable = len(r.ids)
-    while stable and r.ids[stable - 1] in self.byte_token_ids:
-      stable -= 1
-    if stable < len(r.ids):
-      text = stop_at(self.decode_ids(r.ids[:stable]), self.stop_strings + tuple(r.handle.request.stop))[0]
-    shown = _safe_prefix(text, self.stop_strings + tuple(r.handle.request.stop))
-    if shown.startswith(r.shown) and len(shown) > len(r.shown):
-      r.handle.emit(Delta(shown[len(r.shown):]))
-      r.shown = shown
     return None
 
   def _finish(self, i: int, reason: str | None, failure: str | None = None):
@@ -377,26 +315,21 @@ class Engine:
       self._count("failed")
       r.handle.emit(Failed(failure))
       return
-    text = stop_at(self.decode_ids(r.ids), self.stop_strings + tuple(r.handle.request.stop))[0]
-    if reason != "cancelled" and text.startswith(r.shown) and len(text) > len(r.shown):
-      r.handle.emit(Delta(text[len(r.shown):]))
+    rest = r.text.finish()
+    if reason != "cancelled" and rest:
+      r.handle.emit(Delta(rest))
     with self.lock:
       self.stats["completed" if reason != "cancelled" else "cancelled"] += 1
-      self.stats["generated_tokens"] += len(r.ids)
-    r.handle.emit(Finished(text, reason, r.prompt_tokens, len(r.ids)))
+      self.stats["generated_tokens"] += len(r.text.ids)
+    r.handle.emit(Finished(r.text.text, reason, r.prompt_tokens, len(r.text.ids)))
 
   def _count(self, key: str):
     with self.lock:
       self.stats[key] += 1
 
 
-def _safe_prefix(text: str, stops: Sequence[str]) -> str:
-  """What may be shown while streaming: not a half-decoded character (byte-fallback tokens end mid-way through
-  one) and not the start of a stop string that the next tokens may complete."""
-  text = text.rstrip("\ufffd") if text.endswith("\ufffd") else text
-  for stop in stops:
-    for k in range(min(len(stop) - 1, len(text)), 0, -1):
-      if text.endswith(stop[:k]):
-        text = text[:-k]
-        break
-  return text
+def _settings(rows) -> tuple:
+  """Per-row (temperature, top_p, top_k, seed, counter) tuples -> the five arrays `llava_jax.decoding` takes."""
+  temperature, top_p, top_k, seeds, counters = zip(*rows)
+  return (jnp.asarray(temperature, jnp.float32), jnp.asarray(top_p, jnp.float32), jnp.asarray(top_k, jnp.int32),
+          jnp.asarray([int(s) % 2**32 for s in seeds], jnp.uint32), jnp.asarray(counters, jnp.int32))

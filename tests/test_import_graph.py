@@ -1,4 +1,5 @@
-"""The package's import graph has no cycle, and inference never imports the trainer (read with ast, no imports)."""
+"""The package's import graph (read with ast, nothing imported): imports point down the module map of
+docs/DESIGN_NOTES.md, which lists the layers in the order below; no cycle; inference never imports the trainer."""
 
 import ast
 import os
@@ -126,3 +127,66 @@ def test_inference_does_not_import_the_trainer(module):
 def test_no_module_shadows_the_generate_function():
   """`llava_jax.generate` is the exported function; a module of that name would hide it from `import`."""
   assert "llava_jax.generate" not in GRAPH
+
+
+DOCS = os.path.join(os.path.dirname(ROOT), "docs", "DESIGN_NOTES.md")
+# The module map's layers, top to bottom: (the map line's first words, the modules or packages of that layer). A
+# module may import its own layer or a lower one; the map in DESIGN_NOTES.md lists the layers in this order.
+LAYERS = [
+    ("llava_jax/cli.py, demo.py", ["llava_jax.cli", "llava_jax.demo"]),
+    ("llava_jax/eval/, serve/", ["llava_jax.eval", "llava_jax.serve"]),
+    ("llava_jax/train/", ["llava_jax.train"]),
+    ("llava_jax/__init__.py", ["llava_jax"]),
+    ("llava_jax/processor.py", ["llava_jax.processor"]),
+    ("llava_jax/generation.py", ["llava_jax.generation"]),
+    ("llava_jax/decoding.py", ["llava_jax.decoding"]),
+    ("llava_jax/convert.py", ["llava_jax.convert"]),
+    ("llava_jax/checkpoint.py", ["llava_jax.checkpoint"]),
+    ("llava_jax/checkpoint_files.py, lora.py", ["llava_jax.checkpoint_files", "llava_jax.lora"]),
+    ("llava_jax/models/", ["llava_jax.models"]),
+    ("llava_jax/data/", ["llava_jax.data"]),
+    ("llava_jax/sharding.py", ["llava_jax.sharding", "llava_jax.safetensors_io", "llava_jax.tree", "llava_jax.config",
+                               "llava_jax.hub", "llava_jax.host_memory", "llava_jax.padding"]),
+]
+
+
+def layer_of(module: str) -> int:
+  """The layer index of a module: its own entry, else the package entry it lies in (the root only as itself)."""
+  for i, (_, names) in enumerate(LAYERS):
+    if any(module == n or (n != "llava_jax" and module.startswith(n + ".")) for n in names):
+      return i
+  raise KeyError(f"{module} is in no layer of the module map: add it to docs/DESIGN_NOTES.md and LAYERS")
+
+
+def test_every_module_has_a_layer():
+  for module in GRAPH:
+    layer_of(module)
+
+
+def test_imports_point_down_the_module_map():
+  upward = [f"{m} ({LAYERS[layer_of(m)][0]}) imports {t} ({LAYERS[layer_of(t)][0]})"
+            for m, targets in _cycle_free_without_packages(GRAPH).items() for t in sorted(targets)
+            if layer_of(t) < layer_of(m)]
+  assert not upward, "imports that point up the module map:\n" + "\n".join(upward)
+
+
+def test_the_design_notes_map_lists_the_layers_in_this_order():
+  with open(DOCS) as f:
+    text = f.read()
+  block = text.split("## The map", 1)[1].split("```", 2)[1]
+  lines = [line for line in block.splitlines() if line.startswith("llava_jax/")]
+  starts = [next((i for i, line in enumerate(lines) if line.startswith(head)), None) for head, _ in LAYERS]
+  assert None not in starts, [head for head, _ in LAYERS if not any(l.startswith(head) for l in lines)]
+  assert starts == sorted(starts) and len(set(starts)) == len(starts), starts
+
+
+def test_an_upward_import_is_found(tmp_path):
+  pkg = tmp_path / "llava_jax"
+  (pkg / "data").mkdir(parents=True)
+  (pkg / "__init__.py").write_text("")
+  (pkg / "data" / "__init__.py").write_text("")
+  (pkg / "data" / "text.py").write_text("from llava_jax import processor\n")
+  (pkg / "processor.py").write_text("from llava_jax.data import text\n")
+  graph = _cycle_free_without_packages(import_graph(str(pkg)))
+  assert [t for t in graph["llava_jax.data.text"] if layer_of(t) < layer_of("llava_jax.data.text")] == \
+      ["llava_jax.processor"]

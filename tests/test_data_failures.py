@@ -1,4 +1,4 @@
-"""Issue 12, data side: the pipeline fails loudly and holds bounded memory; image paths and sizes are checked;
+"""Data failures: the pipeline fails loudly and holds bounded memory; image paths and sizes are checked;
 tokenizers never become Hub requests; a resume with other settings is a named error."""
 
 import contextlib

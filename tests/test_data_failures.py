@@ -26,18 +26,6 @@ PROCESSOR = {"size": {"shortest_edge": IMAGE_SIZE}, "crop_size": {"height": IMAG
 
 
 @pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-  return synthetic.build_tokenizer(str(tmp_path_factory.mktemp("tok")))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-  tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-  tok.pad_token = tok.unk_token
-  return tok
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
   return synthetic.write_shapes_corpus(str(tmp_path_factory.mktemp("shapes")), num_train=40, num_eval=2,
                                        min_size=8, max_size=12)

@@ -74,8 +74,9 @@ def tiny_size() -> dict:
 # Peak FLOP/s: the best of both libraries over a large square matmul and the mid model's own MLP shape.
 MATMUL_SHAPES = ((4096, 4096, 4096), (2048, 2048, 2048), (1024, 1024, 2816))
 ROWS = ("floors", "vision", "prefill", "stage2", "stage1", "decode", "tiny")
-TARGETS = {  # row -> (minimum speed-up over transformers, minimum fraction of the floor); None: no target
-    "prefill": (1.05, None), "stage2": (0.9, None), "decode b1": (1.1, None), "decode b8": (1.0, None),  # issue 16
+# row -> (minimum speed-up over transformers, minimum fraction of the floor); None: no target (docs/PERFORMANCE.md)
+TARGETS = {
+    "prefill": (1.05, None), "stage2": (0.9, None), "decode b1": (1.1, None), "decode b8": (1.0, None),
     "tiny decode b1": (3.0, None), "tiny decode b8": (3.0, None)}
 
 

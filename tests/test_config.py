@@ -2,7 +2,7 @@
 
 import pytest
 
-from llava_jax.config import ConfigError, LlavaConfig, TextConfig, VisionConfig, text_config_from_hf
+from llava_jax.config import ConfigError, LlavaConfig, VisionConfig, text_config_from_hf
 
 # llava-hf/llava-1.5-7b-hf's config.json as published (transformers 4.36 era: many fields omitted).
 HUB_LLAVA_15_7B = {
@@ -87,4 +87,3 @@ def test_bad_values_are_named(change, message):
 def test_unknown_architecture():
   with pytest.raises(ConfigError, match="unknown architecture: model_type='blip-2'"):
     LlavaConfig.from_hf({"model_type": "blip-2"})
-  assert isinstance(LlavaConfig().text, TextConfig)

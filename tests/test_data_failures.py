@@ -1,4 +1,4 @@
-"""Issue 12, data side: the pipeline fails loudly and holds bounded memory; image paths and sizes are checked;
+"""Data failures: the pipeline fails loudly and holds bounded memory; image paths and sizes are checked;
 tokenizers never become Hub requests; a resume with other settings is a named error."""
 
 import contextlib
@@ -23,18 +23,6 @@ from llava_jax.data import collate, image, pipeline, preprocess, records, synthe
 IMAGE_SIZE = 16
 NUM_IMAGE_TOKENS = 2
 PROCESSOR = {"size": {"shortest_edge": IMAGE_SIZE}, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}}
-
-
-@pytest.fixture(scope="module")
-def tokenizer_dir(tmp_path_factory):
-  return synthetic.build_tokenizer(str(tmp_path_factory.mktemp("tok")))
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tokenizer_dir):
-  tok = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-  tok.pad_token = tok.unk_token
-  return tok
 
 
 @pytest.fixture(scope="module")

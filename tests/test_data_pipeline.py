@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-import transformers
 from PIL import Image
 
 from llava_jax.data import ordering, pipeline, synthetic, text
@@ -14,14 +13,6 @@ from llava_jax.data import ordering, pipeline, synthetic, text
 IMAGE_SIZE = 32
 NUM_IMAGE_TOKENS = 4
 PROCESSOR = {"size": {"shortest_edge": IMAGE_SIZE}, "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}}
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-  folder = synthetic.build_tokenizer(str(tmp_path_factory.mktemp("tok")))
-  tok = transformers.AutoTokenizer.from_pretrained(folder)
-  tok.pad_token = tok.unk_token
-  return tok
 
 
 @pytest.fixture(scope="module")

@@ -1,7 +1,7 @@
 """The main job (README's first command) learns from its own data: at least 90% of the held-out questions.
 
 Measured with the defaults (seed 0): 97.5% of 200 questions (colour and background 100%, shape 93%; chance about
-20% on shapes); seed 1: 94.5%. The issue's target is 90% overall.
+20% on shapes); seed 1: 94.5%. The target is 90% overall.
 """
 
 import pytest

@@ -333,7 +333,7 @@ def splash_attention(q, k, v, mask: SelfAttentionMask | None = None, *, scale: f
   manual_axes, batch, heads = partition
   qkv_spec = jax.P(batch, None, heads, None)
   # check_vma=False: the kernel's pallas_calls declare no varying-manual-axes types for their outputs (jax refuses
-  # them under check_vma=True). Gradients stay exact: tests/test_attention_impls.py checks them on meshes where
+  # them under check_vma=True). Gradients stay exact: tests/test_attention.py checks them on meshes where
   # inputs are split and where they are replicated.
   sharded = jax.shard_map(local, in_specs=(qkv_spec, qkv_spec, qkv_spec, jax.P(batch, None)), out_specs=qkv_spec,
                           axis_names=manual_axes, check_vma=False)

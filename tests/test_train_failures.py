@@ -1,4 +1,4 @@
-"""Issue 12, trainer side: config mistakes, non-finite steps, damaged or mismatched workdirs and signals fail
+"""Trainer failures: config mistakes, non-finite steps, damaged or mismatched workdirs and signals fail
 loudly (a named error, exit 2 / 3, no traceback) and lose nothing (no write before a failed resume, no non-finite
 checkpoint, a save in flight completes)."""
 

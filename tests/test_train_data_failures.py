@@ -1,4 +1,4 @@
-"""Issue 12's data reproductions through the trainer: a mistyped image_dir stops the run with a summary by reason
+"""Data failures seen through the trainer: a mistyped image_dir stops the run with a summary by reason
 (exit 2, no hang, no training on the text-only rows alone), and skips reach metrics.jsonl."""
 
 import json

@@ -6,7 +6,6 @@ import os
 
 import numpy as np
 import pytest
-import transformers
 from PIL import Image
 
 from llava_jax.config import LlavaConfig
@@ -21,14 +20,6 @@ GEOMETRY = AnyresGeometry(pinpoints=recipes.TINY_PINPOINTS, tile=TILE, patches_p
 MAX_TILES = 5  # base + the 2 x 2 grid of the 56 x 56 canvas, the largest of TINY_PINPOINTS
 PROCESSOR = ImageProcessorConfig(shortest_edge=TILE, crop_height=TILE, crop_width=TILE)
 IMAGE_TOKEN = 1024
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-  folder = synthetic.build_tokenizer(str(tmp_path_factory.mktemp("tok")))
-  tok = transformers.AutoTokenizer.from_pretrained(folder)
-  tok.pad_token = tok.unk_token
-  return tok
 
 
 @pytest.fixture(scope="module")

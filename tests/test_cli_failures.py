@@ -1,4 +1,4 @@
-"""Issue 12, CLI side: bad generate / chat inputs, a prompt longer than the context and a tokenizer path that is
+"""CLI failures: bad generate / chat inputs, a prompt longer than the context and a tokenizer path that is
 not a local folder are named errors with exit 2, never tracebacks or Hub requests."""
 
 import time

@@ -29,6 +29,7 @@ SIZES = [(20, 30), (1, 1), (500, 40), (40, 500), (57, 113), (3, 200), (99, 57)] 
 
 @pytest.fixture(scope="module")
 def tokenizer_dir(tmp_path_factory):
+  """Not conftest's tokenizer: this one is legacy and has "<image>" and the ChatML tokens."""
   folder = tmp_path_factory.mktemp("next_tok")
   build_tokenizer(str(folder), legacy=True, special_tokens=["<image>", "<|im_start|>", "<|im_end|>"])
   (folder / "preprocessor_config.json").write_text(json.dumps(PROCESSOR_56))

@@ -94,7 +94,7 @@ def test_a_malformed_question_line_names_file_and_line(tmp_path):
   data = write_task_data("pope", str(tmp_path))
   path = os.path.join(data, "llava_pope_test.jsonl")
   rewrite_line(path, 3, '{"question_id": 2, "image": "COCO_2.jpg", "text": "tab\there"}')
-  with pytest.raises(EvalInputError, match=r"llava_pope_test\.jsonl:3: not valid JSON \(Invalid control character"):
+  with pytest.raises(EvalInputError, match=r"llava_pope_test\.jsonl:3: not valid JSON \(column \d+: Invalid control"):
     get_task("pope").questions(data)
   rewrite_line(path, 3, '{"question_id": 2, "image": "COCO_2.jpg", "category": "random"}')
   with pytest.raises(EvalInputError, match=r"llava_pope_test\.jsonl:3: missing field 'text'"):

@@ -49,7 +49,7 @@ def _parse(raw: bytes, where: str):
   except UnicodeDecodeError as e:
     raise EvalInputError(f"{where}: not UTF-8 text (byte {e.start + 1})") from None
   except json.JSONDecodeError as e:
-    raise EvalInputError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
+    raise EvalInputError(f"{where}: not valid JSON (column {e.colno}: {e.msg})") from None
 
 
 def is_torn(raw: bytes) -> bool:
@@ -92,7 +92,7 @@ def read_json(path: str):
   except UnicodeDecodeError as e:
     raise EvalInputError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
   except json.JSONDecodeError as e:
-    raise EvalInputError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+    raise EvalInputError(f"{path}:{e.lineno}: not valid JSON (column {e.colno}: {e.msg})") from None
 
 
 def image_path(root: str, name) -> tuple[str, str | None]:

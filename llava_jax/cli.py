@@ -50,6 +50,17 @@ def _positive_int(text: str) -> int:
   return value
 
 
+def _non_negative_int(text: str) -> int:
+  """--limit: 0 answers nothing (a score of the answers already in OUT); a negative N used to mean "all but N"."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
+  return value
+
+
 def _read_image(path: str | None):
   """The --image file, decoded in full now: a missing, non-image or truncated file is an error naming it."""
   if path is None:
@@ -259,10 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--ckpt", help="checkpoint directory to generate the answers with")
   p.add_argument("--answers", help="an answers file (the reference's format) to score instead of generating")
   p.add_argument("--template", help="conversation template (default: the checkpoint's, else vicuna_v1)")
-  p.add_argument("--batch-size", type=int, default=8, help="rows per generate call (rounded up to the devices)")
-  p.add_argument("--max-new-tokens", type=int, help="default: the reference's for the task (128, or 1024)")
-  p.add_argument("--prompt-bucket", type=int, default=32, help="prompts are left-padded to a multiple of this")
-  p.add_argument("--limit", type=int, help="only the first N questions")
+  p.add_argument("--batch-size", type=_positive_int, default=8,
+                 help="rows per generate call, >= 1 (rounded up to the devices)")
+  p.add_argument("--max-new-tokens", type=_positive_int, help="default: the reference's for the task (128, or 1024)")
+  p.add_argument("--prompt-bucket", type=_positive_int, default=32,
+                 help="prompts are left-padded to a multiple of this (>= 1)")
+  p.add_argument("--limit", type=_non_negative_int, help="only the first N questions (N >= 0)")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
   p.add_argument("--quiet", action="store_true", help="no progress bar")
   p.set_defaults(func=_eval)

@@ -123,3 +123,24 @@ def write_task_data(task: str, root: str) -> str:
   else:
     raise KeyError(task)
   return data
+
+
+def write_tiny_checkpoint(root: str) -> str:
+  """A random tiny llava-jax checkpoint (the demo's tokenizer, CLIP and LLaMA parts) under `root`; returns its path."""
+  from llava_jax.convert import convert_checkpoint
+  from llava_jax.data.synthetic import build_tokenizer
+  from llava_jax.demo import write_tiny_hf_parts
+
+  tokenizer = build_tokenizer(os.path.join(root, "tokenizer"))
+  clip, llm = write_tiny_hf_parts(os.path.join(root, "hf"), tokenizer, seed=0)
+  convert_checkpoint(os.path.join(root, "ckpt"), clip=clip, llm=llm, progress=False)
+  return os.path.join(root, "ckpt")
+
+
+def rewrite_line(path: str, number: int, text: str):
+  """Replaces line `number` (1-based) of a text file with `text`, as a hand edit or a bad export would."""
+  with open(path) as f:
+    lines = f.read().split("\n")
+  lines[number - 1] = text
+  with open(path, "w") as f:
+    f.write("\n".join(lines))

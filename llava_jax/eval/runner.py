@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llava_jax.eval.inputs import EvalInputError, is_torn, log, read_jsonl
 from llava_jax.eval.tasks import Question, Task, answer_key, get_task
 from llava_jax.padding import left_pad, round_up
 
@@ -33,18 +34,50 @@ RUN_REPORT = "run.json"
 # -- answers files ------------------------------------------------------------------------------------------------
 
 
+ANSWER_FIELDS = {"question_id": (int, str), "text": str}  # what resuming and scoring need of our own records
+
+
 def read_answers(path: str) -> list[dict]:
-  """Answer records of a jsonl file; a line cut short by a killed run is dropped (that question is redone)."""
+  """Answer records of one of our answers files (merged or part). A last line cut short by a killed run is dropped
+  with a warning (that question is answered again); any other bad line is an error naming the file and line."""
   if not os.path.exists(path):
     return []
-  out = []
-  with open(path) as f:
-    for line in f:
-      try:
-        out.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
-  return out
+  try:
+    return read_jsonl(path, ANSWER_FIELDS, torn_tail_ok=True)
+  except EvalInputError as e:
+    raise EvalInputError(f"{e}; this is an answers file of an earlier run: fix or delete that line and rerun "
+                         "(a deleted answer is generated again)") from None
+
+
+def _mend_torn_tail(path: str):
+  """Before appending to our part file: a last record cut short by a kill is cut off (logged; its question is in
+  this run's share again), and a whole record missing only its newline gets one, so the next starts a line."""
+  if not os.path.exists(path) or not os.path.getsize(path):
+    return
+  with open(path, "rb+") as f:
+    content = f.read()
+    if content.endswith(b"\n"):
+      return
+    start = content.rfind(b"\n") + 1
+    if is_torn(content[start:]):
+      log.warning("%s: dropping a last line cut short (%d bytes, a killed run?); its question is answered again",
+                  path, len(content) - start)
+      f.truncate(start)
+    else:
+      f.write(b"\n")
+
+
+def check_settings(*, batch_size, max_new_tokens, prompt_bucket, limit=None):
+  """Why: a zero or negative count used to fail deep inside `range()` or the decode loop, or silently answer
+  nothing (or all but the last question, as a `[:-1]` slice); `max_new_tokens` None means the task's default."""
+  settings = (("batch_size", batch_size, 1, False), ("max_new_tokens", max_new_tokens, 1, True),
+              ("prompt_bucket", prompt_bucket, 1, False), ("limit", limit, 0, True))
+  for name, value, least, optional in settings:
+    if value is None and optional:
+      continue
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+      allowed = f"an integer >= {least}" + (" or None" if optional else "")
+      raise ValueError(f"{name} must be {allowed}, got {value!r}")
 
 
 def _part_path(out: str, index: int, count: int) -> str:
@@ -77,6 +110,10 @@ def merge_answers(out: str, questions: list[Question]) -> list[dict]:
 
 
 # -- generation ---------------------------------------------------------------------------------------------------
+
+
+class ImagePathError(ValueError):
+  """A question's image path that leaves the task's image folder."""
 
 
 def _load_image(image):
@@ -112,6 +149,7 @@ def generate_answers(model, processor, questions: list[Question], out: str, *, b
 
   from flax import nnx
 
+  check_settings(batch_size=batch_size, max_new_tokens=max_new_tokens, prompt_bucket=prompt_bucket)
   index = jax.process_index() if process_index is None else process_index
   count = jax.process_count() if process_count is None else process_count
   os.makedirs(out, exist_ok=True)
@@ -128,13 +166,14 @@ def generate_answers(model, processor, questions: list[Question], out: str, *, b
   errors, answered, start = [], 0, time.time()
   bar = tqdm(total=len(todo), unit="q", disable=not progress, desc="answering")
   part_path = _part_path(out, index, count)
+  _mend_torn_tail(part_path)
   with open(part_path, "a") as part:
-    if part.tell() and not _ends_with_newline(part_path):
-      part.write("\n")  # after a line cut short by a kill, so the next record starts a line of its own
     for begin in range(0, len(todo), rows):
       batch, images = [], []
       for q in todo[begin:begin + rows]:
         try:
+          if q.image_error is not None:  # a path out of the image folder: skipped and counted as a missing image
+            raise ImagePathError(q.image_error)
           images.append(None if q.image is None else _load_image(q.image))
           batch.append(q)
         except Exception as e:  # noqa: BLE001 (any unreadable image: count it, go on)
@@ -212,12 +251,6 @@ def _greedy(graphdef, state, input_ids, attention_mask, images, *, max_new_token
                      max_new_tokens=max_new_tokens, sampling=Sampling(), eos_ids=(eos_id,), pad_id=pad_id)
 
 
-def _ends_with_newline(path: str) -> bool:
-  with open(path, "rb") as f:
-    f.seek(-1, os.SEEK_END)
-    return f.read(1) == b"\n"
-
-
 def _pad_to_bucket(input_ids, attention_mask, bucket: int, pad_id: int):
   """Left-pads to a multiple of `bucket` here, so the arrays handed to the decode loop already have their final
   shape."""
@@ -252,11 +285,14 @@ def evaluate(task: str | Task, data: str, out: str, *, ckpt: str | None = None, 
              limit: int | None = None, progress: bool = True, devices=None, print_fn=print) -> dict:
   """Generate-then-score (`ckpt`, or a loaded `model` + `processor`) or score-only (`answers`); writes
   OUT/answers.jsonl, OUT/metrics.json (and OUT/run.json after generating) and returns the metrics."""
+  check_settings(batch_size=batch_size, max_new_tokens=max_new_tokens, prompt_bucket=prompt_bucket, limit=limit)
   task = get_task(task) if isinstance(task, str) else task
   os.makedirs(out, exist_ok=True)
   merged = os.path.join(out, ANSWERS)
   if answers is not None:
-    records = read_answers(answers)
+    if not os.path.isfile(answers):
+      raise FileNotFoundError(f"answers file {answers} not found")
+    records = read_jsonl(answers, task.answer_fields)  # someone's file: every line must be whole
     if os.path.abspath(answers) != os.path.abspath(merged):
       with open(merged, "w") as f:
         for record in records:
@@ -272,7 +308,8 @@ def evaluate(task: str | Task, data: str, out: str, *, ckpt: str | None = None, 
       processor = Processor.from_model(model, template=template)
     questions = task.questions(data)[:limit]
     report = generate_answers(model, processor, questions, out, batch_size=batch_size,
-                              max_new_tokens=max_new_tokens or task.max_new_tokens, prompt_bucket=prompt_bucket,
+                              max_new_tokens=task.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                              prompt_bucket=prompt_bucket,
                               model_id=os.path.basename(os.path.normpath(ckpt)) if ckpt else "llava-jax",
                               devices=devices, progress=progress)
     if jax.process_count() > 1:

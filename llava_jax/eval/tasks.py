@@ -31,6 +31,7 @@ class Shapes(Task):
   ({question_id, image, text, category}), images/, and `shapes_answers.json` ({question_id: expected answer})."""
   name, question_file, image_folder = "shapes", "llava_shapes_eval.jsonl", "images"
   max_new_tokens = 6
+  question_fields = {**Task.question_fields, "category": str}
   ANSWERS = "shapes_answers.json"
 
   @staticmethod
@@ -42,7 +43,7 @@ class Shapes(Task):
     """An answer counts when its first word is the expected one; fractions overall and per category (the kind of
     question: colour, shape, background); unanswered questions count as wrong."""
     expected = read_json(need(os.path.join(data, self.ANSWERS)))
-    questions = read_jsonl(need(os.path.join(data, self.question_file)))
+    questions = read_jsonl(need(os.path.join(data, self.question_file)), self.question_fields)
     given = {str(a["question_id"]): a["text"] for a in answers}
     per_category = defaultdict(list)
     for q in questions:

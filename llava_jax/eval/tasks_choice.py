@@ -13,22 +13,34 @@ import sys
 from collections import defaultdict
 
 from llava_jax.eval import scoring
-from llava_jax.eval.task_base import OPTION_LETTER, Question, Task, need, read_json
+from llava_jax.eval.inputs import EvalInputError, check_fields
+from llava_jax.eval.task_base import OPTION_LETTER, QUESTION_ID, Question, Task, need, read_json
 
 
 class ScienceQA(Task):
   name, question_file, image_folder = "scienceqa", "llava_test_CQM-A.json", "images/test"
   max_new_tokens = 1024
+  question_fields = {"id": QUESTION_ID, "conversations": list}
+  answer_fields = {**Task.answer_fields, "prompt": str}  # image questions are told apart by their prompt
 
   def questions(self, data):
     """model_vqa_science with --single-pred-prompt: the first turn without "<image>", the letter instruction on a
     new line; image questions get "<image>\\n" in front of the prompt the answer records."""
+    path = need(os.path.join(data, self.question_file))
+    lines = read_json(path)
+    if not isinstance(lines, list):
+      raise EvalInputError(f"{path}: expected a JSON list of questions, got {type(lines).__name__}")
     out = []
-    for line in read_json(need(os.path.join(data, self.question_file))):
+    for number, line in enumerate(lines):
+      where = f"{path}: entry {number}"
+      check_fields(line, self.question_fields, where)
+      if not line["conversations"] or not isinstance(line["conversations"][0], dict):
+        raise EvalInputError(f"{where}: 'conversations' has no first turn")
+      check_fields(line["conversations"][0], {"value": str}, f"{where}, first turn")
       qs = line["conversations"][0]["value"].replace("<image>", "").strip()
       text = qs + "\n" + OPTION_LETTER
-      image = os.path.join(data, self.image_folder, line["image"]) if "image" in line else None
-      out.append(Question(line["id"], text, ("<image>\n" if image else "") + text, image))
+      image, error = self.image(data, line["image"]) if "image" in line else (None, None)
+      out.append(Question(line["id"], text, ("<image>\n" if image else "") + text, image, image_error=error))
     return out
 
   def score(self, data, answers, out):

@@ -8,16 +8,17 @@ import os
 from collections import defaultdict
 
 from llava_jax.eval import scoring
-from llava_jax.eval.task_base import Task, need, read_json, read_jsonl, write_json
+from llava_jax.eval.task_base import QUESTION_ID, Task, need, read_json, read_jsonl, write_json
 
 
 class Pope(Task):
   name, question_file, image_folder = "pope", "llava_pope_test.jsonl", "val2014"
+  question_fields = {**Task.question_fields, "category": str}
 
   def score(self, data, answers, out):
     """Per category (the coco/coco_pope_<category>.json files): the category's answers against the labels, the n-th
     question of a category with the n-th label line, as eval_pope zips them."""
-    questions = read_jsonl(need(os.path.join(data, self.question_file)))
+    questions = read_jsonl(need(os.path.join(data, self.question_file)), self.question_fields)
     position, category_of = {}, {}
     counters = defaultdict(int)
     for q in questions:
@@ -35,7 +36,7 @@ class Pope(Task):
       if not (file.startswith("coco_pope_") and file.endswith(".json")):
         continue
       category = file[len("coco_pope_"):-len(".json")]
-      labels = [line["label"] for line in read_jsonl(os.path.join(annotation_dir, file))]
+      labels = [line["label"] for line in read_jsonl(os.path.join(annotation_dir, file), {"label": str})]
       mine = by_category.get(category, [])
       preds = [scoring.pope_yes_no(a["text"]) for a in mine]
       metrics[category] = scoring.pope_metrics(preds, [labels[position[str(a["question_id"])]] for a in mine])
@@ -45,6 +46,7 @@ class Pope(Task):
 
 class TextVQA(Task):
   name, question_file, image_folder = "textvqa", "llava_textvqa_val_v051_ocr.jsonl", "train_images"
+  answer_fields = {**Task.answer_fields, "prompt": str}  # the question is read back from the prompt
 
   def score(self, data, answers, out):
     """eval_textvqa: each answer's annotation found by (question_id = image id, question from the prompt); VQA soft
@@ -77,6 +79,7 @@ class GQA(Task):
 
 class MME(Task):
   name, question_file, image_folder = "mme", "llava_mme.jsonl", "MME_Benchmark_release_version"
+  answer_fields = {**Task.answer_fields, "prompt": str}  # the question is read back from the prompt
 
   def ground_truth(self, data) -> dict:
     """MME's files: <category>/questions_answers_YN/*.txt (or <category>/*.txt), lines 'question<TAB>Yes|No'."""
@@ -121,7 +124,8 @@ class VQAv2(Task):
     """convert_vqav2_for_submission: one entry per question of the full test2015 split (the question file when that
     is absent), the EvalAI-normalised answer or '' where there is none; scored by the EvalAI server."""
     split_file = os.path.join(data, self.FULL_SPLIT)
-    split = read_jsonl(split_file if os.path.exists(split_file) else need(os.path.join(data, self.question_file)))
+    split = read_jsonl(split_file if os.path.exists(split_file) else need(os.path.join(data, self.question_file)),
+                       {"question_id": QUESTION_ID})
     results = {a["question_id"]: a["text"] for a in answers}
     upload = [{"question_id": x["question_id"],
                "answer": scoring.evalai_normalize(results[x["question_id"]]) if x["question_id"] in results else ""}

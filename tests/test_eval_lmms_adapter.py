@@ -49,9 +49,12 @@ def backend(tmp_path_factory):
   folder the way lmms-eval makes it (`create_from_arg_string`)."""
   folder = str(tmp_path_factory.mktemp("lmms_ckpt"))
   build_tokenizer(folder)
-  vocab = len(transformers.AutoTokenizer.from_pretrained(folder)) + 1
+  tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+  tokenizer.add_tokens(["<image>"], special_tokens=True)  # as llava-hf adds it: one past the tokenizer's ids
+  tokenizer.save_pretrained(folder)
+  vocab = len(tokenizer)
   hf = hf_tiny.llava_model(text=hf_tiny.text_config(vocab_size=vocab, max_position_embeddings=512))
-  hf.config.image_token_id = hf.config.image_token_index = vocab - 1  # "<image>": one past the tokenizer's ids
+  hf.config.image_token_id = hf.config.image_token_index = tokenizer.convert_tokens_to_ids("<image>")
   hf.save_pretrained(folder)
   with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
     json.dump({"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 28},

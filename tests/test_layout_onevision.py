@@ -281,3 +281,34 @@ def test_video_frames_are_resized_and_normalised():
   pixels, _ = _hf_tiles(SMALL, [Image.fromarray(f) for f in frames])
   np.testing.assert_allclose(ours, pixels[:, 0].transpose(0, 2, 3, 1), atol=1e-5, rtol=0)
   assert math.ceil(27 / 2) ** 2 == 196
+
+
+def test_model_splice_mixes_the_taps():
+  """`Llava.__call__` from image_sizes: the weights computed beside the rows, each token the weighted sum of its
+  tiles' projected features (a CLIP stand-in for SigLIP, CLS dropped; a 2x2 grid shrunk under anyres_max_1)."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from llava_jax.config import TextConfig  # pylint: disable=import-outside-toplevel
+  from llava_jax.models.llava import Llava  # pylint: disable=import-outside-toplevel
+
+  vision = VisionConfig(image_size=56, patch_size=14, num_hidden_layers=1, hidden_size=16, intermediate_size=32,
+                        num_attention_heads=2)
+  text = TextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                    num_key_value_heads=2, head_dim=8)
+  cfg = LlavaConfig(vision=vision, text=text, image_token_index=60, vision_feature_layer=-1,
+                    image_grid_pinpoints=[[56, 56], [56, 112], [112, 112]], vision_aspect_ratio="anyres_max_1")
+  layout, model = layout_for(cfg), Llava(cfg)
+  hw = (100, 110)
+  assert layout.num_tiles(hw) == 5 and onevision.image_grid(hw, cfg.image_grid_pinpoints, 56, 4, 1)[1] != (8, 8)
+  n = layout.num_image_tokens(hw)
+  input_ids = jnp.asarray(np.concatenate([[1, 2], np.full(n, 60), [3]])[None])
+  pixels = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5, 56, 56, 3)), jnp.float32)
+  rows_weights = dict(image_feature_rows=jnp.asarray(layout.token_rows(input_ids, 60, [hw])),
+                      image_feature_weights=jnp.asarray(layout.token_weights(input_ids, 60, [hw])))
+  embeds = model.embed(input_ids, pixels, **rows_weights)
+  features = np.asarray(model.image_features(pixels[0])).reshape(-1, 16)
+  rows, weights = layout.image_taps(hw)
+  flat = np.concatenate([features, np.asarray(model.image_newline[...])[None]])
+  expected = (flat[np.where(rows == NEWLINE, len(features), rows)] * weights[..., None]).sum(1)
+  np.testing.assert_allclose(np.asarray(embeds[0, 2:2 + n]), expected, atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(np.asarray(model(input_ids, pixels, image_sizes=jnp.asarray([hw]))),
+                                np.asarray(model(input_ids, pixels, **rows_weights)))

@@ -97,6 +97,10 @@ class LlavaConfig:
   image_grid_pinpoints: tuple[tuple[int, int], ...] | None = None
   # Where transformers and the reference differ (unpad rounding, a tie-break): "hf" (llava-hf) or "original".
   anyres_semantics: str = "hf"
+  # LLaVA-OneVision: "anyres_max_<n>" (the grid map is shrunk to about n tiles' area) marks the family; None
+  # otherwise. Its videos' placeholder id (None: no videos).
+  vision_aspect_ratio: str | None = None
+  video_token_index: int | None = None
   # The ids the checkpoint saw: "hf" for llava-hf ones; "reference" for original-layout ones, ours, and any
   # llava_config.json written before the key existed (those were processed chunk by chunk).
   tokenization: str = "reference"
@@ -109,8 +113,12 @@ class LlavaConfig:
                                                              for p in self.image_grid_pinpoints))
       if not self.image_grid_pinpoints or any(len(p) != 2 for p in self.image_grid_pinpoints):
         raise ConfigError(f"image_grid_pinpoints {self.image_grid_pinpoints} must be (height, width) pairs")
-      if self.vision_feature_select_strategy != "default":
+      if self.vision_feature_select_strategy != "default" and self.vision_aspect_ratio is None:
         raise ConfigError("LLaVA-NeXT's unpadded grid needs vision_feature_select_strategy 'default' (CLS dropped)")
+    if self.vision_aspect_ratio is not None:
+      tail = self.vision_aspect_ratio.removeprefix("anyres_max_")
+      if tail == self.vision_aspect_ratio or not tail.isdigit():
+        raise ConfigError(f"vision_aspect_ratio {self.vision_aspect_ratio!r} is not 'anyres_max_<n>'")
     if self.anyres_semantics not in ANYRES_SEMANTICS:
       raise ConfigError(f"anyres_semantics {self.anyres_semantics!r} is not one of {ANYRES_SEMANTICS}")
     if self.tokenization not in TOKENIZATIONS:
@@ -139,8 +147,13 @@ class LlavaConfig:
 
   @property
   def is_next(self) -> bool:
-    """LLaVA-NeXT: anyres tiles, the unpadded grid and `image_newline`."""
-    return self.image_grid_pinpoints is not None
+    """LLaVA-NeXT (and OneVision, built on it): anyres tiles, the unpadded grid and `image_newline`."""
+    return self.image_grid_pinpoints is not None or self.vision_aspect_ratio is not None
+
+  @property
+  def is_onevision(self) -> bool:
+    """LLaVA-OneVision: anyres with the grid map shrunk ("anyres_max_9"), base-only multi-image, pooled video."""
+    return self.vision_aspect_ratio is not None
 
   @property
   def layer_counts(self) -> dict[str, int]:

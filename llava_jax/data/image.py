@@ -71,7 +71,8 @@ class ImageProcessorConfig:
       kw["shortest_edge"] = int(size["shortest_edge"])
     else:
       kw.update(shortest_edge=None, height=int(size["height"]), width=int(size["width"]))
-    crop = d.get("crop_size", kw.get("shortest_edge") or 224)
+    crop = d.get("crop_size")  # None too for OneVision's processor, which has no crop
+    crop = kw.get("shortest_edge") or 224 if crop is None else crop
     if isinstance(crop, int):
       kw.update(crop_height=crop, crop_width=crop)
     else:

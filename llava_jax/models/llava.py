@@ -82,6 +82,15 @@ def image_feature_rows(cfg: LlavaConfig, input_ids, image_sizes, tiles_per_image
   return image_layout(cfg).token_rows(input_ids, cfg.image_token_index, image_sizes, tiles_per_image)
 
 
+def image_feature_weights(cfg: LlavaConfig, input_ids, image_sizes) -> np.ndarray | None:
+  """On the host, beside `image_feature_rows`: float32 [B, T, taps] for a family whose tokens mix several rows
+  (OneVision's bilinear shrink, `ImageLayout.token_weights`), None where each takes one."""
+  return image_layout(cfg).token_weights(input_ids, cfg.image_token_index, image_sizes)
+
+
+image_feature_weights_ = image_feature_weights  # the module function, beside `__call__`'s argument of that name
+
+
 class Llava(nnx.Module):
 
   """`config` says what the model computes, `options` how it runs (scan, remat, attention kernel, logits dtype);
@@ -115,13 +124,15 @@ class Llava(nnx.Module):
     features = jnp.concatenate([hidden[l][:, start:] for l in layers], axis=-1)
     return self.multi_modal_projector(features)
 
-  def embed(self, input_ids, pixel_values=None, image_mask=None, image_feature_rows=None, images_by_row=False):
+  def embed(self, input_ids, pixel_values=None, image_mask=None, image_feature_rows=None, images_by_row=False,
+            image_feature_weights=None):
     """Token embeddings with image features scattered, in order, into the image-token positions.
 
     pixel_values: [N, H, W, C] (or [B, M, H, W, C], flattened row-major); image_mask [N] (or [B, M]) marks
     real images, so a fixed-shape batch can carry blank slots for rows without one. LLaVA-NeXT: pixel_values
     [N, P, H, W, C] (or [B, M, P, H, W, C]): each image's tiles, and `image_feature_rows` [B, T] from
-    `image_feature_rows(...)` places their features.
+    `image_feature_rows(...)` places their features (OneVision: [B, T, taps] rows mixed by
+    `image_feature_weights` [B, T, taps]).
 
     `images_by_row`: pixel_values[b] ([B, ...] or [B, M, ...]) are row b's own images and each row takes only
     those (for LLaVA-NeXT, `image_feature_rows` then count within the row: `ImageLayout.row_local_rows`). The
@@ -139,7 +150,8 @@ class Llava(nnx.Module):
                          "pixel_values were given")
       return embeds
     if image_layout(self.config).places_features:
-      return self._embed_tiles(embeds, is_image, pixel_values, image_feature_rows, images_by_row)
+      return self._embed_tiles(embeds, is_image, pixel_values, image_feature_rows, images_by_row,
+                               image_feature_weights)
     groups = embeds.shape[0] if images_by_row else 1  # each row gathers from its own images, or the batch's
     slots = pixel_values.reshape(groups, -1, *pixel_values.shape[-3:])  # [G, M, H, W, C]
     features = self.image_features(slots.reshape(-1, *slots.shape[2:]))
@@ -158,16 +170,19 @@ class Llava(nnx.Module):
     spliced = jnp.take_along_axis(flat, index[..., None], axis=1).reshape(embeds.shape)
     return jnp.where(is_image[..., None], spliced, embeds)
 
-  def _embed_tiles(self, embeds, is_image, pixel_values, image_feature_rows, images_by_row=False):
+  def _embed_tiles(self, embeds, is_image, pixel_values, image_feature_rows, images_by_row=False, weights=None):
     """LLaVA-NeXT: every tile through the tower and projector (blank tiles too: fixed shapes), then one gather
-    from [tile features..., image_newline] by the host-computed rows (per row with `images_by_row`)."""
+    from [tile features..., image_newline] by the host-computed rows (per row with `images_by_row`); OneVision's
+    rows carry taps, mixed by `weights` (its bilinear shrink and pooling, after the projector as transformers)."""
     if image_feature_rows is None:
       raise ValueError("a LLaVA-NeXT model needs image_sizes (or image_feature_rows) with pixel_values")
     features = self.image_features(pixel_values.reshape(-1, *pixel_values.shape[-3:]))
     groups = embeds.shape[0] if images_by_row else 1
     features = features.reshape(groups, -1, features.shape[-1])
-    rows = image_feature_rows.reshape(groups, -1)
-    spliced = image_layout(self.config).gather(features, self.image_newline[...], rows, xp=jnp)
+    taps = image_feature_rows.shape[2:]  # () for one row a token, (K,) for K taps
+    rows = image_feature_rows.reshape(groups, -1, *taps)
+    weights = None if weights is None else weights.reshape(rows.shape)
+    spliced = image_layout(self.config).gather(features, self.image_newline[...], rows, xp=jnp, weights=weights)
     return jnp.where(is_image[..., None], spliced.astype(embeds.dtype).reshape(embeds.shape), embeds)
 
   def logits_from_hidden(self, hidden):
@@ -195,7 +210,7 @@ class Llava(nnx.Module):
 
   def __call__(self, input_ids, pixel_values=None, attention_mask=None, *, image_sizes=None, image_mask=None,
                positions=None, segment_ids=None, image_feature_rows=None, return_hidden: bool = False,
-               head: bool = True, images_by_row: bool = False):
+               head: bool = True, images_by_row: bool = False, image_feature_weights=None):
     """input_ids [B, T] -> logits [B, T, vocab] (and all decoder hidden states if `return_hidden`). `head=False`
     returns the final (normed) hidden states [B, T, D] instead of logits, for a loss that applies
     `logits_from_hidden` itself, piece by piece (the train step's chunked loss). `images_by_row`: see `embed`.
@@ -203,8 +218,12 @@ class Llava(nnx.Module):
     attention_mask [B, T] (1 = real token) gives positions cumsum - 1 and masks padded keys. For packed rows pass
     `segment_ids` [B, T] (0 = padding) and `positions`: attention stays within a segment. LLaVA-NeXT takes
     pixel_values [N, P, H, W, 3] (each image's tiles, then blank ones) and image_sizes [N, 2] (height, width).
+    OneVision's rows carry taps; their `image_feature_weights` are computed with them from image_sizes.
     """
+    given = image_feature_rows
     image_feature_rows = self.feature_rows(input_ids, pixel_values, image_sizes, image_feature_rows)
+    if given is None and image_feature_rows is not None and image_layout(self.config).taps > 1:
+      image_feature_weights = jnp.asarray(image_feature_weights_(self.config, input_ids, image_sizes))
     b, t = input_ids.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), jnp.int32) if segment_ids is None else (segment_ids > 0)
@@ -213,7 +232,8 @@ class Llava(nnx.Module):
       positions = positions_from_mask(attention_mask)
     # Described, not materialised: the memory-efficient kernels never build [T, T] (models/attention.py).
     mask = SelfAttentionMask(attention_mask, segment_ids, self.config.text.sliding_window)
-    embeds = self.embed(input_ids, pixel_values, image_mask, image_feature_rows, images_by_row)
+    embeds = self.embed(input_ids, pixel_values, image_mask, image_feature_rows, images_by_row,
+                        image_feature_weights)
     out = self.decode(embeds, positions, mask, return_hidden=return_hidden)
     logits = self.logits_from_hidden(out.hidden) if head else out.hidden
     return (logits, out.all_hidden) if return_hidden else logits

@@ -14,6 +14,7 @@ import train_util
 from hf_tiny import IMAGE_TOKEN
 from llava_jax import export_hf, generate, load_hf_checkpoint
 from llava_jax.config import ConfigError, LlavaConfig, TextConfig, text_config_from_hf
+from llava_jax.models.options import ModelOptions
 from llava_jax.sharding import param_shardings
 from test_model_parity import assert_same_logits, batch, image_tokens
 
@@ -30,9 +31,9 @@ def hf_model(name, seed=0):
   return hf_tiny.llava_model(text=hf_tiny.qwen2_text_config(**kw.pop("text", {})), seed=seed, **kw)
 
 
-def convert(hf, path):
+def convert(hf, path, scan_layers=False):
   hf.save_pretrained(path)
-  return load_hf_checkpoint(str(path))
+  return load_hf_checkpoint(str(path), options=ModelOptions(scan_layers=scan_layers))
 
 
 def prompts(hf):
@@ -41,13 +42,14 @@ def prompts(hf):
   return [[1, 5, 7, 9] + [IMAGE_TOKEN] * n + [11, 12, 13, 14, 15], [1] + [IMAGE_TOKEN] * n + [21, 22]]
 
 
-@pytest.mark.parametrize("name, pad_side", [("untied", "left"), ("untied", "right"), ("tied", "left"),
-                                            ("window_every_layer", "left")])
-def test_logits_match_transformers(name, pad_side, tmp_path):
+@pytest.mark.parametrize("name, pad_side, scan_layers", [
+    ("untied", "left", False), ("untied", "right", False), ("untied", "left", True), ("tied", "left", False),
+    ("window_every_layer", "left", False)])
+def test_logits_match_transformers(name, pad_side, scan_layers, tmp_path):
   hf = hf_model(name)
   biases = [p for n, p in hf.named_parameters() if "language_model" in n and n.endswith("_proj.bias")]
   assert len(biases) == 3 * 2 and all(b.abs().min() > 0 for b in biases)  # q/k/v per layer, random, not zero
-  ours = convert(hf, tmp_path / "hf")
+  ours = convert(hf, tmp_path / "hf", scan_layers)
   t = ours.config.text
   assert (t.model_type, t.qkv_bias, t.attention_bias, t.rms_norm_eps) == ("qwen2", True, False, 1e-6)
   assert t.tie_word_embeddings == (name == "tied") and (ours.lm_head is None) == (name == "tied")

@@ -45,7 +45,10 @@ class VisionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TextConfig:
-  """LLaMA-family decoder. `rope_parameters` follows transformers 5 (`rope_type`, `rope_theta`, `factor`, ...)."""
+  """LLaMA-family decoder. `rope_parameters` follows transformers 5 (`rope_type`, `rope_theta`, `factor`, ...).
+
+  Biases: `attention_bias` (LLaMA's) puts one on q/k/v and o_proj, `qkv_bias` (Qwen2's) on q/k/v only.
+  """
 
   vocab_size: int = 32000
   hidden_size: int = 4096
@@ -59,13 +62,15 @@ class TextConfig:
   rope_parameters: tuple[tuple[str, Any], ...] = (("rope_theta", 10000.0), ("rope_type", "default"))
   tie_word_embeddings: bool = False
   attention_bias: bool = False
+  qkv_bias: bool = False
   mlp_bias: bool = False
   hidden_act: str = "silu"
   bos_token_id: int | None = 1
   eos_token_id: int | tuple[int, ...] | None = 2
   pad_token_id: int | None = None
-  sliding_window: int | None = None  # Mistral v0.1: a key more than this many slots back is not attended
-  model_type: str = "llama"          # "llama" (LLaMA, Vicuna, Yi) or "mistral": the transformers class on export
+  # Mistral v0.1 (and Qwen2 windowing every layer): a key more than this many slots back is not attended
+  sliding_window: int | None = None
+  model_type: str = "llama"  # "llama" (LLaMA, Vicuna, Yi), "mistral" or "qwen2": the transformers class on export
 
   @property
   def rope(self) -> dict[str, Any]:
@@ -78,7 +83,7 @@ ANYRES_SEMANTICS = ("hf", "original")
 # How a prompt's text around "<image>" becomes ids: "hf" tokenizes the whole string, <image> a special token, as
 # transformers' LlavaProcessor; "reference" tokenizes chunk by chunk, as the original LLaVA (and our training).
 TOKENIZATIONS = ("hf", "reference")
-TEXT_MODEL_TYPES = ("llama", "mistral")
+TEXT_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -225,17 +230,7 @@ class LlavaConfig:
         hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
         num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
         num_channels=v.num_channels, layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act)
-    text_class = transformers.MistralConfig if t.model_type == "mistral" else transformers.LlamaConfig
-    extra = (dict(sliding_window=t.sliding_window) if t.model_type == "mistral" else
-             dict(attention_bias=t.attention_bias, mlp_bias=t.mlp_bias))
-    text = text_class(
-        **extra, vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-        num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-        num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps,
-        max_position_embeddings=t.max_position_embeddings, rope_parameters=t.rope,
-        tie_word_embeddings=t.tie_word_embeddings, hidden_act=t.hidden_act, bos_token_id=t.bos_token_id,
-        eos_token_id=_listify(t.eos_token_id),
-        pad_token_id=t.pad_token_id)
+    text = _text_to_hf(t)
     layer = self.vision_feature_layer
     common = dict(
         vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=self.image_token_index,
@@ -293,22 +288,27 @@ def vision_config_from_hf(path_or_dict) -> VisionConfig:
 
 
 _TEXT_MODEL_TYPES = {"llama": "llama", "llava": "llama", "llava_llama": "llama", "mistral": "mistral",
-                     "llava_mistral": "mistral"}
+                     "llava_mistral": "mistral", "qwen2": "qwen2"}
+
+
+def _text_hf_class(kind: str):
+  import transformers  # heavy import, only when reading or writing HF files
+
+  return {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
+          "qwen2": transformers.Qwen2Config}[kind]
 
 
 def text_config_from_hf(path_or_dict) -> TextConfig:
-  """Reads a LLaMA-family config.json: LLaMA (Vicuna, Yi) or Mistral, alone or inside an original LLaVA one."""
+  """Reads a LLaMA-family config.json: LLaMA (Vicuna, Yi), Mistral or Qwen2, alone or inside an original LLaVA
+  one."""
   raw = _read_json(path_or_dict)
   kind = _TEXT_MODEL_TYPES.get(raw.get("model_type"))
   if kind is None:
     raise ConfigError(f"unknown architecture for the language model: model_type={raw.get('model_type')!r}; "
-                      "expected `llama` or `mistral`")
-  import transformers
-
+                      "expected `llama`, `mistral` or `qwen2`")
   raw = {k: v for k, v in raw.items() if not k.startswith("mm_")}
   raw["model_type"] = kind
-  hf_class = transformers.MistralConfig if kind == "mistral" else transformers.LlamaConfig
-  return _text_from_hf(hf_class.from_dict(raw))
+  return _text_from_hf(_text_hf_class(kind).from_dict(raw))
 
 
 def _vision_from_hf(hf) -> VisionConfig:
@@ -327,18 +327,52 @@ def _text_from_hf(hf) -> TextConfig:
   if rope.get("rope_type", "default") not in ("default", "linear", "dynamic", "llama3"):
     raise ConfigError(f"rope_type {rope['rope_type']!r} is not supported (default, linear, dynamic, llama3)")
   head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-  eos = hf.eos_token_id
+  eos, qwen2 = hf.eos_token_id, model_type == "qwen2"
+  window = (getattr(hf, "sliding_window", None) if model_type == "mistral" else
+            _qwen2_window(hf) if qwen2 else None)
   return TextConfig(
       vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
       num_hidden_layers=hf.num_hidden_layers, num_attention_heads=hf.num_attention_heads,
       num_key_value_heads=hf.num_key_value_heads or hf.num_attention_heads, head_dim=head_dim,
       rms_norm_eps=hf.rms_norm_eps, max_position_embeddings=hf.max_position_embeddings,
       rope_parameters=tuple(sorted(rope.items())), tie_word_embeddings=bool(hf.tie_word_embeddings),
-      attention_bias=bool(getattr(hf, "attention_bias", False)), mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-      hidden_act=hf.hidden_act, bos_token_id=hf.bos_token_id,
+      attention_bias=bool(getattr(hf, "attention_bias", False)), qkv_bias=qwen2,
+      mlp_bias=bool(getattr(hf, "mlp_bias", False)), hidden_act=hf.hidden_act, bos_token_id=hf.bos_token_id,
       eos_token_id=tuple(eos) if isinstance(eos, list) else eos, pad_token_id=hf.pad_token_id,
-      sliding_window=getattr(hf, "sliding_window", None) if model_type == "mistral" else None,
-      model_type=model_type)
+      sliding_window=window, model_type=model_type)
+
+
+def _qwen2_window(hf) -> int | None:
+  """Qwen2 windows the layers from `max_window_layers` on (`layer_types`); we hold one window for every layer, so
+  only all-full (`use_sliding_window` false, the released checkpoints) or all-windowed configs are accepted."""
+  kinds = set(hf.layer_types)
+  if hf.sliding_window is None or kinds == {"full_attention"}:
+    return None
+  if kinds == {"sliding_attention"}:
+    return int(hf.sliding_window)
+  raise ConfigError(f"Qwen2 with use_sliding_window windows only layers >= max_window_layers "
+                    f"({hf.max_window_layers} of {hf.num_hidden_layers}); a window on some layers but not others is "
+                    "not supported (set use_sliding_window false, or max_window_layers 0 to window every layer)")
+
+
+def _text_to_hf(t: TextConfig):
+  """The transformers text config (LlamaConfig, MistralConfig or Qwen2Config) `t` exports as."""
+  if t.model_type == "qwen2" and (t.attention_bias or not t.qkv_bias or t.mlp_bias):
+    raise ConfigError("transformers' Qwen2 has biases on q/k/v only (qkv_bias true, attention_bias and mlp_bias "
+                      "false); this text config differs")
+  if t.model_type != "qwen2" and t.qkv_bias and not t.attention_bias:
+    raise ConfigError(f"transformers' {t.model_type} cannot hold biases on q/k/v alone (qkv_bias); use qwen2")
+  extra = dict(mistral=dict(sliding_window=t.sliding_window),
+               qwen2=dict(use_sliding_window=t.sliding_window is not None, sliding_window=t.sliding_window,
+                          max_window_layers=0 if t.sliding_window is not None else t.num_hidden_layers),
+               llama=dict(attention_bias=t.attention_bias, mlp_bias=t.mlp_bias))[t.model_type]
+  return _text_hf_class(t.model_type)(
+      **extra, vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+      num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+      num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps,
+      max_position_embeddings=t.max_position_embeddings, rope_parameters=t.rope,
+      tie_word_embeddings=t.tie_word_embeddings, hidden_act=t.hidden_act, bos_token_id=t.bos_token_id,
+      eos_token_id=_listify(t.eos_token_id), pad_token_id=t.pad_token_id)
 
 
 _ORIGINAL_ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM")

@@ -9,7 +9,7 @@ maps to the key transformers 5 writes (`language_model.model.layers.3.mlp.up_pro
              for LLaVA-1.5 and LLaVA-NeXT (whose `image_newline` is a top-level parameter)
   clip       a CLIPModel / CLIPVisionModel checkpoint (`vision_model.*`, or bare `encoder.*` as transformers 5
              saves a CLIPVisionModel; the text tower is ignored)
-  llm        a LlamaForCausalLM / MistralForCausalLM checkpoint (`model.*`, `lm_head.*`)
+  llm        a LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM checkpoint (`model.*`, `lm_head.*`)
   original   original LLaVA (`model.mm_projector.*`, `model.layers.*`, `lm_head.*`; 1.6 adds `model.image_newline`
              and its trained tower `model.vision_tower.vision_tower.vision_model.*`), the tower's config (and, for
              1.5, its weights) from a CLIP dir

@@ -89,6 +89,15 @@ def yi_text_config(**kw):
   return text_config(**base)
 
 
+def qwen2_text_config(**kw):
+  """Qwen2 (LLaVA-OneVision's decoder): biases on q/k/v only, GQA, rope_theta 1e6, RMSNorm eps 1e-6."""
+  base = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, vocab_size=64, max_position_embeddings=512, rms_norm_eps=1e-6,
+              rope_parameters=dict(rope_type="default", rope_theta=1e6), use_sliding_window=False)
+  base.update(kw)
+  return transformers.Qwen2Config(**base)
+
+
 def _spread_weights(model, seed):
   torch.manual_seed(seed)
   with torch.no_grad():  # HF's init (std 0.02, zero biases, unit norms) makes every layer nearly the identity

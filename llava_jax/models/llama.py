@@ -1,5 +1,6 @@
-"""LLaMA-family decoder: RMSNorm, rotary embeddings (default / linear / dynamic NTK / llama3), grouped-query
-attention, SwiGLU MLP. Attribute names mirror transformers' LlamaModel so the conversion table stays short.
+"""LLaMA-family decoder (LLaMA, Mistral, Yi, Qwen2): RMSNorm, rotary embeddings (default / linear / dynamic NTK /
+llama3), grouped-query attention, SwiGLU MLP. Attribute names mirror transformers' LlamaModel so the conversion
+table stays short.
 
 A layer optionally reads and writes a static-size KV cache (for generation): `cache = (k, v)`, each
 [B, S_max, K, D], written at `cache_index`.
@@ -83,11 +84,12 @@ class LlamaAttention(nnx.Module):
     d, h, k, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     if h % k:
       raise ValueError(f"num_attention_heads {h} is not a multiple of num_key_value_heads {k}")
-    kw = dict(use_bias=cfg.attention_bias, rngs=rngs, param_dtype=param_dtype, dtype=dtype)
-    self.q_proj = Dense(d, h * hd, ("embed", "heads"), **kw)
-    self.k_proj = Dense(d, k * hd, ("embed", "kv_heads"), **kw)
-    self.v_proj = Dense(d, k * hd, ("embed", "kv_heads"), **kw)
-    self.o_proj = Dense(h * hd, d, ("heads", "embed"), **kw)
+    kw = dict(rngs=rngs, param_dtype=param_dtype, dtype=dtype)
+    qkv_bias = cfg.attention_bias or cfg.qkv_bias  # Qwen2 biases q/k/v only; LLaMA's attention_bias all four
+    self.q_proj = Dense(d, h * hd, ("embed", "heads"), use_bias=qkv_bias, **kw)
+    self.k_proj = Dense(d, k * hd, ("embed", "kv_heads"), use_bias=qkv_bias, **kw)
+    self.v_proj = Dense(d, k * hd, ("embed", "kv_heads"), use_bias=qkv_bias, **kw)
+    self.o_proj = Dense(h * hd, d, ("heads", "embed"), use_bias=cfg.attention_bias, **kw)
     self.num_heads, self.num_kv_heads, self.head_dim, self.options = h, k, hd, options
 
   def __call__(self, x, cos, sin, mask, cache=None, cache_index=None):

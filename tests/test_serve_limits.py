@@ -322,3 +322,25 @@ def test_a_batch_of_hostile_requests(setup, server_process):
   assert growth < RSS_GROWTH_BOUND, f"peak memory grew by {growth / 2**20:.0f} MiB"
   assert "Traceback" not in log.read_text(), log.read_text()[-3000:]
   print(f"peak memory grew by {growth / 2**20:.0f} MiB")
+
+
+def test_the_web_page_keeps_the_same_limits(setup):
+  from llava_jax.serve.web import reply_stream
+
+  served = setup["served"]
+  [text] = reply_stream(served, ["x" * (served.max_prompt_chars + 1)], None, 0.0, 1.0, 4)
+  assert text.startswith("[error:") and "that this server's context can hold" in text
+  wide = serve_tiny.Image.new("RGB", (20000, 1))
+  [text] = reply_stream(served, ["What?"], wide, 0.0, 1.0, 4)
+  assert text.startswith("[error:") and "padded to square" in text
+
+
+def test_a_body_that_stalls_is_a_408(setup, monkeypatch):
+  from llava_jax.serve import api
+
+  monkeypatch.setattr(api, "BODY_TIMEOUT_S", 0.5)
+  body = json.dumps(ask("Hi")).encode()
+  s = serve_tiny.raw_post(setup["url"], body, send=len(body) // 2)  # and then nothing, the socket open
+  status, answer = serve_tiny.read_response(s)
+  s.close()
+  assert status == 408 and "did not arrive in full" in json.loads(answer)["error"]["message"]

@@ -164,11 +164,16 @@ def parse_messages(messages: Any, allow_local_images: str | None = None, process
     turns.append(text)
   if not roles or roles[0] != "user" or roles[-1] != "user":
     raise BadRequest("the conversation must start and end with a user message")
-  chars = sum(map(len, turns)) + len(system or "")
+  check_text_length(turns + [system or ""], max_chars)
+  return Conversation(turns, system, [load_image(u, allow_local_images, processor) for u in urls])
+
+
+def check_text_length(texts: Sequence[str], max_chars: int | None) -> None:
+  """BadRequest when the texts together hold more than `max_chars` characters (None: no bound)."""
+  chars = sum(map(len, texts))
   if max_chars is not None and chars > max_chars:
     raise BadRequest(f"the messages hold {chars} characters, more than the {max_chars} that this server's context "
                      "can hold; shorten them")
-  return Conversation(turns, system, [load_image(u, allow_local_images, processor) for u in urls])
 
 
 def max_chars_per_token(tokenizer) -> int:

@@ -134,8 +134,8 @@ def test_the_character_bound_never_refuses_what_fits(setup):
   tokenizer = setup["proc"].tokenizer
   most = max_chars_per_token(tokenizer)
   longest = max(tokenizer.get_vocab(), key=len)
-  for text in ["word " * 50, " " * 300, "\n\n" * 100, "a" * 500, "éà漢字🙂" * 40, longest.replace("▁", " ") * 30,
-               "<image>" * 20, "".join(chr(i) for i in range(32, 2000))]:
+  for text in ["word " * 50, " " * 300, "\n\n" * 100, "a" * 500, "éà漢字🙂" * 40,
+               longest.replace("▁", " ") * 30, "<image>" * 20, "".join(chr(i) for i in range(32, 2000))]:
     assert len(tokenizer(text, add_special_tokens=False)["input_ids"]) * most >= len(text), text[:20]
 
 

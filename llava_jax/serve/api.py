@@ -3,8 +3,9 @@ events), GET /v1/models, /health, /metrics.
 
 Errors use OpenAI's body, {"error": {"message", "type", "param", "code"}}: 400 for bad input (the request is
 parsed by hand so that malformed JSON is a 400 too, not FastAPI's 422), 404 for an unknown model, 413 for a body
-over `max_body_bytes` (read no further), 429 when the engine's queue is full; docs/FAILURES.md lists them. A client that goes away frees its row: streams through cancellation of the response,
-plain requests by polling for the disconnect. FastAPI comes with the `serve` extra.
+over `max_body_bytes` (read no further), 429 when the engine's queue is full; docs/FAILURES.md lists them. A
+client that goes away frees its row: streams through cancellation of the response, plain requests by polling
+for the disconnect. FastAPI comes with the `serve` extra.
 """
 
 from __future__ import annotations

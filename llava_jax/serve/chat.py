@@ -54,8 +54,7 @@ def load_image(url: str, allow_local_images: str | None = None, processor=None) 
     raise BadRequest(f"image path {url!r} is outside the allowed directory")
   if not os.path.isfile(path):
     raise BadRequest(f"image file {url!r} does not exist")
-  with open(path, "rb") as f:
-    return _open(io.BytesIO(f.read()), f"image file {url!r}", processor)
+  return _open(path, f"image file {url!r}", processor)  # PIL reads the header first: the budget before the pixels
 
 
 def _local_path(url: str) -> str:

@@ -177,17 +177,30 @@ def _eval(args):
            dtype=args.dtype, limit=args.limit, progress=not args.quiet)
 
 
+def _port(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if not 0 <= value <= 65535:
+    raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0 to 65535)")
+  return value
+
+
 def _serve_flags(p):
+  """Every flag is checked here (argparse: exit 2 with usage) or in `serve.check_limits` before the model loads."""
   p.add_argument("--ckpt", required=True, help="checkpoint directory (llava-jax convert / train)")
   p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-  p.add_argument("--port", type=int, default=8000)
-  p.add_argument("--max-batch", type=int, default=8, help="rows decoded together in one compiled step")
-  p.add_argument("--max-tokens", type=int, default=512, help="cap (and default) of a reply's max_tokens")
-  p.add_argument("--max-len", type=int, help="KV cache slots per row: prompt + reply (default: the model's "
-                 "context, at most 2048, + --max-tokens)")
-  p.add_argument("--prompt-bucket", type=int, default=32, help="prompts are padded to a multiple of this (one "
-                 "compiled prefill per bucket)")
-  p.add_argument("--max-queue", type=int, default=64, help="requests waiting for a row; more get 429")
+  p.add_argument("--port", type=_port, default=8000)
+  p.add_argument("--max-batch", type=_positive_int, default=8, help="rows decoded together in one compiled step")
+  p.add_argument("--max-tokens", type=_positive_int, default=512, help="cap (and default) of a reply's max_tokens")
+  p.add_argument("--max-len", type=_positive_int, help="KV cache slots per row: prompt + reply (default: the "
+                 "model's context, at most 2048, + --max-tokens)")
+  p.add_argument("--prompt-bucket", type=_positive_int, default=32, help="prompts are padded to a multiple of this "
+                 "(one compiled prefill per bucket)")
+  p.add_argument("--max-queue", type=_positive_int, default=64, help="requests waiting for a row; more get 429")
+  p.add_argument("--max-body-bytes", type=_positive_int, help="largest request body in bytes; a larger one gets "
+                 "413 unread (default 20 MiB, room for a large photo as a base64 data URI)")
   p.add_argument("--template", help="conversation template (default: the checkpoint's, else vicuna_v1)")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
   p.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
@@ -200,11 +213,13 @@ def _serve(args, web: bool = False):
 
   from llava_jax import serve
 
+  if not args.host:
+    raise ValueError("--host must name an address, e.g. 127.0.0.1")
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
   served = serve.load(args.ckpt, max_batch=args.max_batch, max_len=args.max_len, max_tokens=args.max_tokens,
                       prompt_bucket=args.prompt_bucket, max_queue=args.max_queue, template=args.template,
                       dtype=args.dtype, allow_local_images=getattr(args, "allow_local_images", None),
-                      model_name=args.model_name)
+                      model_name=args.model_name, max_body_bytes=args.max_body_bytes)
   if web:
     from llava_jax.serve.web import create_web_app
 

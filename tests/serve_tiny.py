@@ -58,3 +58,34 @@ class Server:
   def __exit__(self, *exc):
     self.server.should_exit = True
     self.thread.join(timeout=10)
+
+
+def png_bytes(size, mode: str = "RGB") -> bytes:
+  """A blank PNG of `size` (width, height); mode "1" keeps a huge canvas cheap to make."""
+  buffer = io.BytesIO()
+  Image.new(mode, size).save(buffer, format="PNG")
+  return buffer.getvalue()
+
+
+def png_uri(size, mode: str = "RGB") -> str:
+  return "data:image/png;base64," + base64.b64encode(png_bytes(size, mode)).decode()
+
+
+def raw_post(url: str, body: bytes, *, length: int | None = None, send: int | None = None) -> socket.socket:
+  """A POST to /v1/chat/completions on a bare socket (which the caller closes): Content-Length `length` (default
+  the body's) and only the first `send` bytes of the body, to play clients that lie or leave."""
+  host, port = url.rsplit("/", 1)[-1].split(":")
+  s = socket.create_connection((host, int(port)), timeout=60)
+  head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+          f"Content-Length: {len(body) if length is None else length}\r\nConnection: close\r\n\r\n")
+  s.sendall(head.encode() + body[:send])
+  return s
+
+
+def read_response(s: socket.socket) -> tuple[int, bytes]:
+  """(status, body) of the answer on a `raw_post` socket (read until the server closes it)."""
+  data = b""
+  while chunk := s.recv(65536):
+    data += chunk
+  head, _, body = data.partition(b"\r\n\r\n")
+  return int(head.split()[1]), body

@@ -15,7 +15,7 @@ from llava_jax.serve.engine import BadRequest, Delta, Engine, Failed, Finished, 
 
 def load(ckpt: str, *, max_batch: int = 8, max_len: int | None = None, max_tokens: int = 512,
          prompt_bucket: int = 32, max_queue: int = 64, template: str | None = None, dtype: str | None = None,
-         allow_local_images: str | None = None, model_name: str | None = None):
+         allow_local_images: str | None = None, model_name: str | None = None, max_body_bytes: int | None = None):
   """Loads a checkpoint and starts its engine; returns `api.Served` (engine + processor + limits).
 
   `max_len` (KV cache slots per row) defaults to room for a prompt as long as the model's context allows, up to
@@ -23,30 +23,54 @@ def load(ckpt: str, *, max_batch: int = 8, max_len: int | None = None, max_token
   from llava_jax.checkpoint import load_checkpoint
   from llava_jax.processor import Processor
 
+  check_limits(max_batch=max_batch, max_len=max_len, max_tokens=max_tokens, prompt_bucket=prompt_bucket,
+               max_queue=max_queue, max_body_bytes=max_body_bytes, allow_local_images=allow_local_images)  # first
   model = load_checkpoint(ckpt, dtype=dtype)
   processor = Processor.from_model(model, template=template)
   return serve_model(model, processor, max_batch=max_batch, max_len=max_len, max_tokens=max_tokens,
                      prompt_bucket=prompt_bucket, max_queue=max_queue, allow_local_images=allow_local_images,
-                     model_name=model_name or os.path.basename(os.path.normpath(ckpt)))
+                     model_name=model_name or os.path.basename(os.path.normpath(ckpt)), max_body_bytes=max_body_bytes)
 
 
 def serve_model(model, processor, *, max_batch: int = 8, max_len: int | None = None, max_tokens: int = 512,
                 prompt_bucket: int = 32, max_queue: int = 64, allow_local_images: str | None = None,
-                model_name: str = "llava"):
-  """An engine for a loaded model and processor, wrapped as `api.Served`."""
-  from llava_jax.serve.api import Served
+                model_name: str = "llava", max_body_bytes: int | None = None):
+  """An engine for a loaded model and processor, wrapped as `api.Served`. Replies stop at the model's context
+  (`text.max_position_embeddings`) as well as at max_tokens and the cache row; `max_body_bytes` (default
+  `api.DEFAULT_MAX_BODY_BYTES`) bounds a request's body."""
+  from llava_jax.serve.api import DEFAULT_MAX_BODY_BYTES, Served
 
+  check_limits(max_batch=max_batch, max_len=max_len, max_tokens=max_tokens, prompt_bucket=prompt_bucket,
+               max_queue=max_queue, max_body_bytes=max_body_bytes, allow_local_images=allow_local_images)
+  context = model.config.text.max_position_embeddings
   if max_len is None:
-    context = min(model.config.text.max_position_embeddings or 2048, 2048)
-    max_len = context + max_tokens
+    max_len = min(context or 2048, 2048) + max_tokens
   max_len = round_up(max_len, prompt_bucket)
   tokenizer = processor.tokenizer
   pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
   engine = Engine(model, max_batch=max_batch, max_len=max_len, prompt_bucket=prompt_bucket, max_queue=max_queue,
                   eos_id=tokenizer.eos_token_id, pad_id=pad, decode=processor.decode,
-                  stop_strings=[processor.template.stop_str or ""], byte_token_ids=byte_token_ids(tokenizer))
-  return Served(engine, processor, model_name, max_tokens=max_tokens, allow_local_images=allow_local_images)
+                  stop_strings=[processor.template.stop_str or ""], byte_token_ids=byte_token_ids(tokenizer),
+                  context=context)
+  return Served(engine, processor, model_name, max_tokens=max_tokens, allow_local_images=allow_local_images,
+                max_body_bytes=max_body_bytes or DEFAULT_MAX_BODY_BYTES)
 
 
-__all__ = ["BadRequest", "Delta", "Engine", "Failed", "Finished", "QueueEvents", "QueueFull", "Request", "load",
-           "serve_model"]
+def check_limits(*, max_batch: int = 8, max_len: int | None = None, max_tokens: int = 512, prompt_bucket: int = 32,
+                 max_queue: int = 64, max_body_bytes: int | None = None, allow_local_images: str | None = None):
+  """ValueError naming the first setting no server can run with (before the model is loaded): a zero batch hangs
+  every request, a zero bucket divides by zero, a zero max_tokens refuses every request, a zero queue is
+  unbounded."""
+  for name, value in (("max_batch", max_batch), ("max_tokens", max_tokens), ("prompt_bucket", prompt_bucket),
+                      ("max_queue", max_queue), ("max_len", max_len), ("max_body_bytes", max_body_bytes)):
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  if max_len is not None and round_up(max_len, prompt_bucket) <= prompt_bucket:
+    raise ValueError(f"max_len {max_len} leaves no room for a prompt bucket of {prompt_bucket} and a reply; give "
+                     f"more than {prompt_bucket}")
+  if allow_local_images is not None and not os.path.isdir(allow_local_images):
+    raise ValueError(f"allow_local_images {allow_local_images!r} is not a directory")
+
+
+__all__ = ["BadRequest", "Delta", "Engine", "Failed", "Finished", "QueueEvents", "QueueFull", "Request", "check_limits",
+           "load", "serve_model"]

@@ -2,9 +2,10 @@
 events), GET /v1/models, /health, /metrics.
 
 Errors use OpenAI's body, {"error": {"message", "type", "param", "code"}}: 400 for bad input (the request is
-parsed by hand so that malformed JSON is a 400 too, not FastAPI's 422), 404 for an unknown model, 429 when the
-engine's queue is full. A client that goes away frees its row: streams through cancellation of the response,
-plain requests by polling for the disconnect. FastAPI comes with the `serve` extra.
+parsed by hand so that malformed JSON is a 400 too, not FastAPI's 422), 404 for an unknown model, 413 for a body
+over `max_body_bytes` (read no further), 429 when the engine's queue is full; docs/FAILURES.md lists them. A
+client that goes away frees its row: streams through cancellation of the response, plain requests by polling
+for the disconnect. FastAPI comes with the `serve` extra.
 """
 
 from __future__ import annotations
@@ -18,11 +19,16 @@ from typing import Any
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.requests import ClientDisconnect
 
-from llava_jax.serve.chat import build_request, parse_messages, stop_list
+from llava_jax.serve.chat import build_request, max_prompt_chars, parse_messages, stop_list
 from llava_jax.serve.engine import BadRequest, Delta, Engine, Failed, Finished, QueueFull
 
 log = logging.getLogger("llava_jax.serve")
+
+DEFAULT_MAX_BODY_BYTES = 20 * 2**20  # --max-body-bytes: room for a large photo as a base64 data URI
+BODY_TIMEOUT_S = 60  # a body that has not arrived in full by then is a 408
+DISCONNECT_POLL_S = 0.25  # how often a plain request checks that its client is still there
 
 KNOWN_PARAMETERS = {"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop",
                     "stream", "stream_options", "seed", "n", "user",
@@ -33,9 +39,17 @@ class Served:
   """What the API serves: the engine, the processor that renders prompts, and the limits the server was given."""
 
   def __init__(self, engine: Engine, processor, model_name: str, *, max_tokens: int = 512,
-               allow_local_images: str | None = None, max_images: int = 1):
+               allow_local_images: str | None = None, max_images: int = 1,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
+    if max_tokens < 1 or max_body_bytes < 1:
+      raise ValueError(f"max_tokens ({max_tokens}) and max_body_bytes ({max_body_bytes}) must be at least 1")
     self.engine, self.processor, self.model_name = engine, processor, model_name
     self.max_tokens, self.allow_local_images, self.max_images = max_tokens, allow_local_images, max_images
+    self.max_body_bytes = max_body_bytes
+    # The prompt must fit the engine's cache row and the model's context; a text that cannot is refused by its
+    # character count before it is tokenized.
+    limit = min(engine.max_len, engine.context or engine.max_len)
+    self.max_prompt_chars = max_prompt_chars(processor.tokenizer, limit)
     self.max_tiles = processor.anyres.max_tiles if processor.anyres is not None else None  # one static tile count for NeXT
 
   def request_from_body(self, body: Any):
@@ -67,7 +81,8 @@ class Served:
       seed = uuid.uuid4().int % 2**32
     if not isinstance(seed, int) or isinstance(seed, bool):
       raise BadRequest("seed must be an integer")
-    conversation = parse_messages(body.get("messages"), self.allow_local_images)
+    conversation = parse_messages(body.get("messages"), self.allow_local_images, self.processor,
+                                  self.max_prompt_chars)
     request = build_request(self.processor, conversation, max_images=self.max_images, max_tiles=self.max_tiles,
                             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
                             seed=seed % 2**32, stop=stop_list(body.get("stop")),
@@ -123,9 +138,20 @@ def create_app(served: Served):
   @app.post("/v1/chat/completions")
   async def chat_completions(http: HttpRequest):
     try:
-      body = json.loads(await http.body())
+      raw = await asyncio.wait_for(read_body(http, served.max_body_bytes), BODY_TIMEOUT_S)
+    except BodyTooLarge as e:
+      return error(413, str(e), code="body_too_large")
+    except ClientDisconnect:  # the client sent part of the body and left: nobody to answer
+      log.info("a client left before sending its whole request body")
+      return error(400, "the client disconnected before sending the whole body")
+    except asyncio.TimeoutError:
+      return error(408, f"the request body did not arrive in full within {BODY_TIMEOUT_S} s")
+    try:
+      body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       return error(400, f"the body is not valid JSON: {e}")
+    except RecursionError:
+      return error(400, "the body is not valid JSON: nested too deeply")
     model = body.get("model") if isinstance(body, dict) else None
     if model is not None and model != served.model_name:
       return error(404, f"the model {model!r} does not exist; this server serves {served.model_name!r}",
@@ -152,23 +178,45 @@ def create_app(served: Served):
   return app
 
 
+class BodyTooLarge(Exception):
+  """The request body is over `--max-body-bytes`: the API answers 413."""
+
+
+async def read_body(http: HttpRequest, limit: int) -> bytes:
+  """The body, chunk by chunk, refused as soon as it is known to exceed `limit` bytes (the declared
+  Content-Length, else the bytes so far): an oversized body is never held in memory. The rest of it is left
+  unread (uvicorn discards it once the answer is sent)."""
+  declared = http.headers.get("content-length", "")
+  if declared.isdigit() and int(declared) > limit:
+    raise BodyTooLarge(f"the request body is {int(declared)} bytes, more than this server's limit of {limit} "
+                       "(--max-body-bytes)")
+  chunks, size = [], 0
+  async for chunk in http.stream():
+    size += len(chunk)
+    if size > limit:
+      raise BodyTooLarge(f"the request body is more than this server's limit of {limit} bytes (--max-body-bytes)")
+    chunks.append(chunk)
+  return b"".join(chunks)
+
+
 async def _complete(served, http, handle, events, completion_id, created, error):
-  text = []
+  next_check = time.monotonic() + DISCONNECT_POLL_S
   try:
     while True:
       try:
-        event = await asyncio.wait_for(events.get(), timeout=0.25)
+        event = await asyncio.wait_for(events.get(), timeout=DISCONNECT_POLL_S)
       except asyncio.TimeoutError:
+        event = None
+      # On a clock, not only when no event came: a reply in progress sends events far more often than that.
+      if time.monotonic() >= next_check:
+        next_check = time.monotonic() + DISCONNECT_POLL_S
         if await http.is_disconnected():
           handle.cancel()
           log.info("request %d: client disconnected, row freed", handle.id)
           return error(499, "client disconnected")
-        continue
-      if isinstance(event, Delta):
-        text.append(event.text)
-      elif isinstance(event, Failed):
+      if isinstance(event, Failed):
         return error(500, event.message, kind="server_error")
-      elif isinstance(event, Finished):
+      if isinstance(event, Finished):
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": served.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": event.text},
                              "finish_reason": event.reason, "logprobs": None}],

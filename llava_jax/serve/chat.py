@@ -13,19 +13,25 @@ import binascii
 import dataclasses
 import io
 import os
+import urllib.parse
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from llava_jax.data.image import _resize_size
+from llava_jax.data.preprocess import check_pixel_budget
+from llava_jax.data.text import DataError
 from llava_jax.serve.engine import BadRequest, Request
 
-MAX_IMAGE_PIXELS = 40_000_000  # refuse decompression bombs early
+MAX_IMAGE_PIXELS = 40_000_000  # per canvas: the decoded image, its padded square, "crop"'s resized image
 
 
-def load_image(url: str, allow_local_images: str | None = None) -> Image.Image:
+def load_image(url: str, allow_local_images: str | None = None, processor=None) -> Image.Image:
   """A `data:image/...;base64,` URI, or (only with `allow_local_images`) a file path / file:// URL inside that
-  directory. Remote http(s) URLs are not fetched: a server should not reach out on a client's say-so."""
+  directory (a relative path is taken from it). Remote http(s) URLs are not fetched: a server should not reach
+  out on a client's say-so. `processor` says how the image will be preprocessed, so that the pixel budget counts
+  the largest canvas that preprocessing makes of it (without one: the padded square)."""
   if not isinstance(url, str) or not url:
     raise BadRequest("image_url.url must be a non-empty string")
   if url.startswith("data:"):
@@ -36,30 +42,66 @@ def load_image(url: str, allow_local_images: str | None = None) -> Image.Image:
       data = base64.b64decode(payload, validate=True)
     except (binascii.Error, ValueError):
       raise BadRequest("the image data URI holds invalid base64") from None
-    return _open(io.BytesIO(data), "the image data URI")
+    return _open(io.BytesIO(data), "the image data URI", processor)
   if url.startswith(("http://", "https://")):
     raise BadRequest("remote image URLs are not fetched: send the image as a base64 data URI")
   if allow_local_images is None:
     raise BadRequest("local image paths are disabled on this server (start it with --allow-local-images DIR); "
                      "send the image as a base64 data URI")
-  path = os.path.realpath(url[len("file://"):] if url.startswith("file://") else url)
   root = os.path.realpath(allow_local_images)
+  path = os.path.realpath(os.path.join(root, _local_path(url)))  # an absolute path stays itself
   if os.path.commonpath([path, root]) != root:
     raise BadRequest(f"image path {url!r} is outside the allowed directory")
   if not os.path.isfile(path):
     raise BadRequest(f"image file {url!r} does not exist")
-  with open(path, "rb") as f:
-    return _open(io.BytesIO(f.read()), f"image file {url!r}")
+  return _open(path, f"image file {url!r}", processor)  # PIL reads the header first: the budget before the pixels
 
 
-def _open(stream, what: str) -> Image.Image:
+def _local_path(url: str) -> str:
+  """A path, or a file:// URL (file:///p or file://localhost/p, percent-escapes decoded) -> the path."""
+  if not url.startswith("file:"):
+    if "\0" in url:
+      raise BadRequest("an image path must not hold a NUL byte")
+    return url
+  parts = urllib.parse.urlsplit(url)
+  if parts.netloc not in ("", "localhost") or not parts.path.startswith("/"):
+    raise BadRequest(f"{url!r} is not a local file URL (file:///path or file://localhost/path)")
+  path = urllib.parse.unquote(parts.path)
+  if "\0" in path:
+    raise BadRequest("an image path must not hold a NUL byte")
+  return path
+
+
+def check_image_size(size: tuple[int, int], what: str, processor=None) -> None:
+  """BadRequest (naming the size and the limit) when preprocessing an image of `size` (width, height) would
+  hold a canvas over MAX_IMAGE_PIXELS, judged from the header before any pixel is decoded: LLaVA-1.5's "pad"
+  makes a square of the long side, "crop" resizes the short side to the tile (the long one grows with it);
+  NeXT's canvases are bounded by its pinpoints, so only the decoded image counts there."""
+  anyres = processor is not None and processor.anyres is not None
+  pad = not anyres and (processor is None or processor.aspect_ratio == "pad")
+  canvases = [size]
+  if processor is not None and not anyres and not pad and processor.image_config.do_resize and min(size) > 0:
+    height, width = _resize_size(size[1], size[0], processor.image_config)
+    canvases.append((width, height))
+  try:
+    for i, canvas in enumerate(canvases):
+      check_pixel_budget(canvas, what if i == 0 else f"{what} resized for the model", None,
+                         max_pixels=MAX_IMAGE_PIXELS, padded_to_square=pad)
+  except DataError as e:
+    raise BadRequest(f"{e.message} (this server's limit per image)") from None
+
+
+def _open(stream, what: str, processor=None) -> Image.Image:
   try:
     with Image.open(stream) as im:
-      if im.width * im.height > MAX_IMAGE_PIXELS:
-        raise BadRequest(f"{what} is {im.width}x{im.height}, more than {MAX_IMAGE_PIXELS} pixels")
+      check_image_size(im.size, what, processor)  # from the header, before decoding
       im.load()
       return im.convert("RGB")
-  except (UnidentifiedImageError, OSError, Image.DecompressionBombError, SyntaxError, ValueError) as e:
+  except BadRequest:
+    raise
+  except Image.DecompressionBombError as e:
+    raise BadRequest(f"{what} is too large to decode: {e}") from None
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
     raise BadRequest(f"{what} is not an image that can be decoded ({type(e).__name__})") from None
 
 
@@ -92,10 +134,13 @@ class Conversation:
   images: list[Image.Image]
 
 
-def parse_messages(messages: Any, allow_local_images: str | None = None) -> Conversation:
+def parse_messages(messages: Any, allow_local_images: str | None = None, processor=None,
+                   max_chars: int | None = None) -> Conversation:
+  """Checks the messages; the images are decoded last, once the text is known to fit `max_chars` (at most what
+  the context can hold: see `max_prompt_chars`), so an oversized request costs no tokenizing or decoding."""
   if not isinstance(messages, list) or not messages:
     raise BadRequest("messages must be a non-empty list")
-  system, turns, images, roles = None, [], [], []
+  system, turns, urls, roles = None, [], [], []
   for m in messages:
     if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
       raise BadRequest("each message needs a role of system, user or assistant")
@@ -104,10 +149,8 @@ def parse_messages(messages: Any, allow_local_images: str | None = None) -> Conv
       raise BadRequest(f"a {role} message needs content")
     parts = _parts(m["content"], role)
     text = "\n".join(p["text"] for p in parts if p["type"] == "text")
-    for p in parts:
-      if p["type"] == "image_url":
-        url = p["image_url"]["url"] if isinstance(p["image_url"], dict) else p["image_url"]
-        images.append(load_image(url, allow_local_images))
+    urls += [p["image_url"]["url"] if isinstance(p["image_url"], dict) else p["image_url"]
+             for p in parts if p["type"] == "image_url"]
     if role == "system":
       if turns:
         raise BadRequest("a system message must come before the conversation")
@@ -120,7 +163,29 @@ def parse_messages(messages: Any, allow_local_images: str | None = None) -> Conv
     turns.append(text)
   if not roles or roles[0] != "user" or roles[-1] != "user":
     raise BadRequest("the conversation must start and end with a user message")
-  return Conversation(turns, system, images)
+  check_text_length(turns + [system or ""], max_chars)
+  return Conversation(turns, system, [load_image(u, allow_local_images, processor) for u in urls])
+
+
+def check_text_length(texts: Sequence[str], max_chars: int | None) -> None:
+  """BadRequest when the texts together hold more than `max_chars` characters (None: no bound)."""
+  chars = sum(map(len, texts))
+  if max_chars is not None and chars > max_chars:
+    raise BadRequest(f"the messages hold {chars} characters, more than the {max_chars} that this server's context "
+                     "can hold; shorten them")
+
+
+def max_chars_per_token(tokenizer) -> int:
+  """The most characters one token stands for: its longest vocabulary string. SentencePiece's "▁" is one space,
+  byte-level BPE spells each byte as one character and byte-fallback tokens ("<0x0A>") are longer than their one
+  byte, so no token covers more characters of the text than its string has."""
+  return max(1, max(map(len, tokenizer.get_vocab())))
+
+
+def max_prompt_chars(tokenizer, max_tokens: int) -> int:
+  """A text longer than this cannot be `max_tokens` tokens or fewer: each token covers at most
+  `max_chars_per_token` characters. Cheap to check before tokenizing, which costs time and memory per character."""
+  return max_tokens * max_chars_per_token(tokenizer)
 
 
 def build_request(processor, conversation: Conversation, *, max_images: int = 1, max_tiles: int | None = None,

@@ -115,6 +115,7 @@ class _Row:
   position: int         # its position
   index: int            # its cache slot
   text: Detokenizer     # the reply's ids and the text already emitted as deltas
+  limit: int = 0        # the reply's most tokens: max_tokens, lowered to what the model's context leaves
 
   def settings(self) -> tuple:
     """`llava_jax.decoding`'s per-request sampling settings; the counter is the next token's index."""
@@ -128,14 +129,22 @@ class Engine:
   max_batch: rows decoded together. max_len: KV cache slots per row (prompt, padded to `prompt_bucket`, plus the
   reply). max_queue: requests waiting for a row before `submit` raises QueueFull. eos_id: ends a reply;
   stop_strings: the template's stop text, added to every request's `stop`. byte_token_ids: SentencePiece's
-  byte-fallback tokens (<0x..>), whose decoding a following byte can still rewrite, so streaming holds them back."""
+  byte-fallback tokens (<0x..>), whose decoding a following byte can still rewrite, so streaming holds them back.
+  context: the model's positions (`text.max_position_embeddings`); a reply stops there with "length", as
+  `llava-jax generate` lowers --max-new-tokens to what the prompt leaves of it."""
 
   def __init__(self, model, *, max_batch: int = 8, max_len: int = 1024, prompt_bucket: int = 32,
                max_queue: int = 64, eos_id: int | None = None, pad_id: int = 0, decode: Callable | None = None,
-               stop_strings: Sequence[str] = (), byte_token_ids: Sequence[int] = (), log_every: int = 100):
-    if max_len % prompt_bucket:
-      raise ValueError(f"max_len {max_len} must be a multiple of prompt_bucket {prompt_bucket}")
+               stop_strings: Sequence[str] = (), byte_token_ids: Sequence[int] = (), log_every: int = 100,
+               context: int | None = None):
+    for name, value in (("max_batch", max_batch), ("max_len", max_len), ("prompt_bucket", prompt_bucket),
+                        ("max_queue", max_queue)):  # a zero would hang every request, divide by zero or unbound
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if max_len % prompt_bucket or max_len <= prompt_bucket:
+      raise ValueError(f"max_len {max_len} must be a multiple of prompt_bucket {prompt_bucket} and larger than it")
     self.model, self.max_batch, self.max_len, self.prompt_bucket = model, max_batch, max_len, prompt_bucket
+    self.context = context
     self.eos_id, self.pad_id, self.decode_ids = eos_id, pad_id, decode or (lambda ids: "")
     self.stop_strings, self.log_every = tuple(s for s in stop_strings if s), log_every
     self.byte_token_ids = frozenset(int(i) for i in byte_token_ids)
@@ -170,6 +179,13 @@ class Engine:
       Sampling(request.temperature, request.top_p, request.top_k)
     except ValueError as e:
       raise BadRequest(str(e)) from None
+
+  def reply_limit(self, request: Request) -> int:
+    """The most tokens a reply to `request` gets: its max_tokens, lowered to what the prompt leaves of the model's
+    context (at least 1: the first new token needs no position of its own), as `llava-jax generate` does."""
+    if self.context is None:
+      return request.max_tokens
+    return min(request.max_tokens, max(self.context - len(request.input_ids), 1))
 
   def submit(self, request: Request, emit: Callable) -> Handle:
     """Queues a request; its events go to `emit` (called from the engine thread). Raises BadRequest or QueueFull."""
@@ -256,7 +272,8 @@ class Engine:
     pixels = None if req.pixel_values is None else np.asarray(req.pixel_values, np.float32)
     images = image_inputs(self.model, input_ids, pixels, None, req.image_sizes)
     row = _Row(handle, len(req.input_ids), 0, 0, input_ids.shape[1],
-               Detokenizer(self.decode_ids, self.stop_strings + tuple(req.stop), self.byte_token_ids))
+               Detokenizer(self.decode_ids, self.stop_strings + tuple(req.stop), self.byte_token_ids),
+               self.reply_limit(req))
     token, self.caches, self.key_valid, position = prefill_into_row(
         self.graphdef, self.state, self.caches, self.key_valid, jnp.int32(i), jnp.asarray(input_ids),
         jnp.asarray(mask), images, _settings([row.settings()]))
@@ -304,7 +321,7 @@ class Engine:
       r.handle.emit(Delta(delta))
     if r.text.stopped:
       return self._finish(i, "stop")
-    if len(r.text.ids) >= r.handle.request.max_tokens or r.index >= self.max_len:
+    if len(r.text.ids) >= r.limit or r.index >= self.max_len:
       return self._finish(i, "length")
     return None
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from llava_jax.serve.chat import Conversation, build_request
+from llava_jax.serve.chat import Conversation, build_request, check_image_size, check_text_length
 from llava_jax.serve.engine import BadRequest, Delta, Failed, Finished, QueueEvents, QueueFull
 
 log = logging.getLogger("llava_jax.serve")
@@ -18,6 +18,9 @@ TITLE = "LLaVA (llava-jax)"
 def reply_stream(served, turns: list[str], image, temperature: float, top_p: float, max_tokens: int):
   """Yields the growing assistant reply to `turns` (alternating, ending with the user's); errors become text."""
   try:
+    check_text_length(turns, served.max_prompt_chars)  # the API's limits, before tokenizing and padding
+    if image is not None:
+      check_image_size(image.size, "the image", served.processor)
     request = build_request(served.processor, Conversation(list(turns), None, [image] if image is not None else []),
                             max_images=served.max_images, max_tiles=served.max_tiles, max_tokens=int(max_tokens),
                             temperature=float(temperature), top_p=float(top_p), seed=0, stop=())

@@ -218,7 +218,7 @@ def plan_conversion(hf: str | None = None, clip: str | None = None, llm: str | N
   """Works out (config, sources, fresh projector?, asset dirs) for the supported inputs:
 
   hf alone: a llava-hf directory; hf + clip: an original LLaVA checkpoint with its CLIP tower;
-  clip + llm: a fresh stage-1 start (projector initialised).
+  clip + llm: a fresh stage-1 start (projector initialised); `clip` may be a SigLIP tower.
   """
   dtype_fields = {} if dtype is None else dict(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
   if hf is not None and llm is None:
@@ -234,9 +234,11 @@ def plan_conversion(hf: str | None = None, clip: str | None = None, llm: str | N
                        "LLaVA checkpoints or with --llm")
     return LlavaConfig.from_hf(raw, **dtype_fields), [(hf, "llava_hf")], False, [hf]
   if clip is not None and llm is not None and hf is None:
-    text = text_config_from_hf(llm)
-    cfg = LlavaConfig(vision=vision_config_from_hf(clip), text=text, image_token_index=text.vocab_size,
-                      projector_type=projector_type, **dtype_fields)
+    text, vision = text_config_from_hf(llm), vision_config_from_hf(clip)
+    # SigLIP has no CLS to drop: all its patches, as LLaVA-OneVision takes them.
+    select = "default" if vision.has_cls else "full"
+    cfg = LlavaConfig(vision=vision, text=text, image_token_index=text.vocab_size, projector_type=projector_type,
+                      vision_feature_select_strategy=select, **dtype_fields)
     return cfg, [(clip, "clip"), (llm, "llm")], True, [llm, clip]
   raise ValueError("give --hf DIR (llava-hf, or original LLaVA with --clip DIR), or --clip DIR --llm DIR")
 

@@ -154,3 +154,46 @@ def test_pooling_head_refused_inside_llava_and_ignored_in_a_standalone_tower():
   for key in ("vision_model.head.probe", "head.attention.in_proj_weight", "logit_bias", "text_model.head.weight"):
     assert canonical_key(key, "clip") is None, key
   assert canonical_key("vision_model.post_layernorm.bias", "clip") == "vision_tower.post_layernorm.bias"
+
+
+def test_stacked_layers_and_logical_axes(tmp_path):
+  """With the tower's layers stacked under scan (and the tower's remat), the same logits; every SigLIP parameter
+  carries logical axes for sharding."""
+  from flax import nnx
+
+  from llava_jax.checkpoint import model_from_params
+
+  hf = siglip_llava(vision_feature_layer=-2)
+  hf.save_pretrained(tmp_path / "hf")
+  ours = load_hf_checkpoint(str(tmp_path / "hf"))
+  for path, var in nnx.to_flat_state(nnx.state(ours, nnx.Param)):
+    axes = var.get_metadata().get("out_sharding")
+    assert axes is not None and len(axes) == var.get_value().ndim, path
+  stacked = model_from_params(ours.config, nnx.to_pure_dict(nnx.state(ours, nnx.Param)),
+                              ours.options.replace(scan_layers=True, remat="full"))
+  ids, mask = rows_for(16)
+  px, real = hf_tiny.pixels(2, size=SIZE, seed=4), mask.astype(bool)
+  np.testing.assert_allclose(our_logits(stacked, ids, mask, px)[real],
+                             hf_tiny.reference_logits(hf, ids, px, mask)[real], atol=TOL)
+
+
+def test_stage1_start_from_a_released_siglip_model(tmp_path):
+  """A whole SiglipModel (pooling head and text tower, as so400m is released) plus an LLM: the head and text
+  weights are skipped, every patch is a feature (strategy "full"), and the hidden states are SigLIP's."""
+  import torch
+
+  siglip = transformers.SiglipModel(transformers.SiglipConfig(
+      vision_config=hf_tiny.siglip_vision_config(vision_use_head=True).to_dict(),
+      text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       vocab_size=50, max_position_embeddings=16))).eval()
+  siglip.save_pretrained(tmp_path / "siglip")
+  keys = SafetensorsReader(tmp_path / "siglip").keys()
+  assert any(".head." in k for k in keys) and "logit_bias" in keys
+  transformers.LlamaForCausalLM(hf_tiny.text_config()).save_pretrained(tmp_path / "llm")
+  ours = load_hf_checkpoint(clip=str(tmp_path / "siglip"), llm=str(tmp_path / "llm"))
+  assert ours.config.vision.model_type == "siglip" and ours.config.num_image_tokens == 16
+  px = hf_tiny.pixels(2, size=SIZE, seed=5)
+  with torch.no_grad():
+    ref = siglip.vision_model(hf_tiny.to_torch_pixels(px), output_hidden_states=True).hidden_states
+  for got, want in zip(ours.vision_tower(jnp.asarray(px)), ref):
+    np.testing.assert_allclose(np.asarray(got), want.numpy(), atol=1e-5)

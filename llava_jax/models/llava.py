@@ -1,5 +1,5 @@
-"""LLaVA: vision-tower (CLIP or SigLIP) features from chosen hidden layers -> projector -> spliced into the token embeddings where
-`input_ids == image_token_index` -> LLaMA decoder -> logits. Semantics follow transformers'
+"""LLaVA: CLIP (or SigLIP) features from chosen hidden layers -> projector -> spliced into the token embeddings
+where `input_ids == image_token_index` -> LLaMA decoder -> logits. Semantics follow transformers'
 LlavaForConditionalGeneration, with positions derived from the attention mask (as HF's `generate` does) so a
 left-padded row gives the logits of that row alone.
 """

@@ -16,7 +16,8 @@ def _convert(args):
                              dtype=args.dtype, seed=args.seed, overwrite=args.overwrite, progress=not args.quiet)
   t, v = cfg.text, cfg.vision
   anyres = f", anyres ({cfg.anyres_semantics} semantics)" if cfg.is_next else ""
-  print(f"wrote {args.out}: {t.model_type} {t.num_hidden_layers}x{t.hidden_size} (vocab {t.vocab_size}), CLIP "
+  tower = "SigLIP" if v.model_type == "siglip" else "CLIP"
+  print(f"wrote {args.out}: {t.model_type} {t.num_hidden_layers}x{t.hidden_size} (vocab {t.vocab_size}), {tower} "
         f"{v.num_hidden_layers}x{v.hidden_size} at {v.image_size}px, {cfg.projector_type} projector{anyres}, "
         f"{cfg.param_dtype}")
 
@@ -244,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
                      description="--hf DIR (llava-hf); --hf DIR --clip DIR (original LLaVA + its CLIP); "
                                  "--clip DIR --llm DIR (fresh stage-1 start, projector initialised)")
   p.add_argument("--hf", help="llava-hf directory, or an original LLaVA (LlavaLlamaForCausalLM) one")
-  p.add_argument("--clip", help="CLIP or CLIPVision checkpoint directory")
+  p.add_argument("--clip", help="vision tower checkpoint directory: CLIP or SigLIP, whole model or vision model")
   p.add_argument("--llm", help="LlamaForCausalLM checkpoint directory")
   p.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="target dtype (default: as stored)")

@@ -20,9 +20,13 @@ class ConfigError(ValueError):
   """A config that cannot describe a model we can build."""
 
 
+VISION_MODEL_TYPES = ("clip", "siglip")
+
+
 @dataclasses.dataclass(frozen=True)
 class VisionConfig:
-  """CLIP ViT vision tower."""
+  """ViT vision tower: CLIP (CLS token, pre-LayerNorm) or SigLIP (neither; a biased patch conv). The other fields
+  mean the same for both; SigLIP's own values (gelu_pytorch_tanh, eps 1e-6) come from its config."""
 
   hidden_size: int = 1024
   intermediate_size: int = 4096
@@ -33,10 +37,25 @@ class VisionConfig:
   num_channels: int = 3
   layer_norm_eps: float = 1e-5
   hidden_act: str = "quick_gelu"
+  model_type: str = "clip"  # "clip" or "siglip" (HF `clip_vision_model` / `siglip_vision_model`)
+
+  def __post_init__(self):
+    if self.model_type not in VISION_MODEL_TYPES:
+      raise ConfigError(f"vision model_type {self.model_type!r} is not one of {VISION_MODEL_TYPES}")
 
   @property
   def num_patches(self) -> int:
     return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def has_cls(self) -> bool:
+    """CLIP prepends a CLS token to the patches; SigLIP has none."""
+    return self.model_type == "clip"
+
+  @property
+  def num_tokens(self) -> int:
+    """Tokens in each hidden state: the patches, and CLS where there is one."""
+    return self.num_patches + self.has_cls
 
   @property
   def head_dim(self) -> int:
@@ -167,8 +186,9 @@ class LlavaConfig:
 
   @property
   def num_image_tokens(self) -> int:
-    """Image tokens one image turns into: its patches, plus CLS for the `full` strategy."""
-    return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
+    """Image tokens one image turns into: the tower's tokens less the first for the `default` strategy (CLIP's
+    CLS; for SigLIP, as transformers does, the first patch)."""
+    return self.vision.num_tokens - (self.vision_feature_select_strategy == "default")
 
   def replace(self, **changes) -> "LlavaConfig":
     return dataclasses.replace(self, **changes)
@@ -225,11 +245,8 @@ class LlavaConfig:
           "transformers needs the image token inside it: add an <image> token to the vocabulary first")
     import transformers
 
-    v, t = self.vision, self.text
-    vision = transformers.CLIPVisionConfig(
-        hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
-        num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
-        num_channels=v.num_channels, layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act)
+    t = self.text
+    vision = _vision_to_hf(self.vision)
     text = _text_to_hf(t)
     layer = self.vision_feature_layer
     common = dict(
@@ -274,17 +291,23 @@ class LlavaConfig:
     return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**text), **d)
 
 
+_VISION_CONFIGS = {"clip": ("CLIPConfig", True), "clip_vision_model": ("CLIPVisionConfig", False),
+                   "siglip": ("SiglipConfig", True), "siglip_vision_model": ("SiglipVisionConfig", False)}
+
+
 def vision_config_from_hf(path_or_dict) -> VisionConfig:
-  """Reads a CLIP (`clip`) or CLIP vision (`clip_vision_model`) config.json."""
+  """Reads a CLIP or SigLIP config.json, whole model (`clip`, `siglip`) or vision tower alone (`*_vision_model`).
+
+  A standalone SigLIP's pooling head is allowed here: LLaVA never uses it and conversion drops its weights."""
   raw = _read_json(path_or_dict)
+  if raw.get("model_type") not in _VISION_CONFIGS:
+    raise ConfigError(f"unknown architecture for a vision tower: model_type={raw.get('model_type')!r}; "
+                      f"expected one of {sorted(_VISION_CONFIGS)}")
   import transformers
 
-  if raw.get("model_type") == "clip":
-    return _vision_from_hf(transformers.CLIPConfig.from_dict(raw).vision_config)
-  if raw.get("model_type") == "clip_vision_model":
-    return _vision_from_hf(transformers.CLIPVisionConfig.from_dict(raw))
-  raise ConfigError(f"unknown architecture for a vision tower: model_type={raw.get('model_type')!r}; "
-                    "expected `clip` or `clip_vision_model`")
+  name, composite = _VISION_CONFIGS[raw["model_type"]]
+  hf = getattr(transformers, name).from_dict(raw)
+  return _vision_from_hf(hf.vision_config if composite else hf, allow_head=True)
 
 
 _TEXT_MODEL_TYPES = {"llama": "llama", "llava": "llama", "llava_llama": "llama", "mistral": "mistral",
@@ -311,11 +334,34 @@ def text_config_from_hf(path_or_dict) -> TextConfig:
   return _text_from_hf(_text_hf_class(kind).from_dict(raw))
 
 
-def _vision_from_hf(hf) -> VisionConfig:
+def _vision_from_hf(hf, allow_head: bool = False) -> VisionConfig:
+  """A transformers CLIPVisionConfig or SiglipVisionConfig. Inside a LLaVA, a SigLIP pooling head
+  (`vision_use_head`) is refused: its weights would be dropped, so the checkpoint could not round-trip."""
+  model_type = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}.get(hf.model_type)
+  if model_type is None:
+    raise ConfigError(f"unknown architecture for a vision tower: model_type={hf.model_type!r}; "
+                      "expected `clip_vision_model` or `siglip_vision_model`")
+  if model_type == "siglip" and getattr(hf, "vision_use_head", False) and not allow_head:
+    raise ConfigError("a SigLIP tower with vision_use_head=True: LLaVA uses no pooling head and we do not keep "
+                      "its weights; set vision_use_head false (llava-onevision's towers have none)")
   return VisionConfig(
       hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size, num_hidden_layers=hf.num_hidden_layers,
       num_attention_heads=hf.num_attention_heads, image_size=hf.image_size, patch_size=hf.patch_size,
-      num_channels=hf.num_channels, layer_norm_eps=hf.layer_norm_eps, hidden_act=hf.hidden_act)
+      num_channels=hf.num_channels, layer_norm_eps=hf.layer_norm_eps, hidden_act=hf.hidden_act,
+      model_type=model_type)
+
+
+def _vision_to_hf(v: VisionConfig):
+  """The transformers vision config of `v`: CLIPVisionConfig, or SiglipVisionConfig without the pooling head."""
+  import transformers
+
+  common = dict(
+      hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
+      num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
+      num_channels=v.num_channels, layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act)
+  if v.model_type == "siglip":
+    return transformers.SiglipVisionConfig(**common, vision_use_head=False)
+  return transformers.CLIPVisionConfig(**common)
 
 
 def _text_from_hf(hf) -> TextConfig:

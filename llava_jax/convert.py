@@ -8,7 +8,7 @@ maps to the key transformers 5 writes (`language_model.model.layers.3.mlp.up_pro
              hub (`vision_tower.vision_model.*`, `language_model.model.*`, `language_model.lm_head.*`) spellings,
              for LLaVA-1.5 and LLaVA-NeXT (whose `image_newline` is a top-level parameter)
   clip       a CLIPModel / CLIPVisionModel checkpoint (`vision_model.*`, or bare `encoder.*` as transformers 5
-             saves a CLIPVisionModel; the text tower is ignored)
+             saves a CLIPVisionModel; the text tower is ignored), or the same of SigLIP (its pooling head ignored)
   llm        a LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM checkpoint (`model.*`, `lm_head.*`)
   original   original LLaVA (`model.mm_projector.*`, `model.layers.*`, `lm_head.*`; 1.6 adds `model.image_newline`
              and its trained tower `model.vision_tower.vision_tower.vision_model.*`), the tower's config (and, for
@@ -50,7 +50,7 @@ class Entry:
 
 def _hf_key(path: tuple) -> tuple[str, str]:
   *module, leaf = (str(p) for p in path)
-  kind = "conv" if module[-1:] == ["patch_embedding"] else "linear" if leaf == "kernel" else "plain"
+  kind = ("conv" if module[-1:] == ["patch_embedding"] else "linear") if leaf == "kernel" else "plain"
   name = ".".join(module + [{"kernel": "weight", "scale": "weight", "embedding": "weight"}.get(leaf, leaf)])
   if name.startswith("language_model."):
     name = "language_model.model." + name[len("language_model."):]
@@ -108,7 +108,8 @@ RULES = {
         (r"^image_newline$", "image_newline"),
     ],
     "clip": [
-        (r"^(text_model|text_projection|visual_projection|logit_scale)\b", None),
+        (r"^(text_model|text_projection|visual_projection|logit_scale|logit_bias)\b", None),
+        (r"^(vision_model\.)?head\.", None),  # SigLIP's pooling head: LLaVA never uses it
         (r"^vision_model\.", "vision_tower."),
         (r"^(embeddings|encoder|pre_layrnorm|post_layernorm)\.", r"vision_tower.\1."),  # CLIPVisionModel, v5
     ],
@@ -217,7 +218,7 @@ def plan_conversion(hf: str | None = None, clip: str | None = None, llm: str | N
   """Works out (config, sources, fresh projector?, asset dirs) for the supported inputs:
 
   hf alone: a llava-hf directory; hf + clip: an original LLaVA checkpoint with its CLIP tower;
-  clip + llm: a fresh stage-1 start (projector initialised).
+  clip + llm: a fresh stage-1 start (projector initialised); `clip` may be a SigLIP tower.
   """
   dtype_fields = {} if dtype is None else dict(dtype=jnp.dtype(dtype).name, param_dtype=jnp.dtype(dtype).name)
   if hf is not None and llm is None:
@@ -233,9 +234,11 @@ def plan_conversion(hf: str | None = None, clip: str | None = None, llm: str | N
                        "LLaVA checkpoints or with --llm")
     return LlavaConfig.from_hf(raw, **dtype_fields), [(hf, "llava_hf")], False, [hf]
   if clip is not None and llm is not None and hf is None:
-    text = text_config_from_hf(llm)
-    cfg = LlavaConfig(vision=vision_config_from_hf(clip), text=text, image_token_index=text.vocab_size,
-                      projector_type=projector_type, **dtype_fields)
+    text, vision = text_config_from_hf(llm), vision_config_from_hf(clip)
+    # SigLIP has no CLS to drop: all its patches, as LLaVA-OneVision takes them.
+    select = "default" if vision.has_cls else "full"
+    cfg = LlavaConfig(vision=vision, text=text, image_token_index=text.vocab_size, projector_type=projector_type,
+                      vision_feature_select_strategy=select, **dtype_fields)
     return cfg, [(clip, "clip"), (llm, "llm")], True, [llm, clip]
   raise ValueError("give --hf DIR (llava-hf, or original LLaVA with --clip DIR), or --clip DIR --llm DIR")
 

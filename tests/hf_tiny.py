@@ -16,6 +16,14 @@ def vision_config(**kw):
   return transformers.CLIPVisionConfig(**base)
 
 
+def siglip_vision_config(**kw):
+  """A tiny SigLIP tower as llava-onevision's: no pooling head; 56 px / 14 px patches = 16 features, no CLS."""
+  base = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, image_size=56,
+              patch_size=14, vision_use_head=False)
+  base.update(kw)
+  return transformers.SiglipVisionConfig(**base)
+
+
 def text_config(**kw):
   base = dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=4, vocab_size=64, max_position_embeddings=128, rms_norm_eps=1e-5)

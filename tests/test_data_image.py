@@ -1,4 +1,4 @@
-"""Pixels against transformers' CLIP image processor (PIL backend) on real photographs."""
+"""Pixels against transformers' CLIP and SigLIP image processors (PIL backend) on real photographs."""
 
 import numpy as np
 import pytest
@@ -117,3 +117,35 @@ def test_config_reads_old_and_new_size_spellings(tmp_path):
   assert old == new and new.output_size == (336, 336)
   (tmp_path / "preprocessor_config.json").write_text('{"size": {"shortest_edge": 224}}')
   assert image_lib.ImageProcessorConfig.from_pretrained(str(tmp_path)).shortest_edge == 224
+
+
+def _siglip_config(size):  # a SigLIP preprocessor_config.json as google/siglip-so400m-patch14-384 writes it
+  return image_lib.ImageProcessorConfig.from_dict({
+      "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
+      "image_processor_type": "SiglipImageProcessor", "image_std": [0.5, 0.5, 0.5], "processor_class":
+      "SiglipProcessor", "resample": 3, "rescale_factor": 0.00392156862745098,
+      "size": {"height": size, "width": size}})
+
+
+@pytest.mark.parametrize("size", [384, 56])
+@pytest.mark.parametrize("name", PHOTOS)
+def test_siglip_equals_siglip_image_processor(name, size):
+  """SigLIP resizes straight to size x size (no aspect kept, no centre crop), mean and std 0.5."""
+  photo = _photo(name)
+  processor = transformers.SiglipImageProcessorPil(size={"height": size, "width": size})
+  config = _siglip_config(size)
+  assert not config.do_center_crop and config.output_size == (size, size)
+  ours = image_lib.preprocess_image(photo, config, aspect_ratio="crop")
+  assert ours.shape == (size, size, 3) and ours.dtype == np.float32
+  np.testing.assert_allclose(ours, _hf_pixels(processor, photo), atol=1e-5, rtol=0)
+  # LLaVA's "pad" is the same processor on the image padded to a square of the mean colour (127, 127, 127).
+  expected = _hf_pixels(processor, _expand2square(photo, (127, 127, 127)))
+  np.testing.assert_allclose(image_lib.preprocess_image(photo, config, aspect_ratio="pad"), expected, atol=1e-5,
+                             rtol=0)
+
+
+def test_siglip_defaults_fill_omitted_keys():
+  config = image_lib.ImageProcessorConfig.from_dict({"image_processor_type": "SiglipImageProcessor"})
+  assert (config.height, config.width, config.shortest_edge, config.do_center_crop) == (224, 224, None, False)
+  assert config.image_mean == config.image_std == (0.5, 0.5, 0.5)
+  assert image_lib.ImageProcessorConfig.from_dict({}).do_center_crop  # CLIP's unchanged

@@ -1,7 +1,10 @@
-"""CLIP image preprocessing, equal to transformers' `CLIPImageProcessor` (PIL backend).
+"""CLIP and SigLIP image preprocessing, equal to transformers' `CLIPImageProcessor` and
+`SiglipImageProcessor` (PIL backend).
 
 The steps and their numerics follow `CLIPImageProcessorPil` exactly, so that a
-checkpoint sees the pixels it was trained on:
+checkpoint sees the pixels it was trained on (SigLIP's are the same steps with
+other defaults: resize to `size` {height, width} directly, no centre crop, mean
+and std 0.5):
 
   1. RGB, as LLaVA's `Image.open(path).convert("RGB")` (alpha dropped, not composited);
   2. "pad" only: LLaVA-1.5's `expand2square`, pasting the image centred on a square
@@ -37,11 +40,14 @@ from llava_jax.hub import require_local_folder
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_STANDARD_MEAN = IMAGENET_STANDARD_STD = (0.5, 0.5, 0.5)  # SigLIP's
+# transformers' class defaults where a SigLIP config omits a key (CLIP's are the dataclass's own).
+_SIGLIP_DEFAULTS = dict(image_mean=IMAGENET_STANDARD_MEAN, image_std=IMAGENET_STANDARD_STD, do_center_crop=False)
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageProcessorConfig:
-  """The fields of a HF `preprocessor_config.json` that CLIP preprocessing uses.
+  """The fields of a HF `preprocessor_config.json` that CLIP (or SigLIP) preprocessing uses.
 
   `shortest_edge` resizes keeping the aspect ratio; if it is None, `height` and
   `width` give the exact resize size (a `{"height", "width"}` size in HF terms).
@@ -62,9 +68,11 @@ class ImageProcessorConfig:
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> ImageProcessorConfig:
-    """Reads a `preprocessor_config.json` dict (old and new `size` spellings)."""
-    kw: dict[str, Any] = {}
-    size = d.get("size", 224)
+    """Reads a `preprocessor_config.json` dict (old and new `size` spellings); a `Siglip*` image processor type
+    takes SigLIP's defaults for the keys it omits."""
+    siglip = str(d.get("image_processor_type", "")).startswith("Siglip")
+    kw: dict[str, Any] = dict(_SIGLIP_DEFAULTS) if siglip else {}
+    size = d.get("size", {"height": 224, "width": 224} if siglip else 224)
     if isinstance(size, int):
       kw["shortest_edge"] = size
     elif "shortest_edge" in size:

@@ -2,6 +2,8 @@
 
 `pixel_values` are NHWC. `num_layers` runs only the first layers, which is all LLaVA needs (features come from
 the second-to-last layer); the remaining layers keep their weights so checkpoints round-trip unchanged.
+The encoder (layers take their activation and eps from the config), `patch_embed` and `run_encoder` are shared
+with SigLIP (models/siglip.py), whose encoder layer is CLIP's.
 """
 
 from __future__ import annotations
@@ -14,6 +16,30 @@ from llava_jax.models.attention import dot_product_attention
 from llava_jax.models.layers import Dense, LayerNorm, activation, normal_init, param
 from llava_jax.models.options import ModelOptions
 from llava_jax.models.stack import make_layers, run_layers
+
+
+def patch_embed(pixel_values, conv: nnx.Dict, p: int, num_patches: int, dtype):
+  """[N, H, W, C] -> [N, patches, D] by the patch conv (HWIO `kernel`, optional `bias`), row-major patches."""
+  n, h, w, c = pixel_values.shape
+  if h % p or w % p or (h // p) * (w // p) != num_patches:
+    raise ValueError(f"pixel_values of {h}x{w} do not match this tower's {num_patches} patches of {p}px")
+  # Patchify then one matmul: identical to the strided conv, and a plain GEMM for the compiler.
+  patches = pixel_values.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  patches = patches.reshape(n, (h // p) * (w // p), p * p * c).astype(dtype)
+  x = patches @ conv["kernel"][...].astype(dtype).reshape(p * p * c, -1)
+  return x + conv["bias"][...].astype(dtype) if "bias" in conv else x
+
+
+def run_encoder(encoder, x, options: ModelOptions, num_layers: int) -> list:
+  """[x] and the outputs of the first `num_layers` layers: transformers' `hidden_states`, truncated."""
+  def call(layer, x, _):
+    x = layer(x)
+    return x, x
+
+  # Remat as the decoder (`options.remat`): it costs nothing while the tower is frozen (no gradient reaches it)
+  # and bounds its activations when LLaVA-NeXT's stage 2 trains it.
+  _, outputs = run_layers(encoder.layers, x, call, options, count=num_layers)
+  return [x] + outputs
 
 
 class CLIPEmbeddings(nnx.Module):
@@ -30,16 +56,9 @@ class CLIPEmbeddings(nnx.Module):
         rngs, normal_init(), (cfg.num_patches + 1, d), (None, "embed"), param_dtype))
 
   def __call__(self, pixel_values):
-    n, h, w, c = pixel_values.shape
-    p = self.patch_size
-    if h % p or w % p or (h // p) * (w // p) + 1 != self.position_embedding["embedding"].shape[0]:
-      raise ValueError(f"pixel_values of {h}x{w} do not match this tower's "
-                       f"{self.position_embedding['embedding'].shape[0] - 1} patches of {p}px")
-    # Patchify then one matmul: identical to the strided conv, and a plain GEMM for the compiler.
-    patches = pixel_values.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    patches = patches.reshape(n, (h // p) * (w // p), p * p * c).astype(self.dtype)
-    kernel = self.patch_embedding["kernel"][...].astype(self.dtype).reshape(p * p * c, -1)
-    x = patches @ kernel
+    n = pixel_values.shape[0]
+    x = patch_embed(pixel_values, self.patch_embedding, self.patch_size,
+                    self.position_embedding["embedding"].shape[0] - 1, self.dtype)
     cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (n, 1, x.shape[-1]))
     x = jnp.concatenate([cls, x], axis=1)
     return x + self.position_embedding["embedding"][...].astype(self.dtype)[None]
@@ -113,12 +132,4 @@ class CLIPVisionTower(nnx.Module):
   def __call__(self, pixel_values, num_layers: int | None = None) -> list:
     """pixel_values [N, H, W, C] -> list of hidden states [N, 1 + patches, D], `num_layers + 1` long."""
     num_layers = self.config.num_hidden_layers if num_layers is None else num_layers
-    x = self.pre_layrnorm(self.embeddings(pixel_values))
-    def call(layer, x, _):
-      x = layer(x)
-      return x, x
-
-    # Remat as the decoder (`options.remat`): it costs nothing while the tower is frozen (no gradient reaches it)
-    # and bounds its activations when LLaVA-NeXT's stage 2 trains it.
-    _, outputs = run_layers(self.encoder.layers, x, call, self.options, count=num_layers)
-    return [x] + outputs
+    return run_encoder(self.encoder, self.pre_layrnorm(self.embeddings(pixel_values)), self.options, num_layers)

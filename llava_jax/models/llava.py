@@ -1,5 +1,5 @@
-"""LLaVA: CLIP features from chosen hidden layers -> projector -> spliced into the token embeddings where
-`input_ids == image_token_index` -> LLaMA decoder -> logits. Semantics follow transformers'
+"""LLaVA: CLIP (or SigLIP) features from chosen hidden layers -> projector -> spliced into the token embeddings
+where `input_ids == image_token_index` -> LLaMA decoder -> logits. Semantics follow transformers'
 LlavaForConditionalGeneration, with positions derived from the attention mask (as HF's `generate` does) so a
 left-padded row gives the logits of that row alone.
 """
@@ -14,9 +14,13 @@ from flax import nnx
 from llava_jax.config import LlavaConfig
 from llava_jax.models.attention import SelfAttentionMask, causal_mask
 from llava_jax.models.clip import CLIPVisionTower
+from llava_jax.models.siglip import SiglipVisionTower
 from llava_jax.models.layers import Dense, activation, normal_init, param, torch_linear_init
 from llava_jax.models.llama import DecoderOutput, LlamaModel
 from llava_jax.models.options import ModelOptions
+
+
+VISION_TOWERS = {"clip": CLIPVisionTower, "siglip": SiglipVisionTower}
 
 
 class MultiModalProjector(nnx.Module):
@@ -101,7 +105,7 @@ class Llava(nnx.Module):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     kw = dict(rngs=rngs, param_dtype=jnp.dtype(cfg.param_dtype), dtype=jnp.dtype(cfg.dtype))
     self.config, self.options, self.assets_dir = cfg, options, assets_dir
-    self.vision_tower = CLIPVisionTower(cfg.vision, options=options, **kw)
+    self.vision_tower = VISION_TOWERS[cfg.vision.model_type](cfg.vision, options=options, **kw)
     self.multi_modal_projector = MultiModalProjector(cfg, **kw)
     self.language_model = LlamaModel(cfg.text, options=options, **kw)
     self.logits_dtype = jnp.dtype(options.logits_dtype or cfg.dtype)
@@ -120,7 +124,8 @@ class Llava(nnx.Module):
     n_states = self.config.vision.num_hidden_layers + 1
     layers = [l % n_states for l in self.config.feature_layers]
     hidden = self.vision_tower(pixel_values, num_layers=max(layers))
-    start = 1 if self.config.vision_feature_select_strategy == "default" else 0  # default drops CLS
+    # "default" drops the first token: CLIP's CLS; for SigLIP (no CLS) a patch, as transformers' Llava does.
+    start = 1 if self.config.vision_feature_select_strategy == "default" else 0
     features = jnp.concatenate([hidden[l][:, start:] for l in layers], axis=-1)
     return self.multi_modal_projector(features)
 

@@ -19,7 +19,6 @@ from transformers.models.llava_onevision import processing_llava_onevision as hf
 
 import hf_tiny
 from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
-from llava_jax.data.image import ImageProcessorConfig
 from llava_jax.data.layout import layout_for
 from llava_jax.data.onevision_batch import assign_images, assign_videos
 from llava_jax.generation import generate

@@ -127,13 +127,19 @@ def decode_step(model: Llava, token, caches, key_valid, position, index):
   return model.logits_from_hidden(out.hidden[:, -1]).astype(jnp.float32), out.caches, key_valid
 
 
-def image_inputs(model: Llava, input_ids, pixel_values=None, image_mask=None, image_sizes=None) -> dict:
-  """`Llava.embed`'s image inputs for (left-padded) prompts; LLaVA-NeXT's feature rows are computed here, on the
-  host, so the compiled prefill sees fixed shapes whatever the image sizes."""
-  rows = model.feature_rows(np.asarray(input_ids), pixel_values, None if image_sizes is None else
-                            np.asarray(image_sizes))
-  return {"pixel_values": None if pixel_values is None else jnp.asarray(pixel_values), "image_mask": image_mask,
-          "image_feature_rows": rows}
+def image_inputs(model: Llava, input_ids, pixel_values=None, image_mask=None, image_sizes=None,
+                 pixel_values_videos=None) -> dict:
+  """`Llava.embed`'s image (and OneVision's video) inputs for (left-padded) prompts; LLaVA-NeXT's feature rows
+  (OneVision's taps and weights) are computed here, on the host, so the compiled prefill sees fixed shapes
+  whatever the image sizes."""
+  images = model.feature_inputs(np.asarray(input_ids), pixel_values,
+                                None if image_sizes is None else np.asarray(image_sizes), pixel_values_videos)
+  images = {k: v for k, v in images.items() if v is not None}  # the keys a caller without them expects
+  images.update(pixel_values=None if pixel_values is None else jnp.asarray(pixel_values), image_mask=image_mask)
+  images.setdefault("image_feature_rows", None)
+  if pixel_values_videos is not None:
+    images["pixel_values_videos"] = jnp.asarray(pixel_values_videos)
+  return images
 
 
 # -- compiled: the whole loop (generate, eval), prefill + step (stream), a row of a shared batch (the engine) -------

@@ -35,14 +35,16 @@ def _eos_ids(model, eos_token_id) -> tuple[int, ...]:
 
 def generate(model: Llava, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int = 64,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None, pad_token_id=None,
-             image_mask=None, image_sizes=None, seed: int = 0, prompt_bucket: int = 32) -> np.ndarray:
+             image_mask=None, image_sizes=None, seed: int = 0, prompt_bucket: int = 32,
+             pixel_values_videos=None) -> np.ndarray:
   """New tokens [B, max_new_tokens] for left-padded prompts; rows that hit EOS continue with `pad_token_id`.
 
-  `eos_token_id` defaults to the model config's; pass () to never stop early. LLaVA-NeXT needs `image_sizes`.
+  `eos_token_id` defaults to the model config's; pass () to never stop early. LLaVA-NeXT needs `image_sizes`;
+  OneVision's videos come as `pixel_values_videos` [V, F, H, W, 3].
   """
   pad_id = _pad_id(model, pad_token_id)
   input_ids, attention_mask = _prompts(input_ids, attention_mask, prompt_bucket, pad_id)
-  images = image_inputs(model, input_ids, pixel_values, image_mask, image_sizes)
+  images = image_inputs(model, input_ids, pixel_values, image_mask, image_sizes, pixel_values_videos)
   graphdef, state = nnx.split(model)
   out = decode_loop(graphdef, state, input_ids, attention_mask, images, seed_array(seed),
                     max_new_tokens=max_new_tokens, sampling=Sampling(temperature, top_p, top_k),
@@ -52,12 +54,13 @@ def generate(model: Llava, input_ids, pixel_values=None, attention_mask=None, *,
 
 def stream(model: Llava, input_ids, pixel_values=None, attention_mask=None, *, max_new_tokens: int = 512,
            temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, eos_token_id=None, pad_token_id=None,
-           seed: int = 0, prompt_bucket: int = 32, image_mask=None, image_sizes=None) -> Iterator[np.ndarray]:
+           seed: int = 0, prompt_bucket: int = 32, image_mask=None, image_sizes=None,
+           pixel_values_videos=None) -> Iterator[np.ndarray]:
   """Yields the next token of every row as it is produced ([B] int32); stops when all rows have hit EOS or after
   `max_new_tokens`. The caller may stop early (e.g. on a stop string). One compile per shape, as `generate`."""
   sampling = Sampling(temperature, top_p, top_k)
   input_ids, attention_mask = _prompts(input_ids, attention_mask, prompt_bucket, _pad_id(model, pad_token_id))
-  images = image_inputs(model, input_ids, pixel_values, image_mask, image_sizes)
+  images = image_inputs(model, input_ids, pixel_values, image_mask, image_sizes, pixel_values_videos)
   graphdef, state = nnx.split(model)
   t, seed = input_ids.shape[1], seed_array(seed)
   token, caches, key_valid, position = prefill_sample(graphdef, state, input_ids, attention_mask, images, seed,

@@ -7,6 +7,10 @@ default), and a batch is left-padded for generation.
 LLaVA-NeXT (a model whose config has `image_grid_pinpoints`) instead follows `LlavaNextProcessor`: each image is
 cut into anyres tiles (`llava_jax.data.layout.AnyresLayout`), its "<image>" becomes that image's own number of
 tokens, and the batch carries `image_sizes` so that the model can place the tile features.
+
+LLaVA-OneVision (a config with `vision_aspect_ratio`) follows `LlavaOnevisionProcessor` (`processor_onevision.py`):
+an image alone in its prompt is tiled in full, each of several images in a prompt takes its base tile only, and
+"<video>" tags take videos (frames) as `pixel_values_videos`.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ from PIL import Image
 from llava_jax.config import TOKENIZATIONS
 from llava_jax.data.conversation import DEFAULT_IMAGE_TOKEN, get_template
 from llava_jax.data.image import ImageProcessorConfig, preprocess_image, read_processor_files, to_rgb
-from llava_jax.data.layout import AnyresLayout, layout_for
+from llava_jax.data.layout import AnyresLayout, OneVisionLayout, layout_for
 from llava_jax.data.text import encode_prompt
 from llava_jax.padding import left_pad
+from llava_jax.processor_onevision import call_onevision, onevision_checks
 
 SETTINGS_FILE = "llava_jax_processor.json"  # in a checkpoint's assets: {"template", "image_aspect_ratio"}
 
@@ -41,7 +46,8 @@ class Processor:
   def __init__(self, tokenizer, image_config: ImageProcessorConfig, *, num_image_tokens: int,
                image_token_index: int, template: str = "vicuna_v1", aspect_ratio: str = "pad",
                anyres: AnyresLayout | None = None, max_tiles: int | None = None, max_length: int | None = None,
-               tokenization: str = "reference", chat_template: str | None = None):
+               tokenization: str = "reference", chat_template: str | None = None,
+               video_token_index: int | None = None, max_frames: int | None = None):
     """`anyres` switches to LLaVA-NeXT's tiling; `max_tiles` then fixes the tile slots per image (e.g.
     `anyres.max_tiles` for static shapes) instead of the batch's maximum. `max_length` (the model's context,
     `text.max_position_embeddings`): a longer prompt is a PromptTooLongError, not silent garbage.
@@ -49,7 +55,9 @@ class Processor:
     `tokenization` gives the ids the checkpoint saw: "hf" the whole prompt at once with "<image>" the tokenizer's
     special token (transformers' LlavaProcessor), "reference" chunk by chunk around it (the original LLaVA's
     `tokenizer_image_token`). They differ, e.g. by a "▁" after each image with a non-legacy LLaMA tokenizer.
-    `chat_template`: the checkpoint's own (jinja), kept for callers; prompts use `template`."""
+    `chat_template`: the checkpoint's own (jinja), kept for callers; prompts use `template`.
+    OneVision (`anyres` a `OneVisionLayout`): `video_token_index` is "<video>"'s id, `max_frames` fixes the frame
+    slots per video (else the batch's longest)."""
     if tokenization not in TOKENIZATIONS:
       raise ValueError(f"tokenization {tokenization!r} is not one of {TOKENIZATIONS}")
     if tokenization == "hf":
@@ -59,7 +67,10 @@ class Processor:
     self.num_image_tokens, self.image_token_index = num_image_tokens, image_token_index
     self.template, self.aspect_ratio = get_template(template), aspect_ratio
     self.anyres, self.max_tiles = anyres, max_tiles
-    if anyres is not None and image_config.crop_height != anyres.tile:
+    self.video_token_index, self.max_frames = video_token_index, max_frames
+    if isinstance(anyres, OneVisionLayout):
+      onevision_checks(self)
+    elif anyres is not None and image_config.crop_height != anyres.tile:
       raise ValueError(f"the image processor's tiles ({image_config.crop_height} px crop) differ from the vision "
                        f"tower's image size {anyres.tile}")
 
@@ -86,20 +97,31 @@ class Processor:
                template=template or settings.get("template", "vicuna_v1"),
                aspect_ratio=aspect_ratio or settings.get("image_aspect_ratio", "pad"),
                anyres=anyres_geometry(cfg, files.image_processor),
-               tokenization=tokenization or cfg.tokenization, chat_template=files.chat_template)
+               tokenization=tokenization or cfg.tokenization, chat_template=files.chat_template,
+               video_token_index=cfg.video_token_index)
 
   def prompt(self, turns: Sequence[str], image: bool) -> str:
     """The template's generation prompt for alternating user/assistant turns ending with the user's."""
     return self.template.generation_prompt(list(turns), image=image)
 
-  def __call__(self, prompts: str | Sequence[str], images=None, max_tiles: int | None = None) -> dict:
+  def __call__(self, prompts: str | Sequence[str], images=None, max_tiles: int | None = None, videos=None,
+               max_frames: int | None = None) -> dict:
     """Rendered prompts (with "<image>" tags) and images (PIL / arrays / paths, in tag order) -> left-padded
     {input_ids [B, T] int32, attention_mask [B, T] int32, pixel_values [N, H, W, 3] float32 or None}.
 
     With anyres (LLaVA-NeXT): pixel_values is [N, P, H, W, 3], each image's tiles (base first) then zero
     tiles up to P (`max_tiles`, else the processor's, else the batch's maximum), and `image_sizes` [N, 2]
-    int32 (height, width) is added; each "<image>" becomes its image's `num_image_tokens`."""
+    int32 (height, width) is added; each "<image>" becomes its image's `num_image_tokens`.
+
+    OneVision: as anyres, an image in a prompt of several as its base tile only (one real tile), and `videos`
+    (each a list of frames, PIL / arrays, an array [F, h, w, 3] or a folder of image files, in "<video>"-tag order)
+    as `pixel_values_videos` [V, F, H, W, 3] float32 (zero frames after each video's own up to F, `max_frames` or
+    the longest), each "<video>" as frames * 196 + 1 video tokens; `image_base_only` [N] bool says which."""
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if isinstance(self.anyres, OneVisionLayout):
+      return call_onevision(self, prompts, images, videos, max_tiles, max_frames)
+    if videos is not None:
+      raise ValueError("videos need a LLaVA-OneVision model (a config with vision_aspect_ratio)")
     if self.anyres is not None:
       return self._call_anyres(prompts, images, max_tiles)
     rows = [self._encode(p, self.num_image_tokens) for p in prompts]

@@ -137,7 +137,7 @@ LAYERS = [
     ("llava_jax/eval/, serve/", ["llava_jax.eval", "llava_jax.serve"]),
     ("llava_jax/train/", ["llava_jax.train"]),
     ("llava_jax/__init__.py", ["llava_jax"]),
-    ("llava_jax/processor.py", ["llava_jax.processor"]),
+    ("llava_jax/processor.py", ["llava_jax.processor", "llava_jax.processor_onevision"]),
     ("llava_jax/generation.py", ["llava_jax.generation"]),
     ("llava_jax/decoding.py", ["llava_jax.decoding"]),
     ("llava_jax/convert.py", ["llava_jax.convert"]),

@@ -27,6 +27,7 @@ from llava_jax.data import onevision
 from llava_jax.data.anyres import (anyres_tiles, check_semantics, grid_shape, max_num_image_tokens, max_tiles,
                                    num_image_tokens, num_tiles, tile_features, unpadded_grid)
 from llava_jax.data.image import ImageProcessorConfig
+from llava_jax.data.onevision_batch import OneVisionBatch
 
 NEWLINE = -1  # `feature_index` value of a position that takes the `image_newline` vector
 
@@ -304,11 +305,12 @@ AnyresGeometry = AnyresLayout  # the earlier name
 
 
 @dataclasses.dataclass(frozen=True)
-class OneVisionLayout(ImageLayout):
+class OneVisionLayout(OneVisionBatch, ImageLayout):
   """LLaVA-OneVision: anyres tiles whose unpadded grid map is shrunk bilinearly to about `max_grid_tiles` tiles'
   area, so a token mixes up to four features (`taps` rows and `feature_weights`); an image in a prompt of several
   takes its base tile only (`base_only`), a video frame one tile pooled to half a side (`video_*`). The geometry
-  and the taps are `data/onevision.py`'s. A tile gives pps^2 features (SigLIP: no CLS)."""
+  and the taps are `data/onevision.py`'s, the batch operations (which images are base-only, each video's frames)
+  `data/onevision_batch.py`'s. A tile gives pps^2 features (SigLIP: no CLS)."""
   pinpoints: tuple[tuple[int, int], ...]
   tile: int
   patches_per_side: int

@@ -92,6 +92,14 @@ def image_feature_weights(cfg: LlavaConfig, input_ids, image_sizes) -> np.ndarra
   return image_layout(cfg).token_weights(input_ids, cfg.image_token_index, image_sizes)
 
 
+def video_feature_taps(cfg: LlavaConfig, input_ids, videos_shape) -> tuple[np.ndarray, np.ndarray]:
+  """OneVision, on the host: (rows int32 [B, T, taps], weights float32 [B, T, taps]) of the video tokens for
+  pixel_values_videos of shape `videos_shape` (V, F, ...): each video's frames read from its token count
+  (`OneVisionBatch.video_frame_counts`), rows into the videos' frame features with the newline one past them."""
+  videos, frames = int(videos_shape[0]), int(videos_shape[1])
+  return image_layout(cfg).video_token_taps(input_ids, cfg.video_token_index, videos, frames)
+
+
 image_feature_weights_ = image_feature_weights  # the module function, beside `__call__`'s argument of that name
 
 
@@ -130,14 +138,17 @@ class Llava(nnx.Module):
     return self.multi_modal_projector(features)
 
   def embed(self, input_ids, pixel_values=None, image_mask=None, image_feature_rows=None, images_by_row=False,
-            image_feature_weights=None):
+            image_feature_weights=None, pixel_values_videos=None, video_feature_rows=None,
+            video_feature_weights=None):
     """Token embeddings with image features scattered, in order, into the image-token positions.
 
     pixel_values: [N, H, W, C] (or [B, M, H, W, C], flattened row-major); image_mask [N] (or [B, M]) marks
     real images, so a fixed-shape batch can carry blank slots for rows without one. LLaVA-NeXT: pixel_values
     [N, P, H, W, C] (or [B, M, P, H, W, C]): each image's tiles, and `image_feature_rows` [B, T] from
     `image_feature_rows(...)` places their features (OneVision: [B, T, taps] rows mixed by
-    `image_feature_weights` [B, T, taps]).
+    `image_feature_weights` [B, T, taps]). OneVision's videos: pixel_values_videos [V, F, H, W, C] (zero frames
+    after each video's own) with `video_feature_rows` / `video_feature_weights` [B, T, taps] from
+    `video_feature_taps(...)`, rows into the videos' own table.
 
     `images_by_row`: pixel_values[b] ([B, ...] or [B, M, ...]) are row b's own images and each row takes only
     those (for LLaVA-NeXT, `image_feature_rows` then count within the row: `ImageLayout.row_local_rows`). The
@@ -145,15 +156,27 @@ class Llava(nnx.Module):
     features only, so the splice stays split with the batch on a mesh (the batch-wide gather makes every device
     hold every row's features). The train step uses it.
     """
-    image_token = self.config.image_token_index
+    image_token, video_token = self.config.image_token_index, self.config.video_token_index
     is_image = input_ids == image_token
+    is_video = None if video_token is None or not self.config.is_onevision else input_ids == video_token
+    placeholder = is_image if is_video is None else is_image | is_video
     # The placeholder id may lie outside the vocabulary (original LLaVA); its embedding is replaced anyway.
-    embeds = self.language_model.embed_tokens(jnp.where(is_image, 0, input_ids))
+    embeds = self.language_model.embed_tokens(jnp.where(placeholder, 0, input_ids))
+    if pixel_values_videos is None and is_video is not None and _is_concrete(input_ids) and bool(is_video.any()):
+      raise ValueError(f"input_ids hold {int(is_video.sum())} video tokens (id {video_token}) but no "
+                       "pixel_values_videos were given")
+    if pixel_values_videos is not None and is_video is None:
+      raise ValueError("pixel_values_videos need a LLaVA-OneVision config with a video_token_index")
     if pixel_values is None:
       if _is_concrete(input_ids) and bool(is_image.any()):
         raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens (id {image_token}) but no "
                          "pixel_values were given")
-      return embeds
+      if pixel_values_videos is None:
+        return embeds
+    if pixel_values_videos is not None:
+      return self._embed_with_videos(embeds, is_image, is_video, pixel_values, image_feature_rows,
+                                     image_feature_weights, pixel_values_videos, video_feature_rows,
+                                     video_feature_weights, images_by_row)
     if image_layout(self.config).places_features:
       return self._embed_tiles(embeds, is_image, pixel_values, image_feature_rows, images_by_row,
                                image_feature_weights)
@@ -190,6 +213,38 @@ class Llava(nnx.Module):
     spliced = image_layout(self.config).gather(features, self.image_newline[...], rows, xp=jnp, weights=weights)
     return jnp.where(is_image[..., None], spliced.astype(embeds.dtype).reshape(embeds.shape), embeds)
 
+  def _embed_with_videos(self, embeds, is_image, is_video, pixel_values, image_rows, image_weights, videos,
+                         video_rows, video_weights, images_by_row):
+    """OneVision with videos: every frame through the tower and projector as an image tile; one weighted gather
+    from [image slot features..., video frame features..., image_newline], the host's image rows (newline one
+    past the images) and video rows (newline one past the videos) moved onto that one table."""
+    if images_by_row:
+      raise ValueError("videos are spliced batch-wide only (images_by_row=False)")
+    if video_rows is None or video_weights is None:
+      raise ValueError("pixel_values_videos need video_feature_rows and video_feature_weights (or image_sizes "
+                       "and concrete input_ids, from which they are computed)")
+    dim = self.config.text.hidden_size
+    tables = []
+    if pixel_values is not None:
+      if image_rows is None or image_weights is None:
+        raise ValueError("a LLaVA-OneVision model needs image_sizes (or image_feature_rows and "
+                         "image_feature_weights) with pixel_values")
+      tables.append(self.image_features(pixel_values.reshape(-1, *pixel_values.shape[-3:])).reshape(-1, dim))
+    tables.append(self.image_features(videos.reshape(-1, *videos.shape[-3:])).reshape(-1, dim))
+    n_image = tables[0].shape[0] if pixel_values is not None else 0
+    n_video, total = tables[-1].shape[0], sum(t.shape[0] for t in tables)
+    video_rows = jnp.where(video_rows == n_video, total, video_rows + n_image)
+    rows, weights = video_rows, video_weights
+    if pixel_values is not None:
+      image_rows = jnp.where(image_rows == n_image, total, image_rows)
+      rows = jnp.where(is_video[..., None], video_rows, image_rows)
+      weights = jnp.where(is_video[..., None], video_weights, image_weights)
+    features = jnp.concatenate(tables)[None]
+    taps = rows.shape[-1]
+    spliced = image_layout(self.config).gather(features, self.image_newline[...], rows.reshape(1, -1, taps),
+                                               xp=jnp, weights=weights.reshape(1, -1, taps))
+    return jnp.where((is_image | is_video)[..., None], spliced.astype(embeds.dtype).reshape(embeds.shape), embeds)
+
   def logits_from_hidden(self, hidden):
     if self.lm_head is None:
       return self.language_model.embed_tokens.attend(hidden, self.logits_dtype)
@@ -213,9 +268,27 @@ class Llava(nnx.Module):
                        "under jit pass image_feature_rows (llava_jax.models.llava.image_feature_rows) instead")
     return jnp.asarray(image_feature_rows(self.config, input_ids, image_sizes, pixel_values.shape[-4]))
 
+  def feature_inputs(self, input_ids, pixel_values=None, image_sizes=None, pixel_values_videos=None) -> dict:
+    """`embed`'s host-computed inputs from concrete input_ids and image_sizes: image_feature_rows (and, for
+    OneVision, image_feature_weights, and the video rows and weights with pixel_values_videos); None where not
+    needed. Which OneVision images are base-only is read from the rows' token counts (`assign_images`)."""
+    out = {"image_feature_rows": self.feature_rows(input_ids, pixel_values, image_sizes)}
+    taps = image_layout(self.config).taps > 1
+    out["image_feature_weights"] = (jnp.asarray(image_feature_weights_(self.config, input_ids, image_sizes))
+                                    if taps and out["image_feature_rows"] is not None else None)
+    out["video_feature_rows"] = out["video_feature_weights"] = None
+    if pixel_values_videos is not None:
+      if not _is_concrete(input_ids):
+        raise ValueError("pixel_values_videos need concrete input_ids; under jit pass video_feature_rows and "
+                         "video_feature_weights (llava_jax.models.llava.video_feature_taps) instead")
+      rows, weights = video_feature_taps(self.config, np.asarray(input_ids), pixel_values_videos.shape)
+      out["video_feature_rows"], out["video_feature_weights"] = jnp.asarray(rows), jnp.asarray(weights)
+    return out
+
   def __call__(self, input_ids, pixel_values=None, attention_mask=None, *, image_sizes=None, image_mask=None,
                positions=None, segment_ids=None, image_feature_rows=None, return_hidden: bool = False,
-               head: bool = True, images_by_row: bool = False, image_feature_weights=None):
+               head: bool = True, images_by_row: bool = False, image_feature_weights=None,
+               pixel_values_videos=None, video_feature_rows=None, video_feature_weights=None):
     """input_ids [B, T] -> logits [B, T, vocab] (and all decoder hidden states if `return_hidden`). `head=False`
     returns the final (normed) hidden states [B, T, D] instead of logits, for a loss that applies
     `logits_from_hidden` itself, piece by piece (the train step's chunked loss). `images_by_row`: see `embed`.
@@ -223,12 +296,17 @@ class Llava(nnx.Module):
     attention_mask [B, T] (1 = real token) gives positions cumsum - 1 and masks padded keys. For packed rows pass
     `segment_ids` [B, T] (0 = padding) and `positions`: attention stays within a segment. LLaVA-NeXT takes
     pixel_values [N, P, H, W, 3] (each image's tiles, then blank ones) and image_sizes [N, 2] (height, width).
-    OneVision's rows carry taps; their `image_feature_weights` are computed with them from image_sizes.
+    OneVision's rows carry taps; their `image_feature_weights` are computed with them from image_sizes, and
+    pixel_values_videos [V, F, H, W, 3] take their rows and weights from input_ids alone.
     """
-    given = image_feature_rows
-    image_feature_rows = self.feature_rows(input_ids, pixel_values, image_sizes, image_feature_rows)
-    if given is None and image_feature_rows is not None and image_layout(self.config).taps > 1:
-      image_feature_weights = jnp.asarray(image_feature_weights_(self.config, input_ids, image_sizes))
+    if image_feature_rows is None or (pixel_values_videos is not None and video_feature_rows is None):
+      computed = self.feature_inputs(input_ids, pixel_values if image_feature_rows is None else None, image_sizes,
+                                     pixel_values_videos if video_feature_rows is None else None)
+      if image_feature_rows is None:
+        image_feature_rows = computed["image_feature_rows"]
+        image_feature_weights = computed["image_feature_weights"]
+      if video_feature_rows is None:
+        video_feature_rows, video_feature_weights = computed["video_feature_rows"], computed["video_feature_weights"]
     b, t = input_ids.shape
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), jnp.int32) if segment_ids is None else (segment_ids > 0)
@@ -238,7 +316,7 @@ class Llava(nnx.Module):
     # Described, not materialised: the memory-efficient kernels never build [T, T] (models/attention.py).
     mask = SelfAttentionMask(attention_mask, segment_ids, self.config.text.sliding_window)
     embeds = self.embed(input_ids, pixel_values, image_mask, image_feature_rows, images_by_row,
-                        image_feature_weights)
+                        image_feature_weights, pixel_values_videos, video_feature_rows, video_feature_weights)
     out = self.decode(embeds, positions, mask, return_hidden=return_hidden)
     logits = self.logits_from_hidden(out.hidden) if head else out.hidden
     return (logits, out.all_hidden) if return_hidden else logits

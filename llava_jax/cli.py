@@ -41,25 +41,25 @@ def _export(args):
   print(f"wrote {args.out}")
 
 
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
-  return value
+def _int_in(low: int, high: int | None, what: str):
+  """An argparse type: an integer from `low` (to `high`), else a usage error saying `what` it must be."""
+
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < low or (high is not None and value > high):
+      raise argparse.ArgumentTypeError(f"{value} is not {what}")
+    return value
+
+  return parse
 
 
-def _non_negative_int(text: str) -> int:
-  """--limit: 0 answers nothing (a score of the answers already in OUT); a negative N used to mean "all but N"."""
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"{value} is negative; give 0 or more")
-  return value
+_positive_int = _int_in(1, None, "a positive integer")
+# --limit: 0 answers nothing (a score of the answers already in OUT); a negative N used to mean "all but N".
+_non_negative_int = _int_in(0, None, "0 or more")
+_port = _int_in(0, 65535, "a TCP port (0 to 65535)")
 
 
 def _read_image(path: str | None):
@@ -176,16 +176,6 @@ def _eval(args):
   evaluate(args.task, args.data, args.out, ckpt=args.ckpt, answers=args.answers, template=args.template,
            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, prompt_bucket=args.prompt_bucket,
            dtype=args.dtype, limit=args.limit, progress=not args.quiet)
-
-
-def _port(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if not 0 <= value <= 65535:
-    raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0 to 65535)")
-  return value
 
 
 def _serve_flags(p):

@@ -43,13 +43,15 @@ def check_fields(record, fields: dict | None, where: str):
                            f"{expected}")
 
 
-def _parse(raw: bytes, where: str):
+def _parse(raw: bytes, where: str, name_line: bool = False):
+  """JSON of `raw`; an error names `where` (with `name_line`, also the line of a whole file that is wrong)."""
   try:
     return json.loads(raw.decode("utf-8"))
   except UnicodeDecodeError as e:
     raise EvalInputError(f"{where}: not UTF-8 text (byte {e.start + 1})") from None
   except json.JSONDecodeError as e:
-    raise EvalInputError(f"{where}: not valid JSON (column {e.colno}: {e.msg})") from None
+    line = f":{e.lineno}" if name_line else ""
+    raise EvalInputError(f"{where}{line}: not valid JSON (column {e.colno}: {e.msg})") from None
 
 
 def is_torn(raw: bytes) -> bool:
@@ -86,13 +88,7 @@ def read_jsonl(path: str, fields: dict | None = None, *, torn_tail_ok: bool = Fa
 def read_json(path: str):
   """A whole JSON file; bad JSON names the file and line."""
   with open(path, "rb") as f:
-    raw = f.read()
-  try:
-    return json.loads(raw.decode("utf-8"))
-  except UnicodeDecodeError as e:
-    raise EvalInputError(f"{path}: not UTF-8 text (byte {e.start + 1})") from None
-  except json.JSONDecodeError as e:
-    raise EvalInputError(f"{path}:{e.lineno}: not valid JSON (column {e.colno}: {e.msg})") from None
+    return _parse(f.read(), path, name_line=True)
 
 
 def image_path(root: str, name) -> tuple[str, str | None]:

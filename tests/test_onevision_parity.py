@@ -1,5 +1,6 @@
 """LLaVA-OneVision: our Llava loaded from a saved transformers LlavaOnevisionForConditionalGeneration (PyTorch, CPU,
-fp32) against it: logits, greedy generation, the config mapping and the export round trip. One image per prompt.
+fp32) against it: logits, greedy generation, the config mapping, `convert` and the export round trip, and the same
+weights in the original (lmms-lab) layout. One image per prompt.
 
 Tiny random models: a 56-px SigLIP with 14-px patches (4x4 features a tile), a Qwen2 with GQA and q/k/v biases
 (tied and untied), OneVision's 36 pinpoints scaled by 56 / 384, and anyres_max_2, so a grid map above
@@ -11,11 +12,13 @@ import json
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.torch
 import torch
 import transformers
 
 import hf_tiny
-from llava_jax import export_hf, generate, load_hf_checkpoint
+from llava_jax import export_hf, generate, load_checkpoint, load_hf_checkpoint
+from llava_jax.cli import main as cli
 from llava_jax.config import LlavaConfig
 from llava_jax.data import onevision
 from llava_jax.decoding import image_inputs
@@ -179,3 +182,59 @@ def test_export_round_trip_is_bit_identical(models, tmp_path):
     assert torch.equal(got[key], value), key
   again = load_hf_checkpoint(str(tmp_path / "out"))
   assert again.config == ours.config
+
+
+def test_cli_convert_reads_the_llava_hf_directory(models, tmp_path):
+  _, folder, ours = models
+  assert cli(["convert", "--hf", str(folder), "--out", str(tmp_path / "ckpt"), "--quiet"]) == 0
+  loaded = load_checkpoint(str(tmp_path / "ckpt"))
+  assert loaded.config == ours.config
+  ids, mask, pixels, sizes = make_batch([[1, 5, SHRUNK, 7]])
+  np.testing.assert_array_equal(ours_logits(loaded, ids, mask, pixels, sizes), ours_logits(ours, ids, mask, pixels,
+                                                                                            sizes))
+
+
+# -- the original layout (lmms-lab, `LlavaQwenForCausalLM`) --------------------------------------------------------
+
+
+def original_directory(hf, root):
+  """`hf`'s weights under the original names, its config as the original's `mm_*` keys, and the SigLIP directory
+  `--clip` names: one layer longer (the original drops the last) and with the pooling head."""
+  renames = [("model.language_model.", "model."), ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+             ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+             ("model.vision_tower.vision_model.", "model.vision_tower.vision_tower.vision_model."),
+             ("model.vision_tower.", "model.vision_tower.vision_tower.vision_model.")]
+  tensors = {}
+  for key, value in hf.state_dict().items():
+    if key == "lm_head.weight" and hf.config.tie_word_embeddings:
+      continue
+    old = next((o for o, _ in renames if key.startswith(o)), None)
+    tensors[key if old is None else dict(renames)[old] + key[len(old):]] = value.contiguous()
+  (root / "llava").mkdir()
+  safetensors.torch.save_file(tensors, str(root / "llava" / "model.safetensors"))
+  vision = hf.config.vision_config
+  config = {**hf.config.text_config.to_dict(), "architectures": ["LlavaQwenForCausalLM"], "model_type": "llava",
+            "tie_word_embeddings": hf.config.tie_word_embeddings, "mm_vision_tower": "google/siglip-so400m-patch14-384",
+            "mm_projector_type": "mlp2x_gelu", "mm_hidden_size": vision.hidden_size, "mm_vision_select_layer": -2,
+            "mm_vision_select_feature": "patch", "image_aspect_ratio": f"anyres_max_{MAX}",
+            "image_grid_pinpoints": PINPOINTS, "mm_patch_merge_type": "spatial_unpad", "image_token_index": 151646}
+  (root / "llava" / "config.json").write_text(json.dumps(config))
+  siglip = hf_tiny.siglip_vision_config(num_hidden_layers=vision.num_hidden_layers + 1, vision_use_head=True)
+  siglip.save_pretrained(root / "siglip")
+  return str(root / "llava"), str(root / "siglip")
+
+
+def test_original_layout_loads_with_its_siglip_directory(models, tmp_path):
+  hf, _, ours = models
+  llava_dir, siglip_dir = original_directory(hf, tmp_path)
+  original = load_hf_checkpoint(llava_dir, clip=siglip_dir)
+  cfg = original.config
+  assert cfg.vision.num_hidden_layers == 3 and cfg.vision_feature_layer == -1 and cfg.is_onevision
+  assert cfg.tokenization == "reference" and cfg.image_token_index == cfg.text.vocab_size
+  assert cfg.replace(image_token_index=IMAGE, tokenization="hf", video_token_index=VIDEO) == ours.config
+  ids, mask, pixels, sizes = make_batch([[1, 5, SHRUNK, 7], [1, KEPT, 3], [1, 2, EXTREME]], seed=3)
+  spliced = np.where(ids == IMAGE, cfg.image_token_index, ids)
+  ref = reference_logits(hf, ids, mask, pixels, sizes)
+  assert np.abs(ref - ours_logits(original, spliced, mask, pixels, sizes))[mask.astype(bool)].max() <= TOL
+  with pytest.raises(ValueError, match="--clip"):
+    load_hf_checkpoint(llava_dir)

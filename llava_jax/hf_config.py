@@ -192,7 +192,8 @@ def llava_fields_from_hf(raw: dict, vision: dict | None = None) -> dict:
       vision_feature_select_strategy=hf.vision_feature_select_strategy,
       image_grid_pinpoints=tuple(map(tuple, hf.image_grid_pinpoints)) if next_ else None,
       vision_aspect_ratio=hf.vision_aspect_ratio if onevision else None,
-      video_token_index=_optional_int(hf.video_token_index) if onevision else None,
+      # as written (our export leaves it out for a model without videos), not transformers' default
+      video_token_index=_optional_int(raw.get("video_token_index")) if onevision else None,
       # Written by our export of a converted original checkpoint; transformers ignores it.
       anyres_semantics=raw.get("anyres_semantics", "hf") if next_ else "hf",
       # llava-hf checkpoints saw the processor's ids (if their image token is a token); our export says so.
@@ -225,7 +226,10 @@ def llava_to_hf_dict(cfg) -> dict:
     kind = "llava_onevision"
     out = transformers.LlavaOnevisionConfig(**common, image_grid_pinpoints=pinpoints,
                                             vision_aspect_ratio=cfg.vision_aspect_ratio).to_dict()
-    out["video_token_index"] = cfg.video_token_index  # null for a model without videos; transformers keeps it
+    if cfg.video_token_index is None:  # transformers wants an int: its default stands in, and we read none back
+      del out["video_token_index"]
+    else:
+      out["video_token_index"] = cfg.video_token_index
   elif cfg.is_next:
     kind = "llava_next"
     out = transformers.LlavaNextConfig(**common, image_grid_pinpoints=pinpoints,

@@ -146,6 +146,9 @@ def test_config_mapping(models):
   assert cfg.text.tie_word_embeddings == hf.config.tie_word_embeddings == (ours.lm_head is None)
   assert cfg.image_grid_pinpoints == tuple(map(tuple, PINPOINTS))
   assert LlavaConfig.from_hf(cfg.to_hf_dict()) == cfg
+  no_video = cfg.replace(video_token_index=None)  # transformers wants an int; we read back what we wrote
+  assert transformers.LlavaOnevisionConfig.from_dict(no_video.to_hf_dict()).video_token_index == 151647
+  assert LlavaConfig.from_hf(no_video.to_hf_dict()) == no_video
   head = [k for k in SafetensorsReader(str(folder)).keys() if k.endswith("lm_head.weight")]
   assert bool(head) != cfg.text.tie_word_embeddings
 

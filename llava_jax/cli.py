@@ -232,9 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
 
   p = sub.add_parser("convert", help="Hugging Face weights -> Orbax checkpoint directory",
-                     description="--hf DIR (llava-hf); --hf DIR --clip DIR (original LLaVA + its CLIP); "
+                     description="--hf DIR (llava-hf); --hf DIR --clip DIR (original LLaVA + its CLIP or SigLIP); "
                                  "--clip DIR --llm DIR (fresh stage-1 start, projector initialised)")
-  p.add_argument("--hf", help="llava-hf directory, or an original LLaVA (LlavaLlamaForCausalLM) one")
+  p.add_argument("--hf", help="llava-hf directory (llava, llava_next, llava_onevision), or an original LLaVA "
+                              "(LlavaLlamaForCausalLM, LlavaMistralForCausalLM, LlavaQwenForCausalLM) one")
   p.add_argument("--clip", help="vision tower checkpoint directory: CLIP or SigLIP, whole model or vision model")
   p.add_argument("--llm", help="LlamaForCausalLM checkpoint directory")
   p.add_argument("--out", required=True, help="output checkpoint directory (must not exist)")

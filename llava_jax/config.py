@@ -1,24 +1,19 @@
 """Model configuration: small frozen dataclasses, read from and written to Hugging Face `config.json`.
 
-Hugging Face configs are parsed through transformers' own config classes, so fields a hub config omits get
-HF's defaults and both rope spellings (`rope_theta`/`rope_scaling` and `rope_parameters`) are normalised.
-The original LLaVA format (`LlavaLlamaForCausalLM` with `mm_*` keys) is read too.
+The Hugging Face side (transformers' config classes, llava-hf and original LLaVA layouts) is `hf_config.py`;
+`LlavaConfig.from_hf` / `to_hf_dict`, `vision_config_from_hf` and `text_config_from_hf` delegate to it.
 """
 
 from __future__ import annotations
 
-import ast
 import dataclasses
-import json
 import os
 from typing import Any, Mapping
 
+from llava_jax import hf_config
+from llava_jax.hf_config import ConfigError, is_original_llava  # re-exported; defined there, below this module
+
 IGNORE_INDEX = -100
-
-
-class ConfigError(ValueError):
-  """A config that cannot describe a model we can build."""
-
 
 VISION_MODEL_TYPES = ("clip", "siglip")
 
@@ -193,80 +188,26 @@ class LlavaConfig:
   def replace(self, **changes) -> "LlavaConfig":
     return dataclasses.replace(self, **changes)
 
-  # -- Hugging Face ---------------------------------------------------------------------------------------------
+  # -- Hugging Face (llava_jax/hf_config.py) ---------------------------------------------------------------------
 
   @classmethod
   def from_hf(cls, path_or_dict: str | os.PathLike | dict, **overrides) -> "LlavaConfig":
-    """Reads a `llava` config.json (llava-hf layout) or an original LLaVA one (`LlavaLlamaForCausalLM`).
+    """Reads a llava-hf config.json (`llava`, `llava_next`, `llava_onevision`) or an original LLaVA one
+    (`LlavaLlamaForCausalLM`, `LlavaMistralForCausalLM`, `LlavaQwenForCausalLM`).
 
     For the original format the vision tower is named by `mm_vision_tower`; pass `vision=` (a VisionConfig, e.g.
     from `vision_config_from_hf(clip_dir)`) since that name usually points at the hub.
     """
-    raw = _read_json(path_or_dict)
-    if is_original_llava(raw):
-      return _from_original_llava(raw, **overrides)
-    if raw.get("model_type") not in ("llava", "llava_next"):
-      raise ConfigError(
-          f"unknown architecture: model_type={raw.get('model_type')!r}, architectures={raw.get('architectures')}; "
-          "expected a llava-hf `llava` / `llava_next` config or an original `LlavaLlamaForCausalLM` one")
-    import transformers  # heavy import, only when reading HF files
-
-    next_ = raw["model_type"] == "llava_next"
-    hf = (transformers.LlavaNextConfig if next_ else transformers.LlavaConfig).from_dict(raw)
-    layer, text = hf.vision_feature_layer, _text_from_hf(hf.text_config)
-    fields = dict(
-        vision=_vision_from_hf(hf.vision_config),
-        text=text,
-        image_token_index=int(hf.image_token_id),
-        projector_type="mlp2x_gelu",
-        projector_hidden_act=hf.projector_hidden_act,
-        projector_bias=bool(getattr(hf, "multimodal_projector_bias", True)),
-        vision_feature_layer=layer if isinstance(layer, int) else tuple(layer),
-        vision_feature_select_strategy=hf.vision_feature_select_strategy,
-        image_grid_pinpoints=tuple(map(tuple, hf.image_grid_pinpoints)) if next_ else None,
-        # Written by our export of a converted original checkpoint; transformers ignores it.
-        anyres_semantics=raw.get("anyres_semantics", "hf") if next_ else "hf",
-        # llava-hf checkpoints saw LlavaProcessor's ids (if their image token is a token); our export says so.
-        tokenization=raw.get("tokenization", "hf" if 0 <= hf.image_token_id < text.vocab_size else "reference"),
-    )
+    vision = overrides.pop("vision", None)
+    fields = hf_config.llava_fields_from_hf(hf_config.read_json(path_or_dict),
+                                            None if vision is None else dataclasses.asdict(vision))
     fields.update(overrides)
-    return cls(**fields)
+    return cls.from_dict(fields)
 
   def to_hf_dict(self) -> dict:
-    """The transformers `LlavaConfig` (`LlavaNextConfig` for NeXT) dict that `LlavaForConditionalGeneration`
-    (`LlavaNextForConditionalGeneration`) loads."""
-    if self.projector_type != "mlp2x_gelu":
-      raise ConfigError(
-          "transformers' LlavaForConditionalGeneration only has the two-layer MLP projector; a "
-          f"{self.projector_type!r} projector (LLaVA-1.0) cannot be exported to it")
-    if not 0 <= self.image_token_index < self.text.vocab_size:
-      raise ConfigError(
-          f"image_token_index {self.image_token_index} is outside the vocabulary ({self.text.vocab_size}); "
-          "transformers needs the image token inside it: add an <image> token to the vocabulary first")
-    import transformers
-
-    t = self.text
-    vision = _vision_to_hf(self.vision)
-    text = _text_to_hf(t)
-    layer = self.vision_feature_layer
-    common = dict(
-        vision_config=vision.to_dict(), text_config=text.to_dict(), image_token_index=self.image_token_index,
-        projector_hidden_act=self.projector_hidden_act, multimodal_projector_bias=self.projector_bias,
-        vision_feature_layer=layer if isinstance(layer, int) else list(layer),
-        vision_feature_select_strategy=self.vision_feature_select_strategy,
-        image_seq_length=self.num_image_tokens, tie_word_embeddings=t.tie_word_embeddings)
-    if self.is_next:
-      out = transformers.LlavaNextConfig(**common, image_grid_pinpoints=[list(p) for p in self.image_grid_pinpoints])
-      out = out.to_dict()
-      out["architectures"] = ["LlavaNextForConditionalGeneration"]
-      if self.anyres_semantics != "hf":  # transformers computes "hf"; our loader reads this back
-        out["anyres_semantics"] = self.anyres_semantics
-    else:
-      out = transformers.LlavaConfig(**common).to_dict()
-      out["architectures"] = ["LlavaForConditionalGeneration"]
-    if self.tokenization != "hf":  # transformers ignores it; our loader reads it back
-      out["tokenization"] = self.tokenization
-    return out
+    """The transformers `LlavaConfig` (`LlavaNextConfig` for NeXT, `LlavaOnevisionConfig` for OneVision) dict
+    that the matching `*ForConditionalGeneration` loads."""
+    return hf_config.llava_to_hf_dict(self)
 
   # -- our own serialisation (the exact dataclass, dtype included) ------------------------------------------------
 
@@ -278,7 +219,8 @@ class LlavaConfig:
     """From `to_dict`'s form, or a partial one (a run config's `model`): absent fields take their defaults, and
     `rope_parameters` may be a mapping."""
     d = dict(d)
-    text = dict(d.pop("text"))
+    text = d.pop("text")
+    text = dataclasses.asdict(text) if isinstance(text, TextConfig) else dict(text)
     rope = text.get("rope_parameters")
     if isinstance(rope, Mapping):
       text["rope_parameters"] = tuple(sorted(rope.items()))
@@ -288,193 +230,17 @@ class LlavaConfig:
       text["eos_token_id"] = tuple(text["eos_token_id"])
     if d.get("image_grid_pinpoints") is not None:
       d["image_grid_pinpoints"] = tuple(tuple(p) for p in d["image_grid_pinpoints"])
-    return cls(vision=VisionConfig(**d.pop("vision")), text=TextConfig(**text), **d)
-
-
-_VISION_CONFIGS = {"clip": ("CLIPConfig", True), "clip_vision_model": ("CLIPVisionConfig", False),
-                   "siglip": ("SiglipConfig", True), "siglip_vision_model": ("SiglipVisionConfig", False)}
+    vision = d.pop("vision")
+    return cls(vision=vision if isinstance(vision, VisionConfig) else VisionConfig(**vision), text=TextConfig(**text),
+               **d)
 
 
 def vision_config_from_hf(path_or_dict) -> VisionConfig:
-  """Reads a CLIP or SigLIP config.json, whole model (`clip`, `siglip`) or vision tower alone (`*_vision_model`).
-
-  A standalone SigLIP's pooling head is allowed here: LLaVA never uses it and conversion drops its weights."""
-  raw = _read_json(path_or_dict)
-  if raw.get("model_type") not in _VISION_CONFIGS:
-    raise ConfigError(f"unknown architecture for a vision tower: model_type={raw.get('model_type')!r}; "
-                      f"expected one of {sorted(_VISION_CONFIGS)}")
-  import transformers
-
-  name, composite = _VISION_CONFIGS[raw["model_type"]]
-  hf = getattr(transformers, name).from_dict(raw)
-  return _vision_from_hf(hf.vision_config if composite else hf, allow_head=True)
-
-
-_TEXT_MODEL_TYPES = {"llama": "llama", "llava": "llama", "llava_llama": "llama", "mistral": "mistral",
-                     "llava_mistral": "mistral", "qwen2": "qwen2"}
-
-
-def _text_hf_class(kind: str):
-  import transformers  # heavy import, only when reading or writing HF files
-
-  return {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig,
-          "qwen2": transformers.Qwen2Config}[kind]
+  """Reads a CLIP or SigLIP config.json, whole model (`clip`, `siglip`) or vision tower alone (`*_vision_model`)."""
+  return VisionConfig(**hf_config.vision_fields_from_hf(path_or_dict))
 
 
 def text_config_from_hf(path_or_dict) -> TextConfig:
   """Reads a LLaMA-family config.json: LLaMA (Vicuna, Yi), Mistral or Qwen2, alone or inside an original LLaVA
   one."""
-  raw = _read_json(path_or_dict)
-  kind = _TEXT_MODEL_TYPES.get(raw.get("model_type"))
-  if kind is None:
-    raise ConfigError(f"unknown architecture for the language model: model_type={raw.get('model_type')!r}; "
-                      "expected `llama`, `mistral` or `qwen2`")
-  raw = {k: v for k, v in raw.items() if not k.startswith("mm_")}
-  raw["model_type"] = kind
-  return _text_from_hf(_text_hf_class(kind).from_dict(raw))
-
-
-def _vision_from_hf(hf, allow_head: bool = False) -> VisionConfig:
-  """A transformers CLIPVisionConfig or SiglipVisionConfig. Inside a LLaVA, a SigLIP pooling head
-  (`vision_use_head`) is refused: its weights would be dropped, so the checkpoint could not round-trip."""
-  model_type = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}.get(hf.model_type)
-  if model_type is None:
-    raise ConfigError(f"unknown architecture for a vision tower: model_type={hf.model_type!r}; "
-                      "expected `clip_vision_model` or `siglip_vision_model`")
-  if model_type == "siglip" and getattr(hf, "vision_use_head", False) and not allow_head:
-    raise ConfigError("a SigLIP tower with vision_use_head=True: LLaVA uses no pooling head and we do not keep "
-                      "its weights; set vision_use_head false (llava-onevision's towers have none)")
-  return VisionConfig(
-      hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size, num_hidden_layers=hf.num_hidden_layers,
-      num_attention_heads=hf.num_attention_heads, image_size=hf.image_size, patch_size=hf.patch_size,
-      num_channels=hf.num_channels, layer_norm_eps=hf.layer_norm_eps, hidden_act=hf.hidden_act,
-      model_type=model_type)
-
-
-def _vision_to_hf(v: VisionConfig):
-  """The transformers vision config of `v`: CLIPVisionConfig, or SiglipVisionConfig without the pooling head."""
-  import transformers
-
-  common = dict(
-      hidden_size=v.hidden_size, intermediate_size=v.intermediate_size, num_hidden_layers=v.num_hidden_layers,
-      num_attention_heads=v.num_attention_heads, image_size=v.image_size, patch_size=v.patch_size,
-      num_channels=v.num_channels, layer_norm_eps=v.layer_norm_eps, hidden_act=v.hidden_act)
-  if v.model_type == "siglip":
-    return transformers.SiglipVisionConfig(**common, vision_use_head=False)
-  return transformers.CLIPVisionConfig(**common)
-
-
-def _text_from_hf(hf) -> TextConfig:
-  model_type = getattr(hf, "model_type", "llama")
-  if model_type not in TEXT_MODEL_TYPES:
-    raise ConfigError(f"unknown architecture for the language model: model_type={hf.model_type!r}")
-  rope = dict(hf.rope_parameters)
-  rope.pop("type", None)  # legacy alias of rope_type
-  if rope.get("rope_type", "default") not in ("default", "linear", "dynamic", "llama3"):
-    raise ConfigError(f"rope_type {rope['rope_type']!r} is not supported (default, linear, dynamic, llama3)")
-  head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
-  eos, qwen2 = hf.eos_token_id, model_type == "qwen2"
-  window = (getattr(hf, "sliding_window", None) if model_type == "mistral" else
-            _qwen2_window(hf) if qwen2 else None)
-  return TextConfig(
-      vocab_size=hf.vocab_size, hidden_size=hf.hidden_size, intermediate_size=hf.intermediate_size,
-      num_hidden_layers=hf.num_hidden_layers, num_attention_heads=hf.num_attention_heads,
-      num_key_value_heads=hf.num_key_value_heads or hf.num_attention_heads, head_dim=head_dim,
-      rms_norm_eps=hf.rms_norm_eps, max_position_embeddings=hf.max_position_embeddings,
-      rope_parameters=tuple(sorted(rope.items())), tie_word_embeddings=bool(hf.tie_word_embeddings),
-      attention_bias=bool(getattr(hf, "attention_bias", False)), qkv_bias=qwen2,
-      mlp_bias=bool(getattr(hf, "mlp_bias", False)), hidden_act=hf.hidden_act, bos_token_id=hf.bos_token_id,
-      eos_token_id=tuple(eos) if isinstance(eos, list) else eos, pad_token_id=hf.pad_token_id,
-      sliding_window=window, model_type=model_type)
-
-
-def _qwen2_window(hf) -> int | None:
-  """Qwen2 windows the layers from `max_window_layers` on (`layer_types`); we hold one window for every layer, so
-  only all-full (`use_sliding_window` false, the released checkpoints) or all-windowed configs are accepted."""
-  kinds = set(hf.layer_types)
-  if hf.sliding_window is None or kinds == {"full_attention"}:
-    return None
-  if kinds == {"sliding_attention"}:
-    return int(hf.sliding_window)
-  raise ConfigError(f"Qwen2 with use_sliding_window windows only layers >= max_window_layers "
-                    f"({hf.max_window_layers} of {hf.num_hidden_layers}); a window on some layers but not others is "
-                    "not supported (set use_sliding_window false, or max_window_layers 0 to window every layer)")
-
-
-def _text_to_hf(t: TextConfig):
-  """The transformers text config (LlamaConfig, MistralConfig or Qwen2Config) `t` exports as."""
-  if t.model_type == "qwen2" and (t.attention_bias or not t.qkv_bias or t.mlp_bias):
-    raise ConfigError("transformers' Qwen2 has biases on q/k/v only (qkv_bias true, attention_bias and mlp_bias "
-                      "false); this text config differs")
-  if t.model_type != "qwen2" and t.qkv_bias and not t.attention_bias:
-    raise ConfigError(f"transformers' {t.model_type} cannot hold biases on q/k/v alone (qkv_bias); use qwen2")
-  extra = dict(mistral=dict(sliding_window=t.sliding_window),
-               qwen2=dict(use_sliding_window=t.sliding_window is not None, sliding_window=t.sliding_window,
-                          max_window_layers=0 if t.sliding_window is not None else t.num_hidden_layers),
-               llama=dict(attention_bias=t.attention_bias, mlp_bias=t.mlp_bias))[t.model_type]
-  return _text_hf_class(t.model_type)(
-      **extra, vocab_size=t.vocab_size, hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-      num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-      num_key_value_heads=t.num_key_value_heads, head_dim=t.head_dim, rms_norm_eps=t.rms_norm_eps,
-      max_position_embeddings=t.max_position_embeddings, rope_parameters=t.rope,
-      tie_word_embeddings=t.tie_word_embeddings, hidden_act=t.hidden_act, bos_token_id=t.bos_token_id,
-      eos_token_id=_listify(t.eos_token_id), pad_token_id=t.pad_token_id)
-
-
-_ORIGINAL_ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM")
-
-
-def is_original_llava(raw: dict) -> bool:
-  return bool(set(_ORIGINAL_ARCHITECTURES) & set(raw.get("architectures") or [])) or "mm_vision_tower" in raw
-
-
-def _from_original_llava(raw: dict, vision: VisionConfig | None = None, **overrides) -> LlavaConfig:
-  """Original LLaVA: a LLaMA config plus `mm_*` keys; the image token is spliced, so it gets the id one past the
-  vocabulary (it never reaches the embedding table)."""
-  if vision is None:
-    raise ConfigError(
-        f"an original LLaVA config names its vision tower as {raw.get('mm_vision_tower')!r}; pass the CLIP "
-        "checkpoint directory (--clip DIR) so its config can be read")
-  projector = raw.get("mm_projector_type", "linear")
-  if projector not in PROJECTOR_TYPES:
-    raise ConfigError(f"mm_projector_type {projector!r} is not one of {PROJECTOR_TYPES}")
-  if raw.get("mm_hidden_size", vision.hidden_size) != vision.hidden_size:
-    raise ConfigError(f"mm_hidden_size {raw['mm_hidden_size']} does not match the CLIP hidden size "
-                      f"{vision.hidden_size}")
-  select = {"patch": "default", "cls_patch": "full"}.get(raw.get("mm_vision_select_feature", "patch"))
-  if select is None:
-    raise ConfigError(f"mm_vision_select_feature {raw['mm_vision_select_feature']!r} is not `patch` or `cls_patch`")
-  text = text_config_from_hf(raw)
-  pinpoints = None
-  if raw.get("image_aspect_ratio") == "anyres" or "spatial_unpad" in str(raw.get("mm_patch_merge_type", "")):
-    # LLaVA-1.6. The list is kept literally: the reference reads its pairs as (width, height), transformers as
-    # (height, width); `anyres_semantics="original"` reproduces the reference's reading (data/anyres.py).
-    pinpoints = raw.get("image_grid_pinpoints") or ()
-    if isinstance(pinpoints, str):  # the reference also accepts the list as a Python literal string
-      pinpoints = ast.literal_eval(pinpoints)
-    pinpoints = tuple(tuple(p) for p in pinpoints)
-    if not pinpoints:
-      raise ConfigError("an anyres (LLaVA-1.6) config without image_grid_pinpoints")
-  fields = dict(vision=vision, text=text, image_token_index=text.vocab_size, projector_type=projector,
-                projector_hidden_act="gelu", projector_bias=True,
-                vision_feature_layer=int(raw.get("mm_vision_select_layer", -2)),
-                vision_feature_select_strategy=select, image_grid_pinpoints=pinpoints,
-                anyres_semantics="original" if pinpoints else "hf", tokenization="reference")
-  fields.update(overrides)
-  return LlavaConfig(**fields)
-
-
-def _read_json(path_or_dict) -> dict:
-  if isinstance(path_or_dict, dict):
-    return dict(path_or_dict)
-  path = os.fspath(path_or_dict)
-  if os.path.isdir(path):
-    path = os.path.join(path, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"no config.json at {path}")
-  with open(path) as f:
-    return json.load(f)
-
-
-def _listify(x):
-  return list(x) if isinstance(x, tuple) else x
+  return TextConfig(**hf_config.text_fields_from_hf(path_or_dict))

@@ -6,13 +6,15 @@ maps to the key transformers 5 writes (`language_model.model.layers.3.mlp.up_pro
 
   llava_hf   transformers 5 `save_pretrained`, in-memory (`model.language_model.*`, `model.image_newline`) and
              hub (`vision_tower.vision_model.*`, `language_model.model.*`, `language_model.lm_head.*`) spellings,
-             for LLaVA-1.5 and LLaVA-NeXT (whose `image_newline` is a top-level parameter)
+             for LLaVA-1.5, LLaVA-NeXT and LLaVA-OneVision (NeXT's and OneVision's `image_newline` is a
+             top-level parameter; a tied model has no `lm_head`)
   clip       a CLIPModel / CLIPVisionModel checkpoint (`vision_model.*`, or bare `encoder.*` as transformers 5
              saves a CLIPVisionModel; the text tower is ignored), or the same of SigLIP (its pooling head ignored)
   llm        a LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM checkpoint (`model.*`, `lm_head.*`)
-  original   original LLaVA (`model.mm_projector.*`, `model.layers.*`, `lm_head.*`; 1.6 adds `model.image_newline`
-             and its trained tower `model.vision_tower.vision_tower.vision_model.*`), the tower's config (and, for
-             1.5, its weights) from a CLIP dir
+  original   original LLaVA (`model.mm_projector.*`, `model.layers.*`, `lm_head.*`; 1.6 and OneVision
+             (`LlavaQwenForCausalLM`) add `model.image_newline` and the trained tower
+             `model.vision_tower.vision_tower.vision_model.*`), the tower's config (and, for 1.5, its weights) from
+             a CLIP dir (OneVision: a SigLIP dir, whose last layer the checkpoint's tower lacks)
 """
 
 from __future__ import annotations
@@ -227,7 +229,9 @@ def plan_conversion(hf: str | None = None, clip: str | None = None, llm: str | N
     if is_original_llava(raw):
       vision = vision_config_from_hf(clip) if clip else None
       cfg = LlavaConfig.from_hf(raw, vision=vision, **dtype_fields)
-      sources = [(hf, "original")] + ([(clip, "clip")] if clip else [])
+      # A SigLIP tower (OneVision's) is trained, so in the checkpoint, and one layer shorter than its directory's.
+      tower = [(clip, "clip")] if clip and cfg.vision.model_type == "clip" else []
+      sources = [(hf, "original")] + tower
       return cfg, sources, False, [hf, clip]
     if clip is not None:
       raise ValueError(f"{hf} is a llava-hf checkpoint with its own vision tower; --clip is only for original "
@@ -271,7 +275,7 @@ def convert_checkpoint(out: str, hf: str | None = None, clip: str | None = None,
 
 def export_hf(model, out_dir: str, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False):
   """Writes a directory that transformers' LlavaForConditionalGeneration (LlavaNextForConditionalGeneration for
-  a NeXT model) loads: config, sharded safetensors in the canonical layout, and the tokenizer / processor files
+  a NeXT model, LlavaOnevisionForConditionalGeneration for OneVision) loads: config, sharded safetensors in the canonical layout, and the tokenizer / processor files
   the model came with. An existing `out_dir` is refused unless `overwrite` (`--overwrite` on the CLI)."""
   hf_config = model.config.to_hf_dict()  # raises early for what transformers cannot represent
   hf_config["dtype"] = np.dtype(model.config.param_dtype).name

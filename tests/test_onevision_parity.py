@@ -21,7 +21,6 @@ from llava_jax import export_hf, generate, load_checkpoint, load_hf_checkpoint
 from llava_jax.cli import main as cli
 from llava_jax.config import LlavaConfig
 from llava_jax.data import onevision
-from llava_jax.decoding import image_inputs
 from llava_jax.data.layout import OneVisionLayout
 from llava_jax.safetensors_io import SafetensorsReader
 
@@ -125,8 +124,6 @@ def test_left_padded_batch(models):
 def test_greedy_generation_equals_transformers(models):
   hf, _, ours = models
   ids, mask, pixels, sizes = make_batch([[1, 5, SHRUNK, 7], [1, KEPT, 21, 22], [1, 9, EXTREME]], seed=2)
-  if "image_feature_weights" not in image_inputs(ours, ids, jnp.asarray(pixels), image_sizes=sizes):
-    pytest.xfail("generation's image inputs do not carry OneVision's tap weights (decoding.image_inputs) yet")
   new = 8
   with torch.no_grad():
     ref = hf.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),

@@ -39,7 +39,9 @@ class Collate:
 
   A `layout` that places features (LLaVA-NeXT) gives every image slot `layout.max_tiles` tiles (the image's,
   then zeros) and `image_feature_rows`, each image token's row of the batch's tile features: image slot s is
-  the row for padded batches, row * M + k packed, and `ImageLayout.slot_rows` numbers its rows."""
+  the row for padded batches, row * M + k packed, and `ImageLayout.slot_rows` numbers its rows. A layout whose
+  tokens mix several rows (OneVision, `taps` > 1) gives rows [B, L, taps] and `image_feature_weights` beside them;
+  `max_images_per_sample` > 1 (OneVision's records of several images) gives padded rows M image slots too."""
   batch_size: int
   max_length: int
   packing: bool
@@ -48,12 +50,20 @@ class Collate:
   image_size: tuple[int, int]
   layout: ImageLayout = SingleTileLayout(1)  # the model's image layout (`data/layout.py`); default one tile (1.5)
   image_token_index: int = -1  # LLaVA-NeXT: where the image's features go
+  max_images_per_sample: int = 1  # padded rows: image slots per row (M) when above 1
 
   def fits(self, row: list[dict], example: dict) -> bool:
     used = sum(len(e["input_ids"]) for e in row)
-    images = sum(e["pixel_values"] is not None for e in row)
+    images = sum(len(_images(e)) for e in row)
     return (used + len(example["input_ids"]) <= self.max_length and
-            images + (example["pixel_values"] is not None) <= self.max_images_per_row)
+            images + len(_images(example)) <= self.max_images_per_row)
+
+  @property
+  def image_slots(self) -> int | None:
+    """M, the image slots of a row; None: one image a row, no slot axis."""
+    if self.packing:
+      return self.max_images_per_row
+    return self.max_images_per_sample if self.max_images_per_sample > 1 else None
 
   def __call__(self, rows: list[list[dict]], skipped: list[tuple[str, str, str]],
                runs: SkipRuns | None = None) -> dict:
@@ -71,12 +81,16 @@ class Collate:
     }
     places = self.layout.places_features
     tiles = (self.layout.max_tiles,) if places else ()
-    slots = (b, self.max_images_per_row) if self.packing else (b,)
+    slots = (b,) if self.image_slots is None else (b, self.image_slots)
     batch.update(pixel_values=np.zeros(slots + tiles + (h, w, 3), np.float32), image_mask=np.zeros(slots, bool))
     if self.packing:
       batch.update(segment_ids=np.zeros((b, length), np.int32), positions=np.zeros((b, length), np.int32))
     if places:
-      batch.update(image_feature_rows=np.zeros((b, length), np.int32), image_sizes=np.zeros(slots + (2,), np.int32))
+      taps = () if self.layout.taps == 1 else (self.layout.taps,)
+      batch.update(image_feature_rows=np.zeros((b, length) + taps, np.int32),
+                   image_sizes=np.zeros(slots + (2,), np.int32))
+      if taps:
+        batch["image_feature_weights"] = np.zeros((b, length) + taps, np.float32)
     for r, row in enumerate(rows):
       start, slot = 0, 0
       for segment, ex in enumerate(row, 1):
@@ -90,29 +104,50 @@ class Collate:
           batch["segment_ids"][r, start:end] = segment
           batch["positions"][r, start:end] = np.arange(n, dtype=np.int32)
         if ex["pixel_values"] is not None:
-          where = (r, slot) if self.packing else (r,)
-          self._place_image(batch, where, ex, start)
-          slot += 1
+          slot = self._place_images(batch, r, slot, ex, start)
         start = end
     batch[SKIPPED_KEY] = list(skipped)
     batch[SKIP_RUNS_KEY] = runs
     return batch
 
-  def _place_image(self, batch: dict, where: tuple[int, ...], ex: dict, start: int) -> None:
-    """Puts an example's image into slot `where`; for LLaVA-NeXT also its tiles' feature rows."""
-    batch["image_mask"][where] = True
-    if not self.layout.places_features:
-      batch["pixel_values"][where] = ex["pixel_values"]
-      return
-    tiles = ex["pixel_values"]
-    batch["pixel_values"][where][:len(tiles)] = tiles
-    batch["image_sizes"][where] = ex["image_size"]
-    slot = int(np.ravel_multi_index(where, batch["image_mask"].shape))
-    rows = self.layout.slot_rows(ex["feature_index"], slot, batch["image_mask"].size)
-    positions = start + np.flatnonzero(ex["input_ids"] == self.image_token_index)
-    if len(positions) != len(rows):  # preprocessing guarantees it; a mismatch would misplace every feature
-      raise ValueError(f"sample {ex['id']}: {len(positions)} image tokens for {len(rows)} image features")
-    batch["image_feature_rows"][where[0], positions] = rows
+  def _place_images(self, batch: dict, r: int, slot: int, ex: dict, start: int) -> int:
+    """Puts an example's images into row r's slots from `slot` on (for LLaVA-NeXT and OneVision also their
+    tiles' feature rows, and OneVision's weights); returns the next free slot."""
+    images = _images(ex)
+    if slot + len(images) > (self.image_slots or 1):
+      raise ValueError(f"sample {ex['id']}: {len(images)} images do not fit the row's image slots")
+    rows, weights = [], []
+    for k, (tiles, size, index, taps_weights) in enumerate(images):
+      where = (r,) if self.image_slots is None else (r, slot + k)
+      batch["image_mask"][where] = True
+      if not self.layout.places_features:
+        batch["pixel_values"][where] = tiles
+        continue
+      batch["pixel_values"][where][:len(tiles)] = tiles
+      batch["image_sizes"][where] = size
+      flat_slot = int(np.ravel_multi_index(where, batch["image_mask"].shape))
+      rows.append(self.layout.slot_rows(index, flat_slot, batch["image_mask"].size))
+      weights.append(taps_weights)
+    if rows:
+      rows = np.concatenate(rows)
+      positions = start + np.flatnonzero(ex["input_ids"] == self.image_token_index)
+      if len(positions) != len(rows):  # preprocessing guarantees it; a mismatch would misplace every feature
+        raise ValueError(f"sample {ex['id']}: {len(positions)} image tokens for {len(rows)} image features")
+      batch["image_feature_rows"][r, positions] = rows
+      if "image_feature_weights" in batch:
+        batch["image_feature_weights"][r, positions] = np.concatenate(weights)
+    return slot + len(images)
+
+
+def _images(ex: dict) -> list[tuple]:
+  """An example's images as (tiles, size, feature_index, feature_weights): OneVision's fields are lists (one
+  entry per image), the others hold at most one image."""
+  pixels = ex["pixel_values"]
+  if pixels is None:
+    return []
+  if isinstance(pixels, list):
+    return list(zip(pixels, ex["image_size"], ex["feature_index"], ex["feature_weights"]))
+  return [(pixels, ex.get("image_size"), ex.get("feature_index"), None)]
 
 
 class BatchIterator(grain.DatasetIterator):

@@ -55,6 +55,17 @@ H, W = the processor's crop size, M = `max_images_per_row`):
                                   `data/layout.py`), 0 elsewhere: what `Llava.embed` gathers with
     image_sizes     [B, 2] or [B, M, 2] int32  (height, width) of each slot's image, 0 if none
 
+  LLaVA-OneVision (`anyres` a `OneVisionLayout`): as LLaVA-NeXT, but each image token mixes up to
+  four feature rows (the bilinear shrink of a large grid; a newline or an unshrunk feature takes
+  one, weight 1 in tap 0), so:
+    image_feature_rows    [B, L, 4] int32    the four rows of each image token, numbered as above
+    image_feature_weights [B, L, 4] float32  their weights, 0 elsewhere
+  A record may list several images (`"image": [..]`): each then takes its base tile only (one
+  tile, then zero tiles; pps^2 + 1 tokens), each in its own image slot, so padded batches then
+  carry M = `max_images_per_sample` slots: pixel_values [B, M, P, H, W, 3], image_mask [B, M],
+  image_sizes [B, M, 2]. Records with more images than a row's slots are skipped (malformed).
+  Videos are not read by the pipeline.
+
 At the end of a finite run (`num_epochs` set) the last batch is filled up with empty
 rows (attention_mask all 0, labels all -100, no image). The model must not produce
 NaN for such rows; they carry no loss. A batch with no sample at all is never
@@ -91,7 +102,7 @@ import grain
 import numpy as np
 
 from llava_jax.data import image as image_lib
-from llava_jax.data.layout import AnyresLayout, ImageLayout, SingleTileLayout
+from llava_jax.data.layout import AnyresLayout, ImageLayout, OneVisionLayout, SingleTileLayout
 from llava_jax.data.collate import MAX_SKIPS_PER_BATCH, BatchIterDataset, Collate, pad_token_id
 from llava_jax.data.ordering import Blocks, EpochOrder
 from llava_jax.data.preprocess import DEFAULT_MAX_IMAGE_PIXELS, Preprocess
@@ -133,7 +144,8 @@ class DataConfig:
   min_samples_for_fraction: int = 200    # ... checked once this many samples were seen
   max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS  # decoded (and, for "pad", padded) pixels; larger: skipped
   allow_images_outside_dir: bool = False  # let "image" paths resolve outside image_dir ("../", absolute, symlinks)
-  anyres: AnyresLayout | None = None     # LLaVA-NeXT tiling (the model's geometry); None: one tile (LLaVA-1.5)
+  anyres: AnyresLayout | OneVisionLayout | None = None  # NeXT / OneVision tiling (the model's); None: one tile
+  max_images_per_sample: int = 1         # OneVision, padded: image slots per row for records of several images
 
   def __post_init__(self):
     if self.batch_size < 1 or self.max_length < 2 or self.max_images_per_row < 1:
@@ -146,6 +158,10 @@ class DataConfig:
       raise ValueError(f"aspect_ratio={self.aspect_ratio!r} with anyres={self.anyres}: 'anyres' is LLaVA-NeXT's "
                        "tiling and needs the model's geometry (a model with image_grid_pinpoints), and only it (the "
                        "trainer's --config.data.aspect_ratio)")
+    if self.max_images_per_sample < 1 or (self.max_images_per_sample > 1 and
+                                          not isinstance(self.anyres, OneVisionLayout)):
+      raise ValueError(f"max_images_per_sample={self.max_images_per_sample}: several images a sample are "
+                       "LLaVA-OneVision's (anyres a OneVisionLayout); 1 otherwise")
     if self.num_epochs is not None and self.num_epochs < 1:
       raise ValueError("num_epochs must be None (forever) or positive")
     if self.max_consecutive_skips < 0 or self.min_samples_for_fraction < 1:
@@ -230,7 +246,8 @@ def make_dataset(config: DataConfig, tokenizer, image_processor: image_lib.Image
                           num_image_tokens=config.num_image_tokens, image_token_index=config.image_token_index,
                           aspect_ratio=config.aspect_ratio, image_dir=config.image_dir, strict=config.strict,
                           max_image_pixels=config.max_image_pixels,
-                          allow_images_outside_dir=config.allow_images_outside_dir, anyres=config.anyres)
+                          allow_images_outside_dir=config.allow_images_outside_dir, anyres=config.anyres,
+                          max_images=config.max_images_per_row if config.packing else config.max_images_per_sample)
   factory = _SampleFactory(source, config, preprocess, lengths, process_index, process_count)
   anyres = config.anyres
   if anyres is not None and image_processor.output_size != (anyres.tile, anyres.tile):
@@ -238,7 +255,8 @@ def make_dataset(config: DataConfig, tokenizer, image_processor: image_lib.Image
                      f"{anyres.tile} (the vision tower's image size)")
   collate = Collate(config.batch_size, config.max_length, config.packing, config.max_images_per_row,
                     pad_token_id(tokenizer), image_processor.output_size,
-                    layout=config.layout, image_token_index=config.image_token_index)
+                    layout=config.layout, image_token_index=config.image_token_index,
+                    max_images_per_sample=config.max_images_per_sample)
   # A batch closes after at most this many skips, so the iterator sees a stall as it grows.
   max_skips = min(MAX_SKIPS_PER_BATCH, config.max_consecutive_skips or MAX_SKIPS_PER_BATCH)
   ds = BatchIterDataset(factory, collate, max_skips)

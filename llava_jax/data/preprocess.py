@@ -13,6 +13,12 @@ image's own `num_image_tokens(size)`, and the example carries the image's size a
 or the newline), which the batch turns into `image_feature_rows`. The text is
 checked and tokenized first; the token count needs the image, so expansion and
 truncation wait for it.
+
+LLaVA-OneVision (`anyres` a `OneVisionLayout`): the same, each image token taking up to
+four feature rows mixed by weights (the bilinear shrink), so the example also carries
+"feature_weights"; a record may list several images (`"image": [..]`, at most
+`max_images`), each then taking its base tile only, as OneVision does. Its image fields
+are lists, one entry per image in tag order.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ from PIL import Image
 
 from llava_jax.data import image as image_lib
 from llava_jax.data import text as text_lib
-from llava_jax.data.layout import AnyresLayout
+from llava_jax.data.layout import AnyresLayout, OneVisionLayout
 from llava_jax.data.records import SKIP_KEY, skip_record
 from llava_jax.data.text import DataError, SkipReason
 
@@ -123,14 +129,15 @@ class Preprocess:
   def __init__(self, tokenizer, image_config: image_lib.ImageProcessorConfig, *, template: str,
                max_length: int, num_image_tokens: int, image_token_index: int, aspect_ratio: str = "pad",
                image_dir: str = "", strict: bool = False, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
-               allow_images_outside_dir: bool = False, anyres: AnyresLayout | None = None):
+               allow_images_outside_dir: bool = False, anyres: AnyresLayout | OneVisionLayout | None = None,
+               max_images: int = 1):
     self._tokenizer = tokenizer
     self._image_config = image_config
     self.template, self.max_length, self.aspect_ratio = template, max_length, aspect_ratio
     self.num_image_tokens, self.image_token_index = num_image_tokens, image_token_index
     self.image_dir, self.strict = image_dir, strict
     self.max_image_pixels, self.allow_images_outside_dir = max_image_pixels, allow_images_outside_dir
-    self.anyres = anyres
+    self.anyres, self.max_images = anyres, max_images
     self._lock = threading.Lock()
 
   def __getstate__(self):
@@ -154,6 +161,8 @@ class Preprocess:
     if SKIP_KEY in record:  # the source could not read it; raised here so `strict` sees it
       raise DataError(SkipReason(record[SKIP_KEY]), record["message"], record["id"])
     sample_id = record.get("id")
+    if isinstance(self.anyres, OneVisionLayout):
+      return self._process_onevision(record, sample_id)
     image_name = record.get("image")
     has_image = "image" in record
     if has_image and not (isinstance(image_name, str) and image_name):
@@ -184,6 +193,40 @@ class Preprocess:
       except (OSError, ValueError) as e:
         raise DataError(SkipReason.UNREADABLE_IMAGE, f"{record['image']}: {e}", sample_id) from None
       example.update(image_size=np.asarray(size, np.int32), feature_index=self.anyres.feature_index(size))
+    return example
+
+  def _process_onevision(self, record: dict, sample_id) -> dict:
+    """OneVision: one image whole (base + grid, shrunk taps), or several base-only; the image fields as lists."""
+    names = record.get("image") if "image" in record else []
+    names = [names] if isinstance(names, str) else names
+    if not (isinstance(names, list) and all(isinstance(n, str) and n for n in names) and
+            ("image" not in record or names)):
+      raise DataError(SkipReason.MALFORMED_RECORD, f"'image' must be a file name or a list of them, got "
+                      f"{record.get('image')!r}", sample_id)
+    if len(names) > self.max_images:
+      raise DataError(SkipReason.MALFORMED_RECORD, f"{len(names)} images, more than the {self.max_images} image "
+                      "slots a row has (max_images_per_sample, or max_images_per_row when packing)", sample_id)
+    with self._lock:  # HF fast tokenizers are not safe to share between threads
+      ids, labels, _ = text_lib.conversation_tokens(record.get("conversations"), self._tokenizer, self.template,
+                                                    has_image=bool(names), sample_id=sample_id)
+    images = [self._image({**record, "image": name}, sample_id) for name in names]
+    sizes = [(img.height, img.width) for img in images]
+    base_only = len(images) > 1
+    counts = [self.anyres.num_image_tokens(hw, base_only) for hw in sizes]
+    input_ids, labels = text_lib.expand_image_tokens(ids, labels, counts, self.max_length, self.image_token_index,
+                                                     sample_id=sample_id)
+    self._check_tokens(input_ids, labels, bool(names), sample_id)
+    if names and int(np.sum(input_ids == self.image_token_index)) != sum(counts):
+      raise DataError(SkipReason.TAG_WITHOUT_IMAGE, "the text tokenizes to the image token as well", sample_id)
+    example = {"input_ids": input_ids, "labels": labels, "pixel_values": None, "id": str(sample_id)}
+    if names:
+      try:
+        tiles = [self.anyres.tiles(img, self._image_config, base_only) for img in images]
+      except (OSError, ValueError) as e:
+        raise DataError(SkipReason.UNREADABLE_IMAGE, f"{names}: {e}", sample_id) from None
+      taps = [self.anyres.image_taps(hw, base_only) for hw in sizes]
+      example.update(pixel_values=tiles, image_size=np.asarray(sizes, np.int32),
+                     feature_index=[rows for rows, _ in taps], feature_weights=[weights for _, weights in taps])
     return example
 
   def _check_tokens(self, input_ids, labels, has_image: bool, sample_id) -> None:

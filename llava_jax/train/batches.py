@@ -9,7 +9,7 @@ import os
 import numpy as np
 
 from llava_jax.config import IGNORE_INDEX, LlavaConfig
-from llava_jax.data.layout import AnyresLayout, layout_for
+from llava_jax.data.layout import ImageLayout, layout_for
 
 KINDS = ("synthetic", "llava")
 
@@ -58,7 +58,9 @@ class SyntheticIterator:
     if layout.places_features:  # LLaVA-NeXT: an image size per row, its own token count, tiles and feature rows
       tiles = layout.max_tiles
       pixels = np.zeros((b, tiles, size, size, cfg.vision.num_channels), np.float32)
-      feature_rows = np.zeros((self.batch_size, t), np.int32)  # this host's rows, numbered from its first
+      taps = () if layout.taps == 1 else (layout.taps,)  # OneVision: rows mixed by weights
+      feature_rows = np.zeros((self.batch_size, t) + taps, np.int32)  # this host's rows, numbered from its first
+      feature_weights = np.zeros((self.batch_size, t) + taps, np.float32)
       image_sizes = np.zeros((b, 2), np.int32)
     for r in range(b):
       if layout.places_features and image_mask[r]:
@@ -78,20 +80,23 @@ class SyntheticIterator:
         if layout.places_features and rows.start <= r < rows.stop:  # this host's image slot r - rows.start
           feature_rows[r - rows.start, start:start + n_img] = layout.slot_rows(
               layout.feature_index(image_sizes[r]), r - rows.start, self.batch_size)
+          if taps:
+            feature_weights[r - rows.start, start:start + n_img] = layout.feature_weights(image_sizes[r])
       answer = int(rng.integers(2, max(3, (length - text_start) // 2 + 1)))
       ids[r, :length], mask[r, :length] = row, 1
       labels[r, length - answer:length] = row[length - answer:]
     if layout.places_features:
-      return {"input_ids": ids[rows], "labels": labels[rows], "attention_mask": mask[rows],
-              "pixel_values": pixels[rows], "image_mask": image_mask[rows], "image_feature_rows": feature_rows,
-              "image_sizes": image_sizes[rows]}
+      out = {"input_ids": ids[rows], "labels": labels[rows], "attention_mask": mask[rows],
+             "pixel_values": pixels[rows], "image_mask": image_mask[rows], "image_feature_rows": feature_rows,
+             "image_sizes": image_sizes[rows]}
+      return dict(out, image_feature_weights=feature_weights) if taps else out
     pixels = rng.standard_normal((b, size, size, cfg.vision.num_channels)).astype(np.float32)
     pixels[~image_mask] = 0
     return {"input_ids": ids[rows], "labels": labels[rows], "attention_mask": mask[rows],
             "pixel_values": pixels[rows], "image_mask": image_mask[rows]}
 
   @staticmethod
-  def _image_size(rng, layout: AnyresLayout, max_tokens: int) -> tuple[int, int]:
+  def _image_size(rng, layout: ImageLayout, max_tokens: int) -> tuple[int, int]:
     """A random (height, width) from half a tile to the largest pinpoint, whose tokens fit `max_tokens`."""
     top = max(max(p) for p in layout.pinpoints)
     for _ in range(100):
@@ -128,6 +133,7 @@ def make_iterator(data_cfg, model_cfg: LlavaConfig, host_batch_size: int, *, see
                      "checkpoint that carries one (--config.init_checkpoint)")
   tokenizer = load_tokenizer(tokenizer_dir)  # a local folder only: a typo must not become a Hub request
   image_processor = _image_processor(data_cfg, model_cfg, assets_dir)
+  layout = layout_for(model_cfg)  # NeXT's tiles or OneVision's (its taps), else one tile
   json_path = data_cfg.json_path.split(",") if "," in data_cfg.json_path else data_cfg.json_path
   config = data_pkg.DataConfig(
       json_path=json_path, image_dir=data_cfg.image_dir, tfds_name=data_cfg.tfds_name,
@@ -135,7 +141,7 @@ def make_iterator(data_cfg, model_cfg: LlavaConfig, host_batch_size: int, *, see
       batch_size=host_batch_size, num_image_tokens=model_cfg.num_image_tokens,
       image_token_index=model_cfg.image_token_index, aspect_ratio=data_cfg.aspect_ratio, seed=seed,
       shuffle=data_cfg.shuffle, group_by_modality_length=data_cfg.group_by_modality_length,
-      packing=data_cfg.packing, num_workers=data_cfg.num_workers, anyres=AnyresLayout.from_config(model_cfg),
+      packing=data_cfg.packing, num_workers=data_cfg.num_workers, anyres=layout if layout.places_features else None,
       max_consecutive_skips=data_cfg.max_consecutive_skips, max_skip_fraction=data_cfg.max_skip_fraction,
       min_samples_for_fraction=data_cfg.min_samples_for_fraction, max_image_pixels=data_cfg.max_image_pixels,
       allow_images_outside_dir=data_cfg.allow_images_outside_dir)

@@ -31,9 +31,10 @@ from llava_jax.tree import get_path, is_stacked, relayout
 from llava_jax.train.optim import FROZEN, OptimConfig, group_labels, make_optimizer
 from llava_jax.train.recipes import optim_groups
 
-# LLaVA-NeXT batches add `image_feature_rows` (host-computed tile-feature rows: data/pipeline.py's contract).
+# LLaVA-NeXT batches add `image_feature_rows` (host-computed tile-feature rows: data/pipeline.py's contract),
+# OneVision's their taps ([B, L, 4]) and `image_feature_weights` beside them.
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "image_mask", "segment_ids", "positions",
-              "image_feature_rows")
+              "image_feature_rows", "image_feature_weights")
 
 
 def next_token_targets(labels):
@@ -85,9 +86,10 @@ def all_finite(tree):
 
 
 def step_feature_rows(rows, pixel_values, model_cfg: LlavaConfig, host_rows: int):
-  """LLaVA-NeXT `image_feature_rows` [B, T] as the step's model takes them (`images_by_row`): each host's pipeline
-  numbers its block of `host_rows` rows from 0; the model's image layout renumbers them within each row
-  (`ImageLayout.row_local_rows`), a row's tile slots (images x tiles) read from pixel_values."""
+  """LLaVA-NeXT `image_feature_rows` [B, T] (OneVision's [B, T, taps]) as the step's model takes them
+  (`images_by_row`): each host's pipeline numbers its block of `host_rows` rows from 0; the model's image layout
+  renumbers them within each row (`ImageLayout.row_local_rows`), a row's tile slots (images x tiles) read from
+  pixel_values. OneVision's weights need no renumbering."""
   from llava_jax.models.llava import image_layout  # pylint: disable=import-outside-toplevel
 
   tiles_per_row = pixel_values.size // rows.shape[0] // math.prod(pixel_values.shape[-3:])
@@ -215,6 +217,7 @@ class Trainer:
     hidden = model(batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"],
                    image_mask=batch.get("image_mask"), positions=batch.get("positions"),
                    segment_ids=batch.get("segment_ids"), image_feature_rows=batch.get("image_feature_rows"),
+                   image_feature_weights=batch.get("image_feature_weights"),
                    head=False, images_by_row=True)  # check_batch: pixel_values[b] are row b's image slots
     return chunked_cross_entropy_sum(hidden, model.logits_from_hidden, batch["labels"], self.options.seq_chunk)
 

@@ -1,0 +1,196 @@
+"""LLaVA-OneVision through the data pipeline and the train step under static shapes: each image token's four
+feature rows and weights (the bilinear shrink) as the model computes them from image_sizes, records of several
+images base-only in their own slots, the row-local splice equal to the batch-wide one, and stage-2 steps on
+batches of many image sizes with one compile, the loss falling and the vision tower at its own learning rate.
+
+A tiny model: 28-px tiles of 4 x 4 features (a CLIP stand-in for SigLIP, CLS dropped), pinpoints up to 2 x 2
+tiles and anyres_max_1, so grids over 1.21 tiles' features are shrunk; images of 20..90 px give both."""
+
+import json
+import os
+from unittest import mock
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import train_util
+from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
+from llava_jax.data import pipeline, synthetic
+from llava_jax.data import text as text_lib
+from llava_jax.data.image import ImageProcessorConfig
+from llava_jax.data.layout import layout_for
+from llava_jax.models.llava import Llava, image_feature_rows, image_feature_weights
+from llava_jax.train import recipes
+from llava_jax.train.optim import OptimConfig
+from llava_jax.train.step import Trainer, step_feature_rows
+
+TILE, IMAGE_TOKEN, B, LENGTH, M = 28, 1024, 4, 128, 2
+PINPOINTS = [[28, 28], [28, 56], [56, 28], [56, 56]]
+PROCESSOR = ImageProcessorConfig(shortest_edge=TILE, crop_height=TILE, crop_width=TILE,
+                                 image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5))
+
+
+def _model_config() -> LlavaConfig:
+  vision = VisionConfig(image_size=TILE, patch_size=7, num_hidden_layers=1, hidden_size=16, intermediate_size=32,
+                        num_attention_heads=2)
+  text = TextConfig(vocab_size=IMAGE_TOKEN, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+  return LlavaConfig(vision=vision, text=text, image_token_index=IMAGE_TOKEN, vision_feature_layer=-1,
+                     image_grid_pinpoints=PINPOINTS, vision_aspect_ratio="anyres_max_1")
+
+
+CFG = _model_config()
+LAYOUT = layout_for(CFG)
+P = LAYOUT.max_tiles  # base + the 2 x 2 grid
+
+
+def _keep_several_tags(turns, original=text_lib.move_image_to_front):
+  """LLaVA-NeXT's `preprocess_multimodal`: a turn of several "<image>" tags keeps them where they are (the
+  conversation templates' own handling of several images is not this test's subject)."""
+  if any(value.count("<image>") > 1 for _, value in turns):
+    return list(turns)
+  return original(turns)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+  """The shapes corpus (sides 20..90 px) with every fourth record turned into one of two images."""
+  root = str(tmp_path_factory.mktemp("ov"))
+  paths = synthetic.write_shapes_corpus(root, num_train=24, num_eval=2, min_size=20, max_size=90)
+  with open(paths["stage2"]) as f:
+    records = json.load(f)
+  names = [r["image"] for r in records if "image" in r]
+  for i in range(0, len(records), 4):
+    records[i] = {"id": f"pair-{i}", "image": [names[i % len(names)], names[(i + 1) % len(names)]],
+                  "conversations": [{"from": "human", "value": "<image>\n<image>\nWhich shapes are these?"},
+                                    {"from": "gpt", "value": "Two shapes on plain backgrounds."}]}
+  paths["mixed"], paths["pairs"] = os.path.join(root, "mixed.json"), len(range(0, len(records), 4))
+  with open(paths["mixed"], "w") as f:
+    json.dump(records, f)
+  return paths
+
+
+def _batches(paths, tokenizer, n=None, **kw):
+  """The first `n` batches (all with n None) of the mixed corpus."""
+  settings = dict(json_path=paths["mixed"], image_dir=paths["image_dir"], max_length=LENGTH, batch_size=B,
+                  image_token_index=IMAGE_TOKEN, num_image_tokens=16, aspect_ratio="anyres", anyres=LAYOUT,
+                  max_images_per_sample=M, shuffle=False, seed=0)
+  settings.update(kw)
+  with mock.patch.object(text_lib, "move_image_to_front", _keep_several_tags):
+    it = pipeline.make_iterator(pipeline.DataConfig(**settings), tokenizer, PROCESSOR, process_index=0,
+                                process_count=1)
+    out = []
+    for batch in it:
+      out.append(batch)
+      if n is not None and len(out) == n:
+        break
+  return out, it
+
+
+def test_batches_carry_tiles_rows_and_weights_of_fixed_shapes(corpus, tokenizer):
+  batches, it = _batches(corpus, tokenizer, num_epochs=1)
+  shrunk = several = 0
+  for batch in batches:
+    assert batch["pixel_values"].shape == (B, M, P, TILE, TILE, 3)
+    assert batch["image_mask"].shape == (B, M) and batch["image_sizes"].shape == (B, M, 2)
+    assert batch["image_feature_rows"].shape == (B, LENGTH, 4) and batch["image_feature_rows"].dtype == np.int32
+    assert batch["image_feature_weights"].shape == (B, LENGTH, 4)
+    assert batch["image_feature_weights"].dtype == np.float32
+    is_image = batch["input_ids"] == IMAGE_TOKEN
+    weights = batch["image_feature_weights"]
+    np.testing.assert_allclose(weights[is_image].sum(-1), 1.0, rtol=1e-6)  # bilinear, or one row
+    assert not weights[~is_image].any() and not batch["image_feature_rows"][~is_image].any()
+    shrunk += int(np.sum((weights[is_image] > 0) & (weights[is_image] < 1)) > 0)
+    for r in range(B):
+      k = int(batch["image_mask"][r].sum())
+      assert not batch["image_mask"][r, k:].any()  # real images first
+      assert not batch["pixel_values"][r, k:].any()
+      sizes = batch["image_sizes"][r, :k]
+      tiles = [1] * k if k > 1 else [LAYOUT.num_tiles(hw) for hw in sizes]
+      for j, n in enumerate(tiles):
+        assert np.abs(batch["pixel_values"][r, j, :n]).sum(axis=(1, 2, 3)).min() > 0
+        assert not batch["pixel_values"][r, j, n:].any()  # blank tile slots
+      expected = (k * (LAYOUT.tile_features + 1) if k > 1 else
+                  sum(LAYOUT.num_image_tokens(hw) for hw in sizes))
+      assert is_image[r].sum() == expected
+      several += k > 1
+  assert shrunk and several == corpus["pairs"]  # downsampling happens, and every record of two images came
+  assert not it.skip_counts
+  # One image slot a row: records of two images are skipped as malformed, the rest keep their shapes.
+  batches, it = _batches(corpus, tokenizer, num_epochs=1, max_images_per_sample=1, max_skip_fraction=1.0)
+  assert batches[0]["pixel_values"].shape == (B, P, TILE, TILE, 3)
+  assert batches[0]["image_feature_rows"].shape == (B, LENGTH, 4)
+  assert it.skip_counts == {"malformed_record": corpus["pairs"]}
+  with pytest.raises(ValueError, match="OneVision"):
+    pipeline.DataConfig(json_path="x", max_images_per_sample=2)
+
+
+def test_packed_batches_number_each_image_slot(corpus, tokenizer):
+  (batch,), _ = _batches(corpus, tokenizer, 1, packing=True, max_images_per_row=3, max_length=200)
+  assert batch["pixel_values"].shape == (B, 3, P, TILE, TILE, 3)
+  assert batch["image_feature_rows"].shape == batch["image_feature_weights"].shape == (B, 200, 4)
+  newline = B * 3 * LAYOUT.slot_features()
+  rows = batch["image_feature_rows"][batch["input_ids"] == IMAGE_TOKEN]
+  assert (rows == newline).any() and rows.max() == newline
+
+
+def test_rows_and_weights_are_the_models_from_image_sizes(corpus, tokenizer):
+  batches, _ = _batches(corpus, tokenizer, 3)
+  for batch in batches:
+    local = LAYOUT.row_local_rows(batch["image_feature_rows"], M * P, B)
+    is_image = batch["input_ids"] == IMAGE_TOKEN
+    for r in np.flatnonzero(batch["image_mask"].any(axis=1)):
+      k = int(batch["image_mask"][r].sum())
+      ids, sizes = batch["input_ids"][r:r + 1], batch["image_sizes"][r, :k]
+      alone = image_feature_rows(CFG, ids, sizes, P)  # the model's: k images of P tile slots
+      alone = LAYOUT.with_blank_slots(alone, is_image[r:r + 1], k, M, P)  # ... in a row of M slots
+      np.testing.assert_array_equal(local[r][is_image[r]], alone[0][is_image[r]])  # elsewhere: clipped, unused
+      np.testing.assert_array_equal(batch["image_feature_weights"][r:r + 1], image_feature_weights(CFG, ids, sizes))
+
+
+def test_the_row_local_splice_with_weights_equals_the_batch_wide_one(corpus, tokenizer):
+  (batch,), _ = _batches(corpus, tokenizer, 1)
+  model = Llava(CFG, rngs=nnx.Rngs(0))
+  ids, pixels, mask = (jnp.asarray(batch[k]) for k in ("input_ids", "pixel_values", "image_mask"))
+  weights = jnp.asarray(batch["image_feature_weights"])
+  wide = model.embed(ids, pixels, mask, jnp.asarray(batch["image_feature_rows"]), image_feature_weights=weights)
+  rows = step_feature_rows(jnp.asarray(batch["image_feature_rows"]), pixels, CFG, host_rows=B)
+  by_row = model.embed(ids, pixels, mask, rows, images_by_row=True, image_feature_weights=weights)
+  np.testing.assert_allclose(np.asarray(by_row), np.asarray(wide), rtol=1e-6, atol=1e-6)
+  # The same as the model's own path for each row alone, from its image sizes.
+  for r in range(B):
+    k = int(batch["image_mask"][r].sum())
+    if k:
+      alone = model(ids[r:r + 1], pixels[r, :k], image_sizes=np.asarray(batch["image_sizes"][r, :k]), head=False)
+      full = model(ids[r:r + 1], pixels[r:r + 1], image_feature_rows=rows[r:r + 1], images_by_row=True,
+                   image_feature_weights=weights[r:r + 1], head=False)
+      np.testing.assert_allclose(np.asarray(full), np.asarray(alone), rtol=1e-5, atol=1e-5)
+
+
+def test_stage2_steps_compile_once_the_loss_falls_and_the_tower_trains_at_its_rate(corpus, tokenizer):
+  batches, _ = _batches(corpus, tokenizer, 3)
+  assert len({tuple(map(tuple, b["image_sizes"].reshape(-1, 2))) for b in batches}) == 3
+  optim = OptimConfig(lr=3e-3, vision_tower_lr=3e-5, warmup_ratio=0.0,
+                      groups=recipes.stage_groups("stage2", train_vision_tower=True))
+  trainer = Trainer(CFG, "stage2", optim, 1000, train_util.mesh_of((1, 1, 1)))
+  state = trainer.init_state()
+  initial = train_util.flat(jax.device_get(state["params"]["model"]))
+  state, metrics = trainer.step(state, batches[0])
+  after = train_util.flat(jax.device_get(state["params"]["model"]))
+
+  # Adam's first update is lr * g / (|g| + eps): each group's largest change is its own rate.
+  def largest_change(prefix):
+    return max(float(np.max(np.abs(after[k] - initial[k]))) for k in initial if k.startswith(prefix))
+
+  np.testing.assert_allclose(largest_change("vision_tower"), 3e-5, rtol=1e-2)
+  np.testing.assert_allclose(largest_change("multi_modal_projector"), 3e-3, rtol=1e-2)
+  np.testing.assert_allclose(largest_change("language_model"), 3e-3, rtol=1e-2)
+  losses = [float(metrics["loss"])]
+  for i in range(1, 9):
+    state, metrics = trainer.step(state, batches[i % 3])
+    losses.append(float(metrics["loss"]))
+  assert len(trainer._compiled) == 1  # pylint: disable=protected-access  # batches of other image sizes: one shape
+  assert np.all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3]), losses

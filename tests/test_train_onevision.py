@@ -194,3 +194,16 @@ def test_stage2_steps_compile_once_the_loss_falls_and_the_tower_trains_at_its_ra
     losses.append(float(metrics["loss"]))
   assert len(trainer._compiled) == 1  # pylint: disable=protected-access  # batches of other image sizes: one shape
   assert np.all(np.isfinite(losses)) and np.mean(losses[-3:]) < np.mean(losses[:3]), losses
+
+
+def test_synthetic_batches_carry_taps_and_weights():
+  from llava_jax.train.batches import SyntheticIterator  # pylint: disable=import-outside-toplevel
+
+  batch = next(SyntheticIterator(B, 96, CFG, seed=0))
+  assert batch["pixel_values"].shape == (B, P, TILE, TILE, 3)
+  assert batch["image_feature_rows"].shape == batch["image_feature_weights"].shape == (B, 96, 4)
+  is_image = batch["input_ids"] == IMAGE_TOKEN
+  np.testing.assert_allclose(batch["image_feature_weights"][is_image].sum(-1), 1.0, rtol=1e-6)
+  for r in np.flatnonzero(batch["image_mask"]):
+    ids, sizes = batch["input_ids"][r:r + 1], batch["image_sizes"][r:r + 1]
+    np.testing.assert_array_equal(batch["image_feature_weights"][r:r + 1], image_feature_weights(CFG, ids, sizes))

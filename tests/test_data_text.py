@@ -51,6 +51,13 @@ class RefConversation:
           ret += role + message + self.sep
         else:
           ret += role
+    elif self.sep_style == "CHATML":  # LLaVA-NeXT's
+      ret = "" if self.system == "" else self.system + self.sep + "\n"
+      for role, message in self.messages:
+        if message:
+          ret += role + "\n" + message + self.sep + "\n"
+        else:
+          ret += role + "\n"
     elif self.sep_style == "LLAMA_2":
       wrap_sys = lambda msg: f"<<SYS>>\n{msg}\n<</SYS>>\n\n" if len(msg) > 0 else msg
       wrap_inst = lambda msg: f"[INST] {msg} [/INST]"
@@ -91,6 +98,9 @@ REF_TEMPLATES = {
         roles=("<|im_start|>user\n", "<|im_start|>assistant\n"), version="mpt", sep_style="MPT",
         sep="<|im_end|>"),
     "plain": RefConversation(system="", roles=("", ""), sep_style="PLAIN", sep="\n"),
+    "qwen_1_5": RefConversation(  # LLaVA-NeXT's conv_qwen; its labels: tests/test_data_text_qwen.py
+        system="<|im_start|>system\nYou are a helpful assistant.", roles=("<|im_start|>user", "<|im_start|>assistant"),
+        version="qwen", sep_style="CHATML", sep="<|im_end|>"),
 }
 
 

@@ -145,7 +145,7 @@ def test_every_parameter_has_logical_axes_and_the_biases_shard(tmp_path):
 
 def test_training_step_moves_the_qkv_biases():
   config = train_util.tiny_config("stage2", **{"optimizer.lr": 1e-3, "total_steps": 4})
-  with config.unlocked():  # the tiny schema's text has no such keys: LLaMA's defaults
+  with config.unlocked():  # the tiny schema says LLaMA
     config.model.text.model_type, config.model.text.qkv_bias = "qwen2", True
   trainer = train_util.make_trainer(config)
   state = trainer.init_state()

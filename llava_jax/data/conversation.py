@@ -4,7 +4,8 @@ Each template turns a list of (role, message) pairs into one prompt string exact
 as the reference `Conversation.get_prompt()` does, because the model was trained on
 those strings byte for byte: a different space or separator is a different prompt.
 
-Only the templates LLaVA-1.5 / 1.6 were trained with are kept:
+Only the templates LLaVA-1.5 / 1.6 / OneVision were trained with are kept (OneVision's
+from LLaVA-NeXT's `llava/conversation.py`):
 
   plain            stage 1 (feature alignment): "<image>" + caption + "\\n"
   vicuna_v1        LLaVA-1.5 on Vicuna (the default of the reference)
@@ -12,6 +13,7 @@ Only the templates LLaVA-1.5 / 1.6 were trained with are kept:
   llava_llama_2    LLaMA-2 chat wrapping with LLaVA's system prompt
   mistral_instruct LLaVA-1.6 Mistral: [INST] wrapping, no system prompt
   chatml_direct    LLaVA-1.6 34B (Nous-Hermes-2-Yi): ChatML markers
+  qwen_1_5         LLaVA-OneVision (Qwen2): ChatML with a system turn, LLaVA-NeXT's `conv_qwen`
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class SeparatorStyle(enum.Enum):
   LLAMA_2 = "llama_2"  # [INST] <<SYS>>..<</SYS>> msg [/INST] reply </s>
   MPT = "mpt"          # system sep role msg sep role msg sep ...  (ChatML)
   PLAIN = "plain"      # msg sep msg sep2 ... with no system and no roles
+  CHATML = "chatml"    # system sep \n role \n msg sep \n ...  (LLaVA-NeXT's; labels by `preprocess_qwen`)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,11 @@ class Template:
       out = self.system + self.sep
       for role, message in messages:
         out += role + message + self.sep if message else role
+      return out
+    if self.style == SeparatorStyle.CHATML:
+      out = self.system + self.sep + "\n" if self.system else ""
+      for role, message in messages:
+        out += role + "\n" + message + self.sep + "\n" if message else role + "\n"
       return out
     if self.style == SeparatorStyle.LLAMA_2:
       out = ""
@@ -137,9 +145,13 @@ TEMPLATES: dict[str, Template] = {
     "chatml_direct": Template("chatml_direct", system="<|im_start|>system\nAnswer the questions.",
                               roles=("<|im_start|>user\n", "<|im_start|>assistant\n"),
                               style=SeparatorStyle.MPT, sep="<|im_end|>", version="mpt"),
+    # LLaVA-NeXT's conv_qwen ("qwen_1_5" and "qwen_2" there), what every LLaVA-OneVision stage past 1 used.
+    "qwen_1_5": Template("qwen_1_5", system="<|im_start|>system\nYou are a helpful assistant.",
+                         roles=("<|im_start|>user", "<|im_start|>assistant"), style=SeparatorStyle.CHATML,
+                         sep="<|im_end|>", version="qwen"),
 }
 # The reference's other names for the same templates.
-_ALIASES = {"v1": "vicuna_v1", "v0_plain": "plain", "mistral_direct": "chatml_direct"}
+_ALIASES = {"v1": "vicuna_v1", "v0_plain": "plain", "mistral_direct": "chatml_direct", "qwen_2": "qwen_1_5"}
 
 
 def get_template(name: str | Template) -> Template:

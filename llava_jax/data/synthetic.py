@@ -171,7 +171,9 @@ def tokenizer_training_text(seed: int = 0, num_lines: int = 400) -> list[str]:
            "the a an is what which colour of on in background image picture shape shown brief "
            "description describe summarize visual content sides does how many have sky day clear "
            "mixing get you and yellow three four".split())
-  lines = [t.system for t in TEMPLATES.values() if t.system]
+  # qwen_1_5 is left out: its tokenizer is `build_qwen_tokenizer`'s, and this text (so every tiny SentencePiece
+  # model trained on it) stays as it was.
+  lines = [t.system for t in TEMPLATES.values() if t.system and t.name != "qwen_1_5"]
   lines += ["USER: hello ASSISTANT: hi", "[INST] question [/INST] answer", "Answer the questions."]
   for q, a in _TEXT_ONLY:
     lines.append(q + " " + a)
@@ -217,4 +219,46 @@ def build_tokenizer(folder: str, lines: Iterable[str] | None = None, vocab_size:
     config["additional_special_tokens"] = special_tokens
   with open(os.path.join(folder, "tokenizer_config.json"), "w") as f:
     json.dump(config, f, indent=1)
+  return folder
+
+
+def _byte_alphabet() -> list[str]:
+  """The 256 byte-level BPE characters in GPT-2's (and Qwen2's) id order: printable bytes first, the rest shifted
+  past 255. So "\\n" gets id 198, as in Qwen2, whose "\\n" id `preprocess_qwen` hard-codes."""
+  printable = [*range(ord("!"), ord("~") + 1), *range(0xA1, 0xAC + 1), *range(0xAE, 0xFF + 1)]
+  chars, extra = {b: chr(b) for b in printable}, 0
+  for b in range(256):
+    if b not in chars:
+      chars[b] = chr(256 + extra)
+      extra += 1
+  return [chars[b] for b in [*printable, *(b for b in range(256) if b not in printable)]]
+
+
+def build_qwen_tokenizer(folder: str, lines: Iterable[str] | None = None, num_merges: int = 300) -> str:
+  """A tiny Qwen2 tokenizer (byte-level BPE, no BOS) saved in `folder` for `AutoTokenizer.from_pretrained`.
+
+  The merges are learned here on `lines`; the ids are Qwen2's layout in small: the 256 bytes (so "\\n" is 198),
+  the merges, then <|endoftext|> (EOS and pad), <|im_start|> and <|im_end|> as special tokens. Returns `folder`.
+  """
+  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
+  from transformers import Qwen2Tokenizer  # pylint: disable=import-outside-toplevel
+
+  lines = list(tokenizer_training_text() if lines is None else lines)
+  lines += ["<|im_start|>user\nWhat?<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n"]
+  probe = Qwen2Tokenizer(vocab={c: i for i, c in enumerate(_byte_alphabet())}, merges=[])
+  bpe = Tokenizer(models.BPE())
+  bpe.normalizer = normalizers.NFC()
+  bpe.pre_tokenizer = probe.backend_tokenizer.pre_tokenizer
+  alphabet = _byte_alphabet()
+  bpe.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=len(alphabet) + num_merges, show_progress=False,
+                                                     initial_alphabet=alphabet, special_tokens=[]))
+  merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
+            for m in json.loads(bpe.to_str())["model"]["merges"]]
+  vocab = {c: i for i, c in enumerate(alphabet)}
+  for a, b in merges:
+    vocab.setdefault(a + b, len(vocab))
+  tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges, errors="replace", model_max_length=1 << 20,
+                             extra_special_tokens=["<|im_start|>", "<|im_end|>"])
+  tokenizer.add_tokens(["<|im_start|>", "<|im_end|>"], special_tokens=True)
+  tokenizer.save_pretrained(folder)
   return folder

@@ -11,6 +11,10 @@ sample with every label masked. We keep its arithmetic (the model learned from
 exactly those labels) but raise `TokenizationMismatchError` instead, so that the
 pipeline skips and counts the sample.
 
+LLaVA-OneVision's `qwen_1_5` follows LLaVA-NeXT's `preprocess_qwen` instead: turn by
+turn, with its quirk that "\\n" (id 198), <|im_start|> and <|im_end|> are targets in
+every turn, system and user turns included (`_qwen_ids_and_labels`).
+
 After masking, the single -200 placeholder is expanded to `num_image_tokens` copies
 of `image_token_index` (the HF / our model convention: one id per image feature; for
 LLaVA-NeXT a count per image, which depends on its size: `expand_image_tokens`),
@@ -133,6 +137,17 @@ def move_image_to_front(turns: Sequence[tuple[str, str]]) -> list[tuple[str, str
   return out
 
 
+def move_image_to_front_next(turns: Sequence[tuple[str, str]]) -> list[tuple[str, str]]:
+  """LLaVA-NeXT's `preprocess_multimodal` (OneVision trained with it): only a turn with exactly one "<image>"
+  that does not already start with it is rewritten; "<image>What?" and several tags stay as written."""
+  out = []
+  for speaker, value in turns:
+    if value.count(DEFAULT_IMAGE_TOKEN) == 1 and not value.startswith(DEFAULT_IMAGE_TOKEN):
+      value = (DEFAULT_IMAGE_TOKEN + "\n" + value.replace(DEFAULT_IMAGE_TOKEN, "").strip()).strip()
+    out.append((speaker, value))
+  return out
+
+
 def _check_turns(conversations, template: Template, sample_id) -> list[tuple[str, str]]:
   """Validates the turns; returns (speaker, value) pairs from the first human turn."""
   if not isinstance(conversations, (list, tuple)) or not conversations:
@@ -217,8 +232,48 @@ def _split_rounds(prompt: str, template: Template) -> tuple[list[tuple[str, str]
   return out, sep
 
 
+# `preprocess_qwen` unmasks these ids wherever they occur: Qwen2's "\n" by its literal id, which the reference
+# hard-codes (whatever the tokenizer), and the tokenizer's <|im_start|> / <|im_end|>.
+QWEN_NEWLINE_ID = 198
+
+
+def _chatml_ids(tokenizer) -> list[int]:
+  """The ids of <|im_start|> and <|im_end|> (the reference's `additional_special_tokens_ids`)."""
+  markers = ["<|im_start|>", "<|im_end|>"]
+  ids = tokenizer.convert_tokens_to_ids(markers)
+  if any(i is None or tokenizer.convert_ids_to_tokens(i) != m for i, m in zip(ids, markers)):
+    raise ValueError(f"the qwen_1_5 template needs a tokenizer with {markers} as tokens (a Qwen2 one)")
+  return ids
+
+
+def _qwen_ids_and_labels(turns, template: Template, tokenizer):
+  """LLaVA-NeXT's `preprocess_qwen`: each turn (the system one first) tokenized alone as
+  "<|im_start|>role\\n" + text + "<|im_end|>\\n" (no BOS), system and user turns masked, assistant turns kept
+  whole (their "<|im_start|>assistant\\n" header too). Then, a quirk kept on purpose because the released
+  models learned from it: every id 198 ("\\n" in Qwen2's vocabulary), <|im_start|> and <|im_end|> is
+  unmasked, in system and user turns as well. "<image>" (a special token there) becomes the placeholder, its
+  label ignored (tags sit in user turns only). The reference has no round-count check, so no
+  `TokenizationMismatchError` here."""
+  end = template.sep + "\n"
+  texts = [(False, template.system + end)]
+  texts += [(speaker == "gpt", template.roles[speaker == "gpt"] + "\n" + value + end) for speaker, value in turns]
+  chunks = [t.split(DEFAULT_IMAGE_TOKEN) for _, t in texts]
+  encoded = iter(tokenizer([c for cs in chunks for c in cs], add_special_tokens=False)["input_ids"])
+  unmasked = {QWEN_NEWLINE_ID, *_chatml_ids(tokenizer)}
+  ids, labels = [], []
+  for (trained, _), cs in zip(texts, chunks):
+    turn = []
+    for j in range(len(cs)):
+      turn += ([IMAGE_PLACEHOLDER] if j else []) + list(next(encoded))
+    ids += turn
+    labels += [t if trained or t in unmasked else IGNORE_INDEX for t in turn]
+  return ids, np.asarray(labels, dtype=np.int64)
+
+
 def _reference_ids_and_labels(turns, template: Template, tokenizer, sample_id):
   """Token ids and labels with the -200 placeholder, before expansion and truncation."""
+  if template.style == SeparatorStyle.CHATML:
+    return _qwen_ids_and_labels(turns, template, tokenizer)
   if template.style == SeparatorStyle.PLAIN:
     # preprocess_plain: the user text is dropped, "<image>" + caption + "\n".
     prompt = DEFAULT_IMAGE_TOKEN + turns[1][1] + template.sep
@@ -256,7 +311,7 @@ def conversation_tokens(conversations: Sequence[dict], tokenizer, template: str 
     has_image = any(DEFAULT_IMAGE_TOKEN in value for _, value in turns)
   _check_image_tags(turns, has_image, template, sample_id)
   if has_image:
-    turns = move_image_to_front(turns)
+    turns = (move_image_to_front_next if template.style == SeparatorStyle.CHATML else move_image_to_front)(turns)
   ids, labels = _reference_ids_and_labels(turns, template, tokenizer, sample_id)
   return np.asarray(ids, dtype=np.int64), np.asarray(labels, dtype=np.int64), has_image
 

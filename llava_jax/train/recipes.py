@@ -14,14 +14,21 @@ from ml_collections import config_dict
 from llava_jax.sharding import DEFAULT_RULES
 from llava_jax.train.optim import FROZEN, Group, OptimConfig, resolve_groups
 
-# The reference's per-stage learning rates (LLaVA-1.5 scripts).
-STAGE_LR = {"stage1": 1e-3, "stage2": 2e-5, "lora": 2e-4}
+# The reference's per-stage learning rates: LLaVA-1.5's scripts, and LLaVA-OneVision's single-image ("si") and
+# OneVision ("ov") stages (LLaVA-NeXT's scripts/train/finetune_{si,ov}.sh: --learning_rate 1e-5).
+STAGE_LR = {"stage1": 1e-3, "stage2": 2e-5, "lora": 2e-4, "si": 1e-5, "ov": 1e-5}
 
 # What each stage trains, as optimizer group entries (name, pattern over parameter paths, lr): train/optim.py says
 # how they match. The names key the optimizer state: keep them, or old workdirs no longer restore. LLaVA-NeXT's
 # image_newline trains with the LLM: LLaVA-NeXT's train.py unfreezes it under "mm_language_model" (every parameter
 # outside vision_tower and mm_projector), not under "mm_mlp_adapter".
 LLM_PARTS = "language_model|lm_head|image_newline"
+# train_vision_tower (stage2): the tower's entry instead of the frozen one, at its own rate (LLaVA-1.6's
+# mm_vision_tower_lr with mm_tunable_parts="mm_vision_tower,mm_mlp_adapter,mm_language_model").
+TRAINED_VISION_TOWER = ("vision", "vision_tower", "vision_tower_lr")
+# OneVision's si and ov stages train everything: mm_tunable_parts="mm_vision_tower,mm_mlp_adapter,
+# mm_language_model", the tower at mm_vision_tower_lr.
+_EVERYTHING = (TRAINED_VISION_TOWER, ("projector", "multi_modal_projector", "projector_lr"), ("llm", LLM_PARTS, "lr"))
 STAGE_GROUPS = {
     "stage1": ((FROZEN, "vision_tower", FROZEN), ("projector", "multi_modal_projector", "projector_lr"),
                (FROZEN, LLM_PARTS, FROZEN)),
@@ -29,17 +36,19 @@ STAGE_GROUPS = {
                ("llm", LLM_PARTS, "lr")),
     "lora": ((FROZEN, "vision_tower", FROZEN), ("projector", "multi_modal_projector", "projector_lr"),
              (FROZEN, LLM_PARTS, FROZEN), ("lora", "lora", "lr")),
+    "si": _EVERYTHING,
+    "ov": _EVERYTHING,
 }
 STAGES = tuple(STAGE_GROUPS)
-# train_vision_tower (stage2): the tower's entry instead of the frozen one, at its own rate (LLaVA-1.6's
-# mm_vision_tower_lr with mm_tunable_parts="mm_vision_tower,mm_mlp_adapter,mm_language_model").
-TRAINED_VISION_TOWER = ("vision", "vision_tower", "vision_tower_lr")
+LLAVA_STAGES = ("stage1", "stage2", "lora")  # what the LLaVA-1.x configs offer
+ONEVISION_STAGES = ("stage1", "si", "ov")    # what the LLaVA-OneVision configs offer
 
 
 def check_stage(stage: str) -> None:
   if stage not in STAGES:
     raise ValueError(f"stage {stage!r} is not one of {STAGES}: use configs/<model>.py:stage1 (projector only), "
-                     ":stage2 (projector + LLM) or :lora (LoRA adapters + projector), or set --config.stage")
+                     ":stage2 (projector + LLM), :lora (LoRA adapters + projector) or, for LLaVA-OneVision, :si / "
+                     ":ov (everything, the tower at vision_tower_lr), or set --config.stage")
 
 
 def stage_groups(stage: str, train_vision_tower: bool = False) -> tuple:
@@ -96,11 +105,24 @@ def preset(name: str) -> dict:
   return dict(PRESETS[name])
 
 
+def model_schema(vision: dict, text: dict, **fields) -> dict:
+  """`config.model`: every `LlavaConfig` field a recipe may set, at `LlavaConfig`'s defaults (CLIP tower, LLaMA
+  decoder, no OneVision) where `vision`, `text` and `fields` do not say otherwise, so `--config.model.*` reaches
+  them all. Fresh placeholders per call: a shared one would tie configs together."""
+  return dict(
+      vision=dict(dict(model_type="clip", layer_norm_eps=1e-5, hidden_act="quick_gelu"), **vision),
+      text=dict(dict(model_type="llama", qkv_bias=False, tie_word_embeddings=False, rms_norm_eps=1e-5), **text),
+      **dict(dict(vision_feature_layer=-2, vision_feature_select_strategy="default",
+                  vision_aspect_ratio=config_dict.placeholder(str), video_token_index=config_dict.placeholder(int)),
+             **fields))
+
+
 def base_config(stage: str = "stage1") -> ml_collections.ConfigDict:
   """The schema every config shares, filled in for the tiny model (CLIP 2x64 at 28 px, LLaMA 2x64) that runs in
   seconds on a CPU. Bigger configs change `model` / `init_checkpoint`, `data`, `mesh` and the batch."""
   if stage not in STAGE_LR:
-    raise ValueError(f"unknown stage {stage!r}: use stage1 (projector only), stage2 (projector + LLM) or lora")
+    raise ValueError(f"unknown stage {stage!r}: use stage1 (projector only), stage2 (projector + LLM), lora, or "
+                     "si / ov (LLaVA-OneVision)")
   c = ml_collections.ConfigDict()
   c.stage = stage
   c.seed = 0
@@ -108,12 +130,12 @@ def base_config(stage: str = "stage1") -> ml_collections.ConfigDict:
 
   # Model: from a `llava-jax convert` directory if set, else built from `model` and freshly initialised.
   c.init_checkpoint = ""
-  c.model = dict(
+  c.model = model_schema(
       vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   image_size=28, patch_size=7),
       text=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16, max_position_embeddings=512),
-      image_token_index=256, vision_feature_layer=-2)
+      image_token_index=256)
   c.dtype = "float32"        # compute; "bfloat16" on accelerators
   c.param_dtype = "float32"  # master weights and optimizer state
   c.attention_impl = "xla"
@@ -129,8 +151,9 @@ def base_config(stage: str = "stage1") -> ml_collections.ConfigDict:
   c.grad_accum_steps = 1
   # What trains is the stage's STAGE_GROUPS; train_vision_tower (stage2 only) trains the vision tower too, at
   # optimizer.vision_tower_lr (unset: lr), as LLaVA-1.6. optimizer.groups, if given, replaces the stage's entries:
-  # (name, pattern, lr) tuples as train/optim.py describes, e.g. LLaVA-OneVision's (("vision", "vision_tower",
-  # 2e-6), ("projector", "multi_modal_projector", 1e-5), ("llm", "language_model|lm_head|image_newline", 1e-5)).
+  # (name, pattern, lr) tuples as train/optim.py describes, e.g. (("vision", "vision_tower", 2e-6), ("projector",
+  # "multi_modal_projector", 1e-5), ("llm", "language_model|lm_head|image_newline", 1e-5)), which is what
+  # LLaVA-OneVision's si / ov stages say as data.
   c.train_vision_tower = False
   c.optimizer = dict(lr=STAGE_LR[stage], projector_lr=config_dict.placeholder(float),
                      vision_tower_lr=config_dict.placeholder(float), warmup_ratio=0.03,
@@ -152,7 +175,9 @@ def base_config(stage: str = "stage1") -> ml_collections.ConfigDict:
       aspect_ratio="pad", shuffle=True, group_by_modality_length=False, packing=False, num_workers=0,
       # A pipeline that only skips stops the run (exit 2) with counts per reason instead of spinning:
       max_consecutive_skips=1000, max_skip_fraction=0.1, min_samples_for_fraction=200,
-      max_image_pixels=64_000_000, allow_images_outside_dir=False)
+      max_image_pixels=64_000_000, allow_images_outside_dir=False,
+      # Frames taken from a video at most (OneVision's --frames_upbound); the pipeline reads no videos yet.
+      max_frames=0)
 
   c.checkpoint = dict(every_steps=50, keep=3, async_save=True)
   # A step with a non-finite loss or gradients skips its update; this many in a row stop the run (exit 3).
@@ -166,9 +191,11 @@ def llava_v1_5(arg: str, vision: dict, text: dict, default_preset: str = "v5p-64
   stage1 (LLaVA-Pretrain 558k, `plain`, batch 256, lr 1e-3), stage2 (llava_v1_5_mix665k, `vicuna_v1`, batch 128,
   lr 2e-5) or lora (r 128, alpha 256, lr 2e-4, projector lr 2e-5); one epoch, max length 2048, padded images."""
   stage, _, preset_name = arg.partition(",")
+  if stage in STAGE_LR and stage not in LLAVA_STAGES:
+    raise ValueError(f"stage {stage!r} is a LLaVA-OneVision stage; this recipe offers {LLAVA_STAGES}")
   c = base_config(stage)
   hardware = preset(preset_name or default_preset)
-  c.model = dict(vision=vision, text=text, image_token_index=text["vocab_size"], vision_feature_layer=-2)
+  c.model = model_schema(vision, text, image_token_index=text["vocab_size"])
   c.dtype, c.param_dtype = "bfloat16", "float32"
   c.remat, c.scan_layers = "full", True
   c.seq_chunk = 512
@@ -244,5 +271,98 @@ def tiny_next(stage: str = "stage2") -> ml_collections.ConfigDict:
   c = base_config(stage)
   c.model.image_grid_pinpoints = TINY_PINPOINTS
   c.data.seq_len = 160
+  c.data.aspect_ratio = "anyres"
+  return c
+
+
+# -- LLaVA-OneVision ---------------------------------------------------------------------------------------------------
+
+# google/siglip-so400m-patch14-384 with its last layer dropped (LLaVA-NeXT's SigLIP tower deletes it; transformers'
+# LlavaOnevisionConfig default keeps 26 of 27), read at the last kept layer with every patch (layer -1, "full").
+SIGLIP_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16,
+                     image_size=384, patch_size=14, layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh",
+                     model_type="siglip")
+# Qwen2(-Instruct) decoders: q/k/v biases, rope_theta 1e6, RMSNorm eps 1e-6, 32k positions, no sliding window;
+# <|endoftext|> 151643 is BOS, <|im_end|> 151645 EOS.
+_QWEN2 = dict(model_type="qwen2", qkv_bias=True, rms_norm_eps=1e-6, max_position_embeddings=32768,
+              rope_parameters=dict(rope_theta=1e6, rope_type="default"), bos_token_id=151643, eos_token_id=151645)
+QWEN2_0_5B = dict(_QWEN2, vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)
+QWEN2_7B = dict(_QWEN2, vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                num_attention_heads=28, num_key_value_heads=4, head_dim=128, tie_word_embeddings=False)
+QWEN2_72B = dict(_QWEN2, vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                 num_attention_heads=64, num_key_value_heads=8, head_dim=128, tie_word_embeddings=False)
+ONEVISION_IMAGE_TOKEN, ONEVISION_VIDEO_TOKEN = 151646, 151647  # <image>, <video> after Qwen2's specials
+# The 36 canvases (1x1 ... 6x6 tiles of 384 px), as `data/onevision.py` lists them (kept here as data: the recipe
+# must not import the image code).
+PINPOINTS_ONEVISION = tuple((h, w) for h in range(384, 2305, 384) for w in range(384, 2305, 384))
+ONEVISION_VISION_TOWER_LR = 2e-6  # --mm_vision_tower_lr of finetune_{si,ov}.sh
+ONEVISION_SEQ_LEN = {"stage1": 8192, "si": 32768, "ov": 32768}  # --model_max_length of each stage's script
+ONEVISION_MAX_FRAMES = 32  # --frames_upbound
+# Samples per stage: LLaVA-Pretrain 558k (pretrain_siglip.sh), and the paper's 3.2M single-image and 1.6M OneVision
+# mixes (the scripts' data YAMLs are not all published).
+ONEVISION_SAMPLES = {"stage1": PRETRAIN_SAMPLES, "si": 3_200_000, "ov": 1_600_000}
+
+
+def llava_onevision(arg: str, text: dict, default_preset: str = "v5p-64") -> ml_collections.ConfigDict:
+  """The LLaVA-OneVision recipe (LLaVA-NeXT's scripts/train/{pretrain_siglip,finetune_si,finetune_ov}.sh) around a
+  Qwen2 decoder; `arg` is "STAGE[,PRESET]" with STAGE one of `ONEVISION_STAGES`.
+
+  stage1 trains the projector (lr 1e-3, `plain`, max length 8192); si and ov train the SigLIP tower at 2e-6 and
+  the projector and LLM at 1e-5 (`qwen_1_5`, max length 32768, up to 32 frames a video). All: cosine with 3%
+  warm-up, weight decay 0, one epoch, anyres_max_9 over the 36 canvases. Batch 256 (the scripts' comments: 1 per
+  GPU x 2 accumulation x 128 GPUs for 7B, 1 x 1 x 256 for 72B; stage 1's GPU count is not given). The reference's
+  stage 1 saw plain 384 px squares (its default image_aspect_ratio); our stage 1 keeps the model's anyres layout.
+  """
+  stage, _, preset_name = arg.partition(",")
+  if stage not in ONEVISION_STAGES:
+    raise ValueError(f"unknown stage {stage!r} for LLaVA-OneVision: use one of {ONEVISION_STAGES}")
+  c = base_config(stage)
+  hardware = preset(preset_name or default_preset)
+  c.model = model_schema(SIGLIP_SO400M, text, image_token_index=ONEVISION_IMAGE_TOKEN,
+                         video_token_index=ONEVISION_VIDEO_TOKEN, vision_feature_layer=-1,
+                         vision_feature_select_strategy="full", image_grid_pinpoints=PINPOINTS_ONEVISION,
+                         vision_aspect_ratio="anyres_max_9")
+  c.dtype, c.param_dtype = "bfloat16", "float32"
+  c.remat, c.scan_layers = "full", True
+  c.seq_chunk = 512
+  c.mesh = hardware["mesh"]
+  c.batch_size = 256
+  c.total_steps = -(-ONEVISION_SAMPLES[stage] // c.batch_size)
+  if stage != "stage1":
+    c.optimizer.vision_tower_lr = ONEVISION_VISION_TOWER_LR
+  c.data.kind = "llava"
+  c.data.seq_len = ONEVISION_SEQ_LEN[stage]
+  c.data.template = "plain" if stage == "stage1" else "qwen_1_5"
+  c.data.aspect_ratio = "anyres"
+  c.data.group_by_modality_length = stage != "stage1"
+  c.data.max_frames = 0 if stage == "stage1" else ONEVISION_MAX_FRAMES
+  c.data.num_workers = 4
+  c.checkpoint.every_steps = 1000  # --save_steps
+  c.log.every_steps = 10
+  return c
+
+
+# The tiny OneVision's canvases: 1x1 ... 6x6 tiles of its 28 px tiles, as OneVision's of 384 px.
+TINY_ONEVISION_PINPOINTS = tuple((h, w) for h in range(28, 169, 28) for w in range(28, 169, 28))
+
+
+def tiny_onevision(stage: str = "si") -> ml_collections.ConfigDict:
+  """The tiny model as a LLaVA-OneVision: a SigLIP-style tower (no CLS, read at its last layer, every patch), a
+  Qwen2-style decoder (q/k/v biases, tied embeddings), anyres_max_9 over `TINY_ONEVISION_PINPOINTS`, OneVision's
+  stages and template. Random rows only for now (`data.kind="synthetic"`)."""
+  if stage not in ONEVISION_STAGES:
+    raise ValueError(f"unknown stage {stage!r} for LLaVA-OneVision: use one of {ONEVISION_STAGES}")
+  c = base_config(stage)
+  c.model = model_schema(
+      vision=dict(c.model.vision.to_dict(), model_type="siglip", layer_norm_eps=1e-6, hidden_act="gelu_pytorch_tanh"),
+      text=dict(c.model.text.to_dict(), model_type="qwen2", qkv_bias=True, tie_word_embeddings=True,
+                rms_norm_eps=1e-6),
+      image_token_index=256, video_token_index=257, vision_feature_layer=-1, vision_feature_select_strategy="full",
+      image_grid_pinpoints=TINY_ONEVISION_PINPOINTS, vision_aspect_ratio="anyres_max_9")
+  if stage != "stage1":
+    c.optimizer.vision_tower_lr = ONEVISION_VISION_TOWER_LR
+  c.data.seq_len = 256
+  c.data.template = "plain" if stage == "stage1" else "qwen_1_5"
   c.data.aspect_ratio = "anyres"
   return c

@@ -140,6 +140,8 @@ def _check_numbers(config) -> None:
   for flag in ("dtype", "param_dtype"):
     need(config[flag] in DTYPES, flag, config[flag], f"use one of {', '.join(DTYPES)}")
   need(config.data.seq_len >= 2, "data.seq_len", config.data.seq_len, "use at least 2")
+  frames = config.data.get("max_frames", 0)
+  need(isinstance(frames, int) and frames >= 0, "data.max_frames", frames, "use 0 (no videos) or more frames")
 
 
 def _check_groups(config) -> None:

@@ -121,7 +121,8 @@ def _reply(model, processor, turns, images, args, out=None, videos=()) -> str:
   images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
   videos = list(videos)
   media = {"videos": videos} if videos else {}  # OneVision's; other processors take none
-  inputs = processor(processor.prompt(turns, image=len(images), videos=len(videos)), images or None, **media)
+  several = {"image": len(images), "videos": len(videos)} if len(images) > 1 or videos else {"image": bool(images)}
+  inputs = processor(processor.prompt(turns, **several), images or None, **media)
   max_new_tokens = args.max_new_tokens
   context = model.config.text.max_position_embeddings
   room = context - inputs["input_ids"].shape[1]

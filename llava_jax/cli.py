@@ -62,6 +62,21 @@ _non_negative_int = _int_in(0, None, "0 or more")
 _port = _int_in(0, 65535, "a TCP port (0 to 65535)")
 
 
+def _read_images(paths) -> list:
+  """The --image files (the flag may repeat), each decoded in full now."""
+  return [_read_image(p) for p in paths or ()]
+
+
+def _read_videos(folders) -> list:
+  """The --video folders (the flag may repeat), each one video: its image files' frames, sorted by name."""
+  from llava_jax.processor_onevision import read_frames
+
+  for folder in folders or ():
+    if not os.path.isdir(folder):
+      raise FileNotFoundError(f"--video {folder} is not a folder of frame images")
+  return [read_frames(folder) for folder in folders or ()]
+
+
 def _read_image(path: str | None):
   """The --image file, decoded in full now: a missing, non-image or truncated file is an error naming it."""
   if path is None:
@@ -78,16 +93,21 @@ def _read_image(path: str | None):
     raise ValueError(f"--image {path}: not a readable image ({type(e).__name__}: {e})") from None
 
 
-def _load_for_generation(args):
+def _load_for_generation(args, images=(), videos=()):
+  """The model and its processor; several images or any video need a OneVision checkpoint (one that takes them)."""
   from llava_jax.checkpoint import load_checkpoint
   from llava_jax.processor import Processor
 
   model = load_checkpoint(args.ckpt, dtype=args.dtype)
+  if not model.config.is_onevision and (len(images) > 1 or videos):
+    what = f"{len(images)} --image" if len(images) > 1 else "--video"
+    raise ValueError(f"{what} given, but this checkpoint takes one image per conversation (several images and "
+                     "videos need a LLaVA-OneVision checkpoint)")
   return model, Processor.from_model(model, template=args.template, aspect_ratio=args.aspect_ratio,
                                      tokenization=args.tokenization)
 
 
-def _reply(model, processor, turns, image, args, out=None) -> str:
+def _reply(model, processor, turns, images, args, out=None, videos=()) -> str:
   """Streams one assistant reply to `out` as tokens come; stops at EOS, the template's stop string or the limit.
 
   The text comes from `llava_jax.decoding.Detokenizer`, as the server's: what it shows always ends as the full
@@ -98,7 +118,11 @@ def _reply(model, processor, turns, image, args, out=None) -> str:
   from llava_jax.generation import stream
 
   out = out or sys.stdout
-  inputs = processor(processor.prompt(turns, image=image is not None), [image] if image is not None else None)
+  images = [] if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
+  videos = list(videos)
+  media = {"videos": videos} if videos else {}  # OneVision's; other processors take none
+  several = {"image": len(images), "videos": len(videos)} if len(images) > 1 or videos else {"image": bool(images)}
+  inputs = processor(processor.prompt(turns, **several), images or None, **media)
   max_new_tokens = args.max_new_tokens
   context = model.config.text.max_position_embeddings
   room = context - inputs["input_ids"].shape[1]
@@ -112,7 +136,8 @@ def _reply(model, processor, turns, image, args, out=None) -> str:
   for token in stream(model, inputs["input_ids"], pixels, inputs["attention_mask"],
                       max_new_tokens=max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                       top_k=getattr(args, "top_k", 0), eos_token_id=eos, seed=args.seed,
-                      image_sizes=inputs.get("image_sizes")):  # NeXT
+                      image_sizes=inputs.get("image_sizes"),  # NeXT, OneVision
+                      pixel_values_videos=inputs.get("pixel_values_videos")):
     if int(token[0]) == eos:
       break
     out.write(text.add(int(token[0])))
@@ -124,16 +149,17 @@ def _reply(model, processor, turns, image, args, out=None) -> str:
 
 
 def _generate(args):
-  image = _read_image(args.image)  # before the (slow) model load
-  model, processor = _load_for_generation(args)
-  _reply(model, processor, [args.prompt], image, args)
+  images, videos = _read_images(args.image), _read_videos(args.video)  # before the (slow) model load
+  model, processor = _load_for_generation(args, images, videos)
+  _reply(model, processor, [args.prompt], images, args, videos=videos)
 
 
 def _chat(args):
-  image = _read_image(args.image)
-  model, processor = _load_for_generation(args)
+  images, videos = _read_images(args.image), _read_videos(args.video)
+  model, processor = _load_for_generation(args, images, videos)
   turns = []
-  print(f"chatting about {args.image} (template {processor.template.name}); an empty line or Ctrl-D ends")
+  about = ", ".join((args.image or []) + (args.video or [])) or "nothing in particular"
+  print(f"chatting about {about} (template {processor.template.name}); an empty line or Ctrl-D ends")
   while True:
     try:
       user = input("USER: ").strip()
@@ -143,12 +169,14 @@ def _chat(args):
       break
     turns.append(user)
     print("ASSISTANT: ", end="", flush=True)
-    turns.append(_reply(model, processor, turns, image, args))
+    turns.append(_reply(model, processor, turns, images, args, videos=videos))
 
 
 def _add_generation_flags(p):
   p.add_argument("--ckpt", required=True, help="checkpoint directory (llava-jax convert / train)")
-  p.add_argument("--image", help="image file")
+  p.add_argument("--image", action="append", help="image file; repeat it for several (LLaVA-OneVision)")
+  p.add_argument("--video", action="append", metavar="DIR", help="a folder of frame images, sorted by name, as one "
+                 "video (LLaVA-OneVision); may repeat")
   p.add_argument("--temperature", type=float, default=0.2, help="0 for greedy (default 0.2, as the reference)")
   p.add_argument("--top-p", type=float, default=1.0)
   p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens only (0: off)")

@@ -23,12 +23,12 @@ import numpy as np
 from PIL import Image
 
 from llava_jax.config import TOKENIZATIONS
-from llava_jax.data.conversation import DEFAULT_IMAGE_TOKEN, get_template
+from llava_jax.data.conversation import DEFAULT_IMAGE_TOKEN, SeparatorStyle, get_template
 from llava_jax.data.image import ImageProcessorConfig, preprocess_image, read_processor_files, to_rgb
 from llava_jax.data.layout import AnyresLayout, OneVisionLayout, layout_for
 from llava_jax.data.text import encode_prompt
 from llava_jax.padding import left_pad
-from llava_jax.processor_onevision import call_onevision, onevision_checks
+from llava_jax.processor_onevision import call_onevision, media_tags, onevision_checks
 
 SETTINGS_FILE = "llava_jax_processor.json"  # in a checkpoint's assets: {"template", "image_aspect_ratio"}
 
@@ -100,9 +100,18 @@ class Processor:
                tokenization=tokenization or cfg.tokenization, chat_template=files.chat_template,
                video_token_index=cfg.video_token_index)
 
-  def prompt(self, turns: Sequence[str], image: bool) -> str:
-    """The template's generation prompt for alternating user/assistant turns ending with the user's."""
-    return self.template.generation_prompt(list(turns), image=image)
+  def prompt(self, turns: Sequence[str], image: bool | int = False, videos: int = 0) -> str:
+    """The template's generation prompt for alternating user/assistant turns ending with the user's. `image`: True
+    or a count of images; one image alone goes where the template puts it, several (OneVision) and `videos` as
+    one "<image>" / "<video>" line each in front of the first user turn, in the order the inputs come."""
+    images = int(image)
+    if images <= 1 and not videos:
+      return self.template.generation_prompt(list(turns), image=bool(images))
+    turns = list(turns)
+    if self.template.style == SeparatorStyle.PLAIN:  # its prompt is the tags alone
+      return media_tags(images, videos).replace("\n", "")
+    turns[0] = media_tags(images, videos) + turns[0]
+    return self.template.generation_prompt(turns, image=False)
 
   def __call__(self, prompts: str | Sequence[str], images=None, max_tiles: int | None = None, videos=None,
                max_frames: int | None = None) -> dict:

@@ -32,6 +32,11 @@ def onevision_checks(proc) -> None:
       raise ValueError(f"the tokenizer's <video> encodes as {ids}, not as the video token {proc.video_token_index}")
 
 
+def media_tags(images: int, videos: int = 0) -> str:
+  """The tags of several inputs, one a line, images first (as llava-hf's chat template orders a message's)."""
+  return "<image>\n" * images + "<video>\n" * videos
+
+
 def _as_list(items) -> list:
   return [] if items is None else [items] if not isinstance(items, (list, tuple)) else list(items)
 

@@ -183,3 +183,62 @@ def random_images(sizes, seed=0) -> list:
 
   rng = np.random.default_rng(seed)
   return [Image.fromarray(rng.integers(0, 256, tuple(hw) + (3,), np.uint8)) for hw in sizes]
+
+
+# -- LLaVA-OneVision ----------------------------------------------------------------------------------------------
+
+# OneVision's 36 pinpoints scaled by 56 / 384 (a 56-px SigLIP with 14-px patches: 4x4 features a tile).
+OV_TILE = 56
+PINPOINTS_OV_56 = [[h, w] for h in range(OV_TILE, 6 * OV_TILE + 1, OV_TILE)
+                   for w in range(OV_TILE, 6 * OV_TILE + 1, OV_TILE)]
+OV_IMAGE, OV_VIDEO = 257, 258  # "<image>" and "<video>" of `qwen2_byte_tokenizer`
+
+
+def onevision_model(tied: bool = False, seed: int = 0, *, image_token: int = 60, video_token: int = 61,
+                    pinpoints=None, max_grid_tiles: int = 2, text=None):
+  """A random LlavaOnevisionForConditionalGeneration: the tiny SigLIP, a Qwen2 with GQA and q/k/v biases,
+  anyres_max_`max_grid_tiles` (small, so that small images already give shrunk grids)."""
+  cfg = transformers.LlavaOnevisionConfig(
+      vision_config=siglip_vision_config().to_dict(),
+      text_config=(text or qwen2_text_config(tie_word_embeddings=tied)).to_dict(), image_token_index=image_token,
+      video_token_index=video_token, image_grid_pinpoints=pinpoints or PINPOINTS_OV_56,
+      vision_aspect_ratio=f"anyres_max_{max_grid_tiles}", vision_feature_select_strategy="full",
+      vision_feature_layer=-1, tie_word_embeddings=tied)
+  torch.manual_seed(seed)
+  return _spread_weights(transformers.LlavaOnevisionForConditionalGeneration(cfg).eval(), seed)
+
+
+def qwen2_byte_tokenizer():
+  """A byte-level Qwen2 tokenizer (no merges: one token a byte) with "<image>" and "<video>" special, 257 and 258;
+  "<|endoftext|>" (256) ends replies."""
+  from tokenizers.pre_tokenizers import ByteLevel  # pylint: disable=import-outside-toplevel
+
+  vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+  vocab["<|endoftext|>"] = len(vocab)
+  tok = transformers.Qwen2Tokenizer(vocab=vocab, merges=[])
+  tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+  assert tok.convert_tokens_to_ids(["<image>", "<video>"]) == [OV_IMAGE, OV_VIDEO]
+  return tok
+
+
+def onevision_preprocessor(pinpoints=None) -> dict:
+  """preprocessor_config.json of a 56-px OneVision image processor."""
+  return {"image_processor_type": "LlavaOnevisionImageProcessor", "size": {"height": OV_TILE, "width": OV_TILE},
+          "image_grid_pinpoints": pinpoints or PINPOINTS_OV_56, "resample": 3, "image_mean": [0.5, 0.5, 0.5],
+          "image_std": [0.5, 0.5, 0.5], "do_pad": True}
+
+
+def onevision_directory(folder, seed: int = 0) -> str:
+  """A llava-hf OneVision directory the serving, CLI and eval paths load: the tiny model (vocabulary 264, its
+  image and video tokens the byte tokenizer's), that tokenizer and the 56-px preprocessor config."""
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+
+  folder = str(folder)
+  qwen2_byte_tokenizer().save_pretrained(folder)
+  hf = onevision_model(seed=seed, image_token=OV_IMAGE, video_token=OV_VIDEO,
+                       text=qwen2_text_config(vocab_size=264, eos_token_id=256, pad_token_id=256))
+  hf.save_pretrained(folder)
+  with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+    json.dump(onevision_preprocessor(), f)
+  return folder

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tokenizers.pre_tokenizers import ByteLevel
-from transformers import Qwen2Tokenizer
 from transformers.models.llava_onevision import modeling_llava_onevision as hf_ov
 from transformers.models.llava_onevision import processing_llava_onevision as hf_proc
 
@@ -35,13 +33,7 @@ FRAMES = [3, 2]
 
 
 def _tokenizer():
-  """A byte-level Qwen2 tokenizer (no merges) with "<image>" and "<video>" special, 257 and 258."""
-  vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
-  vocab["<|endoftext|>"] = len(vocab)
-  tok = Qwen2Tokenizer(vocab=vocab, merges=[])
-  tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
-  assert tok.convert_tokens_to_ids(["<image>", "<video>"]) == [IMAGE, VIDEO]
-  return tok
+  return hf_tiny.qwen2_byte_tokenizer()
 
 
 def _config():

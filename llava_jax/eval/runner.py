@@ -6,8 +6,8 @@ with the batch rows split over a 1-D "data" mesh of this process's devices and t
 are split across processes (`jax.process_index()` takes every `jax.process_count()`-th one); each process appends its
 answers to its own part file, flushed after every batch, and process 0 merges the parts into OUT/answers.jsonl in
 question order. Rerunning into the same OUT reads the answers file and the parts first and skips every question
-already answered, so a killed run resumes. LLaVA-NeXT checkpoints get anyres tiles and `image_sizes`
-(`_batch_inputs`).
+already answered, so a killed run resumes. LLaVA-NeXT and OneVision checkpoints get anyres tiles and `image_sizes`
+(`_batch_inputs`; OneVision's feature rows carry taps, with their weights).
 """
 
 from __future__ import annotations
@@ -213,7 +213,8 @@ def _batch_inputs(model, processor, prompts, images, rows: int, bucket: int, pad
 
   LLaVA-NeXT (anyres) images are tiled to the geometry's most tiles per image and placed by `image_sizes`; the
   feature rows are computed for the real images, then moved to the batch's `rows` image slots (the layout's
-  `with_blank_slots`)."""
+  `with_blank_slots`). OneVision's rows hold several taps a token ([B, T, taps]) and their weights, which stay as
+  computed: only the newline's row moves with the slot count."""
   from llava_jax.decoding import image_inputs
   from llava_jax.models.llava import image_layout
 
@@ -238,6 +239,8 @@ def _batch_inputs(model, processor, prompts, images, rows: int, bucket: int, pad
       out["image_feature_rows"], ids == model.config.image_token_index, len(present), rows, tiles=arrays.shape[1])
   out["pixel_values"] = jax.device_put(jnp.asarray(pixels), batch_sharding)
   out["image_feature_rows"] = jax.device_put(jnp.asarray(feature_rows), batch_sharding)
+  if out.get("image_feature_weights") is not None:  # OneVision
+    out["image_feature_weights"] = jax.device_put(jnp.asarray(out["image_feature_weights"]), batch_sharding)
   return ids, mask, out
 
 

@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
+from llava_jax.data.layout import OneVisionLayout
 from llava_jax.serve.chat import build_request, max_prompt_chars, parse_messages, stop_list
 from llava_jax.serve.engine import BadRequest, Delta, Engine, Failed, Finished, QueueFull
 
@@ -39,18 +40,19 @@ class Served:
   """What the API serves: the engine, the processor that renders prompts, and the limits the server was given."""
 
   def __init__(self, engine: Engine, processor, model_name: str, *, max_tokens: int = 512,
-               allow_local_images: str | None = None, max_images: int = 1,
+               allow_local_images: str | None = None, max_images: int | None = None,
                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES):
     if max_tokens < 1 or max_body_bytes < 1:
       raise ValueError(f"max_tokens ({max_tokens}) and max_body_bytes ({max_body_bytes}) must be at least 1")
     self.engine, self.processor, self.model_name = engine, processor, model_name
-    self.max_tokens, self.allow_local_images, self.max_images = max_tokens, allow_local_images, max_images
+    self.max_tokens, self.allow_local_images = max_tokens, allow_local_images
     self.max_body_bytes = max_body_bytes
     # The prompt must fit the engine's cache row and the model's context; a text that cannot is refused by its
     # character count before it is tokenized.
     limit = min(engine.max_len, engine.context or engine.max_len)
     self.max_prompt_chars = max_prompt_chars(processor.tokenizer, limit)
     self.max_tiles = processor.anyres.max_tiles if processor.anyres is not None else None  # one static tile count for NeXT
+    self.max_images = default_max_images(processor, limit) if max_images is None else max_images
 
   def request_from_body(self, body: Any):
     """Validates an OpenAI chat-completions body; returns (Request, stream, include_usage)."""
@@ -89,6 +91,14 @@ class Served:
                             ignore_eos=_typed(body, "ignore_eos", bool, False))
     self.engine.check(request)
     return request, stream, bool(options.get("include_usage"))
+
+
+def default_max_images(processor, limit: int) -> int:
+  """Images a conversation may hold: one, except for OneVision, which takes as many as the prompt's positions
+  hold base-only images (each its base tile's features and a newline)."""
+  if not isinstance(processor.anyres, OneVisionLayout):
+    return 1
+  return max(1, limit // processor.anyres.num_image_tokens(None, base_only=True))
 
 
 def _typed(body, key, kind, default):

@@ -2,7 +2,9 @@
 
 The checkpoint's conversation template renders the turns (`Processor.prompt`), as the reference's demo does:
 the system message, if any, replaces the template's system prompt, and the image goes in front of the first user
-turn (LLaVA-1.5 was trained with one image per conversation there). Every problem with the input is a
+turn (LLaVA-1.5 was trained with one image per conversation there). LLaVA-OneVision takes several images, as
+OpenAI's API carries them (`image_url` parts in one or several user messages): each user turn gets one "<image>"
+per image it holds, in order. Every problem with the input is a
 `BadRequest` whose message the API returns with a 400.
 """
 
@@ -20,8 +22,10 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from llava_jax.data.image import _resize_size
+from llava_jax.data.layout import OneVisionLayout
 from llava_jax.data.preprocess import check_pixel_budget
 from llava_jax.data.text import DataError
+from llava_jax.processor_onevision import media_tags
 from llava_jax.serve.engine import BadRequest, Request
 
 MAX_IMAGE_PIXELS = 40_000_000  # per canvas: the decoded image, its padded square, "crop"'s resized image
@@ -128,10 +132,12 @@ def _parts(content: Any, role: str) -> list[dict]:
 @dataclasses.dataclass
 class Conversation:
   """What the template needs: alternating user/assistant texts ending with the user's, the system prompt (or None
-  for the template's own) and the images in order."""
+  for the template's own), the images in order and how many of them each turn holds (a model that takes several
+  gets their tags in the turns that hold them)."""
   turns: list[str]
   system: str | None
   images: list[Image.Image]
+  image_counts: list[int] = dataclasses.field(default_factory=list)
 
 
 def parse_messages(messages: Any, allow_local_images: str | None = None, processor=None,
@@ -140,7 +146,7 @@ def parse_messages(messages: Any, allow_local_images: str | None = None, process
   the context can hold: see `max_prompt_chars`), so an oversized request costs no tokenizing or decoding."""
   if not isinstance(messages, list) or not messages:
     raise BadRequest("messages must be a non-empty list")
-  system, turns, urls, roles = None, [], [], []
+  system, turns, urls, roles, counts = None, [], [], [], []
   for m in messages:
     if not isinstance(m, dict) or m.get("role") not in ("system", "developer", "user", "assistant"):
       raise BadRequest("each message needs a role of system, user or assistant")
@@ -149,8 +155,9 @@ def parse_messages(messages: Any, allow_local_images: str | None = None, process
       raise BadRequest(f"a {role} message needs content")
     parts = _parts(m["content"], role)
     text = "\n".join(p["text"] for p in parts if p["type"] == "text")
-    urls += [p["image_url"]["url"] if isinstance(p["image_url"], dict) else p["image_url"]
+    found = [p["image_url"]["url"] if isinstance(p["image_url"], dict) else p["image_url"]
              for p in parts if p["type"] == "image_url"]
+    urls += found
     if role == "system":
       if turns:
         raise BadRequest("a system message must come before the conversation")
@@ -158,13 +165,15 @@ def parse_messages(messages: Any, allow_local_images: str | None = None, process
       continue
     if roles and roles[-1] == role:  # consecutive messages of one role are one turn
       turns[-1] += "\n" + text
+      counts[-1] += len(found)
       continue
     roles.append(role)
     turns.append(text)
+    counts.append(len(found))
   if not roles or roles[0] != "user" or roles[-1] != "user":
     raise BadRequest("the conversation must start and end with a user message")
   check_text_length(turns + [system or ""], max_chars)
-  return Conversation(turns, system, [load_image(u, allow_local_images, processor) for u in urls])
+  return Conversation(turns, system, [load_image(u, allow_local_images, processor) for u in urls], counts)
 
 
 def check_text_length(texts: Sequence[str], max_chars: int | None) -> None:
@@ -191,7 +200,11 @@ def max_prompt_chars(tokenizer, max_tokens: int) -> int:
 def build_request(processor, conversation: Conversation, *, max_images: int = 1, max_tiles: int | None = None,
                   **sampling) -> Request:
   """Renders the conversation with the checkpoint's template and runs the processor; `sampling` goes to Request
-  (max_tokens, temperature, top_p, top_k, seed, stop)."""
+  (max_tokens, temperature, top_p, top_k, seed, stop).
+
+  A model that takes one image (`max_images` 1: LLaVA-1.5, NeXT) gets it in front of the first user turn; one that
+  takes several (OneVision) gets one "<image>" line per image in front of the turn that holds it, in order, and
+  the processor tiles an image alone in full, each of several as its base tile only (one tile slot then)."""
   images = conversation.images
   tags = sum(t.count("<image>") for t in conversation.turns)
   if len(images) > max_images:
@@ -203,10 +216,16 @@ def build_request(processor, conversation: Conversation, *, max_images: int = 1,
   if conversation.system is not None:
     template = dataclasses.replace(template, system=conversation.system)
   turns = list(conversation.turns)
-  if images and tags == 0:
+  if images and tags == 0 and max_images > 1:
+    counts = conversation.image_counts or [len(images)] + [0] * (len(turns) - 1)  # none given: the first turn's
+    turns = [media_tags(k) + t if k else t for t, k in zip(turns, counts)]
+    prompt = template.generation_prompt(turns, image=False)
+  elif images and tags == 0:
     prompt = template.generation_prompt(turns, image=True)
   else:  # the client placed the tags itself
     prompt = template.generation_prompt(turns, image=False)
+  if len(images) > 1 and isinstance(processor.anyres, OneVisionLayout):
+    max_tiles = 1  # several images in one prompt each take their base tile only
   try:
     inputs = processor(prompt, images or None, **({"max_tiles": max_tiles} if max_tiles else {}))
   except (ValueError, FileNotFoundError) as e:

@@ -7,7 +7,8 @@ per-row cache slots, positions and sampling settings: `llava_jax.decoding.batch_
 the rows (`jax.vmap`), which turns the cache write at a scalar slot into a per-row scatter. Each request samples as
 row 0 of its own with its seed (`llava_jax.decoding`'s keys), so it gets what `generate(..., seed=...)` gives, and
 its text streams through `llava_jax.decoding.Detokenizer`. New requests join and finished ones leave at step
-boundaries; compiled shapes stay bounded (prompt buckets x image/no-image, and one step).
+boundaries; compiled shapes stay bounded (prompt buckets x image/no-image, OneVision also x its image count, and
+one step).
 
 The engine runs in its own thread; callers `submit` a `Request` and receive `Delta` / `Finished` events through a
 callback (thread-safe queue for plain threads, `loop.call_soon_threadsafe` for asyncio).
@@ -47,7 +48,8 @@ class Request:
   """One chat completion: the rendered prompt's model inputs plus how to sample and when to stop."""
   input_ids: np.ndarray                 # [T] int32, the rendered prompt (image tags expanded)
   pixel_values: np.ndarray | None = None  # [N, H, W, 3] (LLaVA-1.5) or [N, P, H, W, 3] (NeXT), or None
-  image_sizes: np.ndarray | None = None   # [N, 2] for NeXT
+  image_sizes: np.ndarray | None = None   # [N, 2] for NeXT and OneVision
+  pixel_values_videos: np.ndarray | None = None  # [V, F, H, W, 3] for OneVision
   max_tokens: int = 256
   temperature: float = 0.0
   top_p: float = 1.0
@@ -270,7 +272,9 @@ class Engine:
     req = handle.request
     input_ids, mask = left_pad([np.asarray(req.input_ids, np.int32)], self.pad_id, self.prompt_bucket)
     pixels = None if req.pixel_values is None else np.asarray(req.pixel_values, np.float32)
-    images = image_inputs(self.model, input_ids, pixels, None, req.image_sizes)
+    videos = None if req.pixel_values_videos is None else np.asarray(req.pixel_values_videos, np.float32)
+    # OneVision: the feature rows and their tap weights, from the (padded) ids and the image sizes
+    images = image_inputs(self.model, input_ids, pixels, None, req.image_sizes, videos)
     row = _Row(handle, len(req.input_ids), 0, 0, input_ids.shape[1],
                Detokenizer(self.decode_ids, self.stop_strings + tuple(req.stop), self.byte_token_ids),
                self.reply_limit(req))

@@ -119,6 +119,44 @@ def _spread_weights(model, seed):
   return model
 
 
+# -- LLaVA-OneVision -------------------------------------------------------------------------------------------
+
+# OneVision's 36 pinpoints scaled by 56 / 384, as (height, width): 1x1 to 6x6 grids of 56-px tiles.
+ONEVISION_PINPOINTS_56 = [[h, w] for h in range(56, 6 * 56 + 1, 56) for w in range(56, 6 * 56 + 1, 56)]
+
+
+def onevision_model(tied: bool, seed: int = 0, *, image_token_index: int = IMAGE_TOKEN, video_token_index: int = 61,
+                    max_grid_tiles: int = 2, **text_kw) -> transformers.LlavaOnevisionForConditionalGeneration:
+  """A random LlavaOnevisionForConditionalGeneration: the tiny SigLIP, a Qwen2 with GQA and q/k/v biases
+  (`text_kw` overrides it, e.g. a vocabulary that holds a tokenizer's ids), the scaled pinpoints, and
+  anyres_max_`max_grid_tiles`."""
+  cfg = transformers.LlavaOnevisionConfig(
+      vision_config=siglip_vision_config().to_dict(),
+      text_config=qwen2_text_config(tie_word_embeddings=tied, **text_kw).to_dict(),
+      image_token_index=image_token_index, video_token_index=video_token_index,
+      image_grid_pinpoints=ONEVISION_PINPOINTS_56, vision_aspect_ratio=f"anyres_max_{max_grid_tiles}",
+      vision_feature_select_strategy="full", vision_feature_layer=-1, tie_word_embeddings=tied)
+  torch.manual_seed(seed)
+  return _spread_weights(transformers.LlavaOnevisionForConditionalGeneration(cfg).eval(), seed)
+
+
+# The byte-level tokenizer's special ids: 256 bytes, then <|endoftext|>, then these.
+QWEN2_IMAGE, QWEN2_VIDEO = 257, 258
+
+
+def qwen2_byte_tokenizer():
+  """A byte-level Qwen2 tokenizer (no merges) with "<image>" and "<video>" special, 257 and 258: offline, and
+  small enough for a tiny vocabulary."""
+  from tokenizers.pre_tokenizers import ByteLevel  # pylint: disable=import-outside-toplevel
+
+  vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+  vocab["<|endoftext|>"] = len(vocab)
+  tok = transformers.Qwen2Tokenizer(vocab=vocab, merges=[])
+  tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
+  assert tok.convert_tokens_to_ids(["<image>", "<video>"]) == [QWEN2_IMAGE, QWEN2_VIDEO]
+  return tok
+
+
 def llava_next_model(vision=None, text=None, seed=0, **kw) -> transformers.LlavaNextForConditionalGeneration:
   """A random LlavaNextForConditionalGeneration on the 56-px tower and the scaled 1.6 pinpoints."""
   text = text or text_config(max_position_embeddings=512)

@@ -12,8 +12,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tokenizers.pre_tokenizers import ByteLevel
-from transformers import Qwen2Tokenizer
 from transformers.models.llava_onevision import modeling_llava_onevision as hf_ov
 from transformers.models.llava_onevision import processing_llava_onevision as hf_proc
 
@@ -25,23 +23,13 @@ from llava_jax.generation import generate
 from llava_jax.models.llava import Llava
 from llava_jax.processor import Processor
 
-IMAGE, VIDEO = 257, 258
+IMAGE, VIDEO = hf_tiny.QWEN2_IMAGE, hf_tiny.QWEN2_VIDEO
 PINPOINTS = [[56, 56], [56, 112], [112, 112]]
 PREPROCESSOR = {"size": {"height": 56, "width": 56}, "image_grid_pinpoints": PINPOINTS, "resample": 3,
                 "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_pad": True}
 PROMPTS = ["describe <image> please", "compare <image> and <image> now", "<video> then <video> happened?", "hi"]
 SIZES = [(100, 110), (30, 80), (70, 40)]  # one alone in row 0 (5 tiles), two base-only in row 1
 FRAMES = [3, 2]
-
-
-def _tokenizer():
-  """A byte-level Qwen2 tokenizer (no merges) with "<image>" and "<video>" special, 257 and 258."""
-  vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
-  vocab["<|endoftext|>"] = len(vocab)
-  tok = Qwen2Tokenizer(vocab=vocab, merges=[])
-  tok.add_special_tokens({"additional_special_tokens": ["<image>", "<video>"]})
-  assert tok.convert_tokens_to_ids(["<image>", "<video>"]) == [IMAGE, VIDEO]
-  return tok
 
 
 def _config():
@@ -59,7 +47,7 @@ def _config():
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
   assets = tmp_path_factory.mktemp("assets")
-  _tokenizer().save_pretrained(str(assets))
+  hf_tiny.qwen2_byte_tokenizer().save_pretrained(str(assets))
   (assets / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
   return Llava(_config(), assets_dir=str(assets))
 
@@ -82,7 +70,7 @@ def _hf_processor():
 
   with mock.patch.object(hf_proc.LlavaOnevisionProcessor, "check_argument_for_proper_class", lambda *a: None):
     return hf_proc.LlavaOnevisionProcessor(image_processor=LlavaOnevisionImageProcessorPil(**PREPROCESSOR),
-                                           tokenizer=_tokenizer(), num_image_tokens=16,
+                                           tokenizer=hf_tiny.qwen2_byte_tokenizer(), num_image_tokens=16,
                                            vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_1")
 
 

@@ -26,19 +26,13 @@ from llava_jax.safetensors_io import SafetensorsReader
 
 TOL = 1e-4
 IMAGE, VIDEO, TILE, PPS, MAX = 60, 61, 56, 4, 2
-PINPOINTS = [[h, w] for h in range(TILE, 6 * TILE + 1, TILE) for w in range(TILE, 6 * TILE + 1, TILE)]
+PINPOINTS = hf_tiny.ONEVISION_PINPOINTS_56
 LAYOUT = OneVisionLayout(PINPOINTS, tile=TILE, patches_per_side=PPS, max_grid_tiles=MAX)
 SHRUNK, KEPT, ONE_BY_ONE, EXTREME = (150, 130), (50, 110), (30, 40), (20, 330)
 
 
 def onevision_model(tied: bool, seed: int = 0) -> transformers.LlavaOnevisionForConditionalGeneration:
-  cfg = transformers.LlavaOnevisionConfig(
-      vision_config=hf_tiny.siglip_vision_config().to_dict(),
-      text_config=hf_tiny.qwen2_text_config(tie_word_embeddings=tied).to_dict(), image_token_index=IMAGE,
-      video_token_index=VIDEO, image_grid_pinpoints=PINPOINTS, vision_aspect_ratio=f"anyres_max_{MAX}",
-      vision_feature_select_strategy="full", vision_feature_layer=-1, tie_word_embeddings=tied)
-  torch.manual_seed(seed)
-  return hf_tiny._spread_weights(transformers.LlavaOnevisionForConditionalGeneration(cfg).eval(), seed)  # pylint: disable=protected-access
+  return hf_tiny.onevision_model(tied, seed, image_token_index=IMAGE, video_token_index=VIDEO, max_grid_tiles=MAX)
 
 
 @pytest.fixture(scope="module", params=["untied", "tied"])

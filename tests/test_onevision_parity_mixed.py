@@ -26,9 +26,10 @@ TOL = 1e-4
 IMAGE, VIDEO, MAX = hf_tiny.QWEN2_IMAGE, hf_tiny.QWEN2_VIDEO, 2
 PREPROCESSOR = {"size": {"height": 56, "width": 56}, "image_grid_pinpoints": hf_tiny.ONEVISION_PINPOINTS_56,
                 "resample": 3, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_pad": True}
-SHRUNK, PAIR = (150, 130), [(50, 110), (70, 40)]
+SHRUNK, PAIR, THREE = (150, 130), [(50, 110), (70, 40)], [(30, 40), (20, 330), (90, 90)]
 PROMPTS = {"single": "describe <image> please", "pair": "compare <image> and <image> now",
-           "video": "<video> what happened?", "text": "hi there, no picture"}
+           "video": "<video> what happened?", "text": "hi there, no picture", "both": "<image> or <video>?",
+           "three": "<image>, <image> or <image>"}
 
 
 @pytest.fixture(scope="module", params=["untied", "tied"])
@@ -44,18 +45,21 @@ def models(request, tmp_path_factory):
   return hf, ours, Processor.from_model(ours)
 
 
-def video(frames, seed=1):
-  return np.random.default_rng(seed).integers(0, 256, (frames, 48, 64, 3), np.uint8)
+def video(frames):
+  """Random frames, the same for a frame count wherever the video sits."""
+  return np.random.default_rng(frames).integers(0, 256, (frames, 48, 64, 3), np.uint8)
 
 
-def inputs(proc, kinds, frames=(3,)):
+def inputs(proc, kinds, frames=(3,), **slots):
   """Our Processor's batch for prompts of these kinds (PROMPTS' keys), in order, with their images and videos;
-  beside it, the images each prompt holds (transformers' `batch_num_images`)."""
+  beside it, the images each prompt holds (transformers' `batch_num_images`). `slots`: the processor's
+  max_tiles / max_frames."""
   images, videos, shown = [], [], iter(frames)
   for kind in kinds:
-    images += [SHRUNK] if kind == "single" else PAIR if kind == "pair" else []
-    videos += [video(next(shown), seed=len(videos) + 1)] if kind == "video" else []
-  batch = proc([PROMPTS[k] for k in kinds], images=hf_tiny.random_images(images) or None, videos=videos or None)
+    images += [SHRUNK] if kind in ("single", "both") else PAIR if kind == "pair" else THREE if kind == "three" else []
+    videos += [video(next(shown))] if kind in ("video", "both") else []
+  batch = proc([PROMPTS[k] for k in kinds], images=hf_tiny.random_images(images) or None, videos=videos or None,
+                **slots)
   return {**batch, "images_per_prompt": [PROMPTS[k].count("<image>") for k in kinds]}
 
 
@@ -116,20 +120,46 @@ def test_a_video(models):
   assert max_error(hf, ours, batch) <= TOL
 
 
-@pytest.mark.parametrize("kinds", [["single", "pair", "video", "text"], ["text", "video", "pair", "single"]])
+@pytest.mark.parametrize("kinds", [["single", "pair", "video", "text"], ["text", "video", "pair", "single"],
+                                   ["pair", "both", "three", "text"]])
 def test_left_padded_mixed_batch(models, kinds):
-  """Both orders: the rows' images are read in tag order whichever row holds them."""
+  """Several orders (the rows' images are read in tag order whichever row holds them); an image with a video in
+  one prompt, three images in one."""
   hf, ours, proc = models
   assert max_error(hf, ours, inputs(proc, kinds)) <= TOL
 
 
-def test_greedy_generation_on_the_mixed_batch(models):
+@pytest.mark.parametrize("static", [False, True])
+def test_greedy_generation_on_the_mixed_batch(models, static):
+  """`static`: ours with the layout's tile slots and spare frame slots (fixed shapes, as serving batches them);
+  transformers with the batch's own."""
   hf, ours, proc = models
-  batch, new = inputs(proc, ["single", "pair", "video", "text"]), 6
+  kinds, new = ["single", "pair", "video", "text"], 6
+  batch = reference = inputs(proc, kinds)
+  if static:
+    batch = inputs(proc, kinds, max_tiles=layout_for(ours.config).max_tiles, max_frames=5)
+    assert batch["pixel_values"].shape[1] > reference["pixel_values"].shape[1]
+    assert batch["pixel_values_videos"].shape[1] == 5
   with torch.no_grad():
-    ref = hf.generate(**transformers_inputs(batch), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+    ref = hf.generate(**transformers_inputs(reference), max_new_tokens=new, min_new_tokens=new, do_sample=False,
                       pad_token_id=0, eos_token_id=None)[:, batch["input_ids"].shape[1]:]
   got = generate(ours, batch["input_ids"], batch["pixel_values"], batch["attention_mask"],
                  image_sizes=batch["image_sizes"], pixel_values_videos=batch["pixel_values_videos"],
                  max_new_tokens=new, eos_token_id=(), pad_token_id=0)
   np.testing.assert_array_equal(got, ref.numpy())
+
+
+def test_videos_of_different_lengths(models):
+  """Ours batches videos of 3 and 2 frames (the shorter zero-padded to 3 frame slots); transformers takes one
+  frame count a call, so each row is compared with transformers on that row alone."""
+  hf, ours, proc = models
+  kinds, frames = ["video", "text", "video"], (3, 2)
+  batch = inputs(proc, kinds, frames)
+  assert batch["pixel_values_videos"].shape[:2] == (2, 3) and not batch["pixel_values_videos"][1, 2].any()
+  got = ours_logits(ours, batch)
+  shown = iter(frames)
+  for b, kind in enumerate(kinds):
+    alone = inputs(proc, [kind], (next(shown),) if kind == "video" else ())
+    n = alone["input_ids"].shape[1]
+    np.testing.assert_array_equal(batch["input_ids"][b, -n:], alone["input_ids"][0])
+    assert np.abs(reference_logits(hf, alone)[0] - got[b, -n:]).max() <= TOL

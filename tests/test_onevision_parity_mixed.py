@@ -1,17 +1,19 @@
 """LLaVA-OneVision beyond one image a prompt: our logits and greedy tokens against transformers'
-LlavaOnevisionForConditionalGeneration (PyTorch, CPU, fp32) on two images in one prompt, a video, and a
-left-padded batch mixing a single image (a shrunk grid), two images, a video and text only.
+LlavaOnevisionForConditionalGeneration (PyTorch, CPU, fp32) on two and three images in one prompt, videos (one or
+two a prompt, apart or adjacent, beside an image), and left-padded batches mixing a single image (a shrunk grid),
+several images, a video and text only.
 
 Our inputs come from our Processor (a byte-level Qwen2 tokenizer with <image> / <video>, the model's own image
-processor config); transformers gets the same pixels (NHWC -> NCHW) and ids, plus what it is told rather than
-infers: `batch_num_images` per prompt (1: tiled in full, 2 or more: base tile only) and videos as
-[videos, frames, C, H, W], all of one frame count. It takes the mixed batch in one call, so both sides run it
-whole; videos of different frame counts it cannot batch, so those are compared one video per transformers call.
+processor config); transformers gets the same ids and pixels (NHWC -> NCHW), plus what it is told rather than
+infers: `batch_num_images` per prompt (1: tiled in full, 2 or more: base tile only, as its processor returns for
+images nested per prompt) and videos as [videos, frames, C, H, W], all of one frame count. It takes a batch
+mixing single- and multi-image rows in one call, so both sides run the mixed batch whole (logits and generate);
+videos of different frame counts it cannot batch, so there each of our batch's rows is compared with
+transformers run on that row alone.
 """
-
+import itertools
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -29,7 +31,7 @@ PREPROCESSOR = {"size": {"height": 56, "width": 56}, "image_grid_pinpoints": hf_
 SHRUNK, PAIR, THREE = (150, 130), [(50, 110), (70, 40)], [(30, 40), (20, 330), (90, 90)]
 PROMPTS = {"single": "describe <image> please", "pair": "compare <image> and <image> now",
            "video": "<video> what happened?", "text": "hi there, no picture", "both": "<image> or <video>?",
-           "three": "<image>, <image> or <image>"}
+           "three": "<image>, <image> or <image>", "videos": "<video> then <video>", "adjacent": "<video><video>!"}
 
 
 @pytest.fixture(scope="module", params=["untied", "tied"])
@@ -45,9 +47,9 @@ def models(request, tmp_path_factory):
   return hf, ours, Processor.from_model(ours)
 
 
-def video(frames):
-  """Random frames, the same for a frame count wherever the video sits."""
-  return np.random.default_rng(frames).integers(0, 256, (frames, 48, 64, 3), np.uint8)
+def video(frames, nth=0):
+  """Random frames: the `nth` video of this frame count in a batch is the same wherever it sits."""
+  return np.random.default_rng((frames, nth)).integers(0, 256, (frames, 48, 64, 3), np.uint8)
 
 
 def inputs(proc, kinds, frames=(3,), **slots):
@@ -56,8 +58,9 @@ def inputs(proc, kinds, frames=(3,), **slots):
   max_tiles / max_frames."""
   images, videos, shown = [], [], iter(frames)
   for kind in kinds:
-    images += [SHRUNK] if kind in ("single", "both") else PAIR if kind == "pair" else THREE if kind == "three" else []
-    videos += [video(next(shown))] if kind in ("video", "both") else []
+    images += {"single": [SHRUNK], "both": [SHRUNK], "pair": PAIR, "three": THREE}.get(kind, [])
+    for f in itertools.islice(shown, PROMPTS[kind].count("<video>")):
+      videos.append(video(f, nth=sum(len(v) == f for v in videos)))
   batch = proc([PROMPTS[k] for k in kinds], images=hf_tiny.random_images(images) or None, videos=videos or None,
                 **slots)
   return {**batch, "images_per_prompt": [PROMPTS[k].count("<image>") for k in kinds]}
@@ -117,6 +120,17 @@ def test_a_video(models):
   hf, ours, proc = models
   batch = inputs(proc, ["video"])
   assert batch["pixel_values"] is None and batch["pixel_values_videos"].shape == (1, 3, 56, 56, 3)
+  assert max_error(hf, ours, batch) <= TOL
+
+
+@pytest.mark.parametrize("kinds, frames", [(["videos"], (2, 2)), (["adjacent"], (2, 2)),
+                                           (["video", "videos", "text"], (1, 1, 1))])
+def test_several_videos(models, kinds, frames):
+  """Videos of one frame count (transformers' one shape), two in a prompt, apart or adjacent (one run of video
+  tokens, told apart as the frame slots are full)."""
+  hf, ours, proc = models
+  batch = inputs(proc, kinds, frames)
+  assert batch["pixel_values_videos"].shape[:2] == (len(frames), frames[0])
   assert max_error(hf, ours, batch) <= TOL
 
 

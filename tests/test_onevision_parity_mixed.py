@@ -11,6 +11,7 @@ mixing single- and multi-image rows in one call, so both sides run the mixed bat
 videos of different frame counts it cannot batch, so there each of our batch's rows is compared with
 transformers run on that row alone.
 """
+
 import itertools
 import json
 

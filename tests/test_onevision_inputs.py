@@ -23,17 +23,13 @@ from llava_jax.generation import generate
 from llava_jax.models.llava import Llava
 from llava_jax.processor import Processor
 
-IMAGE, VIDEO = 257, 258
+IMAGE, VIDEO = hf_tiny.OV_IMAGE, hf_tiny.OV_VIDEO
 PINPOINTS = [[56, 56], [56, 112], [112, 112]]
 PREPROCESSOR = {"size": {"height": 56, "width": 56}, "image_grid_pinpoints": PINPOINTS, "resample": 3,
                 "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "do_pad": True}
 PROMPTS = ["describe <image> please", "compare <image> and <image> now", "<video> then <video> happened?", "hi"]
 SIZES = [(100, 110), (30, 80), (70, 40)]  # one alone in row 0 (5 tiles), two base-only in row 1
 FRAMES = [3, 2]
-
-
-def _tokenizer():
-  return hf_tiny.qwen2_byte_tokenizer()
 
 
 def _config():
@@ -51,7 +47,7 @@ def _config():
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
   assets = tmp_path_factory.mktemp("assets")
-  _tokenizer().save_pretrained(str(assets))
+  hf_tiny.qwen2_byte_tokenizer().save_pretrained(str(assets))
   (assets / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR))
   return Llava(_config(), assets_dir=str(assets))
 
@@ -74,7 +70,7 @@ def _hf_processor():
 
   with mock.patch.object(hf_proc.LlavaOnevisionProcessor, "check_argument_for_proper_class", lambda *a: None):
     return hf_proc.LlavaOnevisionProcessor(image_processor=LlavaOnevisionImageProcessorPil(**PREPROCESSOR),
-                                           tokenizer=_tokenizer(), num_image_tokens=16,
+                                           tokenizer=hf_tiny.qwen2_byte_tokenizer(), num_image_tokens=16,
                                            vision_feature_select_strategy="full", vision_aspect_ratio="anyres_max_1")
 
 

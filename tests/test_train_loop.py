@@ -6,12 +6,9 @@ import os
 import random
 import signal
 import struct
-import subprocess
-import sys
 import time
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -130,43 +127,8 @@ def test_trains_on_the_grain_pipeline_and_resumes_its_position(tmp_path):
 # -- preemption: kill -9 and SIGTERM in a subprocess -------------------------------------------------------------
 
 
-def _env():
-  env = dict(os.environ)
-  env["PYTHONPATH"] = train_util.ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # as conftest sets in this process
-  return env
-
-
-def _losses(workdir) -> dict[int, float]:
-  """step -> loss from metrics.jsonl; a step logged by several runs must have the same loss each time."""
-  out = {}
-  path = os.path.join(workdir, "metrics.jsonl")
-  for line in open(path) if os.path.exists(path) else []:
-    try:
-      record = json.loads(line)
-    except ValueError:
-      continue  # a line cut by kill -9
-    assert out.setdefault(record["step"], record["loss"]) == record["loss"], record
-  return out
-
-
-def _start(args):
-  return subprocess.Popen([sys.executable, "-m", "llava_jax.cli", "train"] + args, env=_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_for_step(proc, workdir, step, timeout=120):
-  """Until `step` is logged and a checkpoint is finished."""
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    checkpoints = os.path.join(workdir, "checkpoints")
-    if max(_losses(workdir), default=0) >= step and os.path.isdir(checkpoints) and \
-        ocp.utils.checkpoint_steps(checkpoints):
-      return
-    if proc.poll() is not None:
-      raise AssertionError(f"training ended early:\n{proc.stdout.read()}")
-    time.sleep(0.02)
-  raise AssertionError("training did not reach the step in time")
+# The subprocess helpers live in train_util; these names stay for the tests that import them from here.
+_losses, _start, _wait_for_step = train_util.logged_losses, train_util.start_training, train_util.wait_for_step
 
 
 @pytest.mark.slow

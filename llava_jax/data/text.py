@@ -313,6 +313,9 @@ def conversation_tokens(conversations: Sequence[dict], tokenizer, template: str 
   before expansion and truncation. Split out so that LLaVA-NeXT, whose image token count depends on the image's
   size, can read the image between the two halves while text errors still come first."""
   template = get_template(template)
+  if template.style == SeparatorStyle.CHATML_HF:
+    raise ValueError(f"template {template.name!r} renders llava-hf's chat template for inference; train "
+                     "LLaVA-OneVision with 'qwen_1_5'")
   turns = _check_turns(conversations, template, sample_id)
   if has_image is None:
     has_image = any(DEFAULT_IMAGE_TOKEN in value for _, value in turns)

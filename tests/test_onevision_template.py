@@ -2,6 +2,7 @@
 (transformers' `LlavaOnevisionProcessor.apply_chat_template` with the chat_template.json llava-hf ships, which has
 no system turn), an original lmms-lab one (tokenization "reference") as it was trained, `qwen_1_5`."""
 
+import dataclasses
 import json
 from unittest import mock
 
@@ -87,6 +88,10 @@ def test_a_templates_rendering_of_a_whole_conversation():
   assert tpl.render([(tpl.roles[0], "<image>\nWhat?"), (tpl.roles[1], "A cat.")]) == expected
   assert expected == "<|im_start|>user <image>\nWhat?<|im_end|><|im_start|>assistant \nA cat.<|im_end|>"
   assert tpl.stop_str == "<|im_end|>"
+  # A chat's system message (the serving path puts its text in `system`) renders as the chat template's.
+  with_system = dataclasses.replace(tpl, system="Be brief.")
+  expected = _hf_processor().apply_chat_template([_message("system", "Be brief."), *messages])
+  assert with_system.render([(tpl.roles[0], "<image>\nWhat?"), (tpl.roles[1], "A cat.")]) == expected
   assert conversation.split_media_tags("<image>\n<video> Hi <image>") == ("<image><video>", "Hi <image>")
   assert conversation.split_media_tags("Hi") == ("", "Hi")
 

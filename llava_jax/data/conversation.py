@@ -77,8 +77,8 @@ class Template:
       for role, message in messages:
         out += role + "\n" + message + self.sep + "\n" if message else role + "\n"
       return out
-    if self.style == SeparatorStyle.CHATML_HF:
-      out = ""
+    if self.style == SeparatorStyle.CHATML_HF:  # `system`: the text alone, as a chat's system message gives it
+      out = "<|im_start|>system \n" + self.system + self.sep if self.system else ""
       for role, message in messages:
         if not message:
           out += role + "\n"

@@ -127,10 +127,6 @@ def test_trains_on_the_grain_pipeline_and_resumes_its_position(tmp_path):
 # -- preemption: kill -9 and SIGTERM in a subprocess -------------------------------------------------------------
 
 
-# The subprocess helpers live in train_util; these names stay for the tests that import them from here.
-_losses, _start, _wait_for_step = train_util.logged_losses, train_util.start_training, train_util.wait_for_step
-
-
 @pytest.mark.slow
 def test_kill_9_and_sigterm_resume_with_the_loss_sequence_of_an_uninterrupted_run(tmp_path):
   total = 14
@@ -140,14 +136,14 @@ def test_kill_9_and_sigterm_resume_with_the_loss_sequence_of_an_uninterrupted_ru
   reference = loop.train(train_util.tiny_config("stage2", **quiet(**overrides)), str(tmp_path / "reference"))
 
   kill_at = random.randint(4, 8)
-  proc = _start(args)
-  _wait_for_step(proc, str(tmp_path / "run"), kill_at)
+  proc = train_util.start_training(args)
+  train_util.wait_for_step(proc, str(tmp_path / "run"), kill_at)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  killed_at = max(_losses(str(tmp_path / "run")))
+  killed_at = max(train_util.logged_losses(str(tmp_path / "run")))
 
-  proc = _start(args)  # resumes from the last finished checkpoint, then is preempted by SIGTERM
-  _wait_for_step(proc, str(tmp_path / "run"), killed_at + 2)
+  proc = train_util.start_training(args)  # resumes from the last finished checkpoint, then is preempted by SIGTERM
+  train_util.wait_for_step(proc, str(tmp_path / "run"), killed_at + 2)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 143, out
@@ -155,11 +151,11 @@ def test_kill_9_and_sigterm_resume_with_the_loss_sequence_of_an_uninterrupted_ru
   saved = int(out.split("preempted: saved step ")[1].split()[0])
   assert str(saved) in os.listdir(tmp_path / "run" / "checkpoints")
 
-  proc = _start(args)  # finishes
+  proc = train_util.start_training(args)  # finishes
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out
   assert f"resumed from {tmp_path / 'run' / 'checkpoints'} at step {saved}" in out
 
-  losses = _losses(str(tmp_path / "run"))
+  losses = train_util.logged_losses(str(tmp_path / "run"))
   assert sorted(losses) == list(range(1, total + 1))
   assert [losses[s] for s in range(1, total + 1)] == reference["losses"]  # exactly

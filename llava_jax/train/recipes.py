@@ -357,7 +357,7 @@ TINY_ONEVISION_PINPOINTS = tuple((h, w) for h in range(28, 169, 28) for w in ran
 def tiny_onevision(stage: str = "si") -> ml_collections.ConfigDict:
   """The tiny model as a LLaVA-OneVision: a SigLIP-style tower (no CLS, read at its last layer, every patch), a
   Qwen2-style decoder (q/k/v biases, tied embeddings), anyres_max_9 over `TINY_ONEVISION_PINPOINTS`, OneVision's
-  stages and template. Random rows only for now (`data.kind="synthetic"`)."""
+  stages and template. Random rows by default (`data.kind="synthetic"`); `data.kind="llava"` reads LLaVA data."""
   if stage not in ONEVISION_STAGES:
     raise ValueError(f"unknown stage {stage!r} for LLaVA-OneVision: use one of {ONEVISION_STAGES}")
   c = base_config(stage)

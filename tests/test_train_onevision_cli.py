@@ -132,3 +132,14 @@ def test_kill_9_resume_gives_the_loss_sequence_of_an_uninterrupted_run(setup, tm
   losses = train_util.logged_losses(str(tmp_path / "run"))
   assert sorted(losses) == list(range(1, total + 1))
   assert [losses[s] for s in range(1, total + 1)] == reference["losses"]  # exactly
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.data.max_images_per_sample=0", "config.data.max_images_per_sample=0"),
+    ("--config.data.max_images_per_sample=2", "not used by data.kind='synthetic'"),  # the tiny config's default
+])
+def test_max_images_per_sample_is_checked_at_start(tmp_path, capsys, flag, message):
+  from llava_jax.train import cli
+
+  assert cli.main(["--config", f"{TINY_OV}:si", "--workdir", str(tmp_path / "run"), flag]) == 2
+  assert message in capsys.readouterr().err

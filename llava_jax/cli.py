@@ -182,7 +182,8 @@ def _add_generation_flags(p):
   p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens only (0: off)")
   p.add_argument("--max-new-tokens", type=_positive_int, default=512)
   p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--template", help="conversation template (default: the checkpoint's, else vicuna_v1)")
+  p.add_argument("--template", help="conversation template (default: the checkpoint's; LLaVA-OneVision: "
+                 "llava_onevision_hf for llava-hf ones, qwen_1_5 for original ones; else vicuna_v1)")
   p.add_argument("--aspect-ratio", choices=["pad", "crop"], help="image handling (default: checkpoint's, else pad)")
   p.add_argument("--tokenization", choices=["hf", "reference"],
                  help="prompt ids as transformers' processor or the original LLaVA makes them (default: checkpoint's)")
@@ -220,7 +221,8 @@ def _serve_flags(p):
   p.add_argument("--max-queue", type=_positive_int, default=64, help="requests waiting for a row; more get 429")
   p.add_argument("--max-body-bytes", type=_positive_int, help="largest request body in bytes; a larger one gets "
                  "413 unread (default 20 MiB, room for a large photo as a base64 data URI)")
-  p.add_argument("--template", help="conversation template (default: the checkpoint's, else vicuna_v1)")
+  p.add_argument("--template", help="conversation template (default: the checkpoint's; LLaVA-OneVision: "
+                 "llava_onevision_hf for llava-hf ones, qwen_1_5 for original ones; else vicuna_v1)")
   p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: as stored)")
   p.add_argument("--model-name", help="the model id clients send (default: the checkpoint folder's name)")
 
@@ -304,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--out", required=True, help="output folder: answers.jsonl, metrics.json, run.json")
   p.add_argument("--ckpt", help="checkpoint directory to generate the answers with")
   p.add_argument("--answers", help="an answers file (the reference's format) to score instead of generating")
-  p.add_argument("--template", help="conversation template (default: the checkpoint's, else vicuna_v1)")
+  p.add_argument("--template", help="conversation template (default: the checkpoint's; LLaVA-OneVision: "
+                 "llava_onevision_hf for llava-hf ones, qwen_1_5 for original ones; else vicuna_v1)")
   p.add_argument("--batch-size", type=_positive_int, default=8,
                  help="rows per generate call, >= 1 (rounded up to the devices)")
   p.add_argument("--max-new-tokens", type=_positive_int, help="default: the reference's for the task (128, or 1024)")

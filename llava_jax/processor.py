@@ -94,7 +94,7 @@ class Processor:
     return cls(load_tokenizer(assets), files.image_config,
                num_image_tokens=cfg.num_image_tokens, image_token_index=cfg.image_token_index,
                max_length=cfg.text.max_position_embeddings,
-               template=template or settings.get("template", "vicuna_v1"),
+               template=template or settings.get("template") or default_template(cfg),
                aspect_ratio=aspect_ratio or settings.get("image_aspect_ratio", "pad"),
                anyres=anyres_geometry(cfg, files.image_processor),
                tokenization=tokenization or cfg.tokenization, chat_template=files.chat_template,
@@ -209,6 +209,16 @@ def _check_image_token(tokenizer, image_token_index: int) -> None:
     raise ValueError(f"tokenization 'hf' needs the tokenizer's {DEFAULT_IMAGE_TOKEN} token to be the image token "
                      f"{image_token_index}, but it encodes as {ids} (an original-layout checkpoint, whose image token "
                      "is outside the vocabulary?): use tokenization='reference'")
+
+
+def default_template(cfg) -> str:
+  """The prompt format a checkpoint answers in when its settings name none: a OneVision one converted from
+  llava-hf (tokenization "hf") as its own chat template renders, an original lmms-lab one as it was trained
+  (`qwen_1_5`); LLaVA-1.5's vicuna_v1 otherwise. Decided from the config, so checkpoints converted before this
+  need no new settings."""
+  if cfg.is_onevision:
+    return "llava_onevision_hf" if cfg.tokenization == "hf" else "qwen_1_5"
+  return "vicuna_v1"
 
 
 def anyres_geometry(cfg, preprocessor: dict | None = None) -> AnyresLayout | None:

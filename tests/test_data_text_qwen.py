@@ -119,6 +119,13 @@ SAMPLES = {
         g("Square."), h("What colour is the background?"), g("The background is white.\n\nIt is plain.")]},
     "leading_reply": {"image": "a.png", "conversations": [
         g("Hello."), h("<image>\nWhat is in the picture?"), g("A yellow star.")]},
+    # Several images: each tag stays where it is, one placeholder per image in order.
+    "two_in_one_turn": {"image": ["a.png", "b.png"], "conversations": [
+        h("<image>\n<image>\nWhich shape is larger?"), g("The first one.")]},
+    "two_inside_text": {"image": ["a.png", "b.png"], "conversations": [
+        h("Image 1: <image> Image 2: <image> What differs?"), g("The colour.")]},
+    "across_turns": {"image": ["a.png", "b.png", "c.png"], "conversations": [
+        h("<image>\n<image>\nCompare them."), g("Both are red."), h("And this one? <image>"), g("Blue.")]},
     "text_only": {"conversations": [h("What colour do you get by mixing red and yellow?"), g("Orange.")]},
     "text_multi_turn": {"conversations": [h("How many sides does a triangle have?\n"), g("Three."),
                                           h("And a square?\n\nBe short."), g("Four,\nall of the same length.")]},
@@ -200,3 +207,22 @@ def test_a_tokenizer_without_chatml_markers_is_refused(tmp_path):
   llama = transformers.AutoTokenizer.from_pretrained(synthetic.build_tokenizer(str(tmp_path / "llama")))
   with pytest.raises(ValueError, match="<|im_start|>"):
     _ours(SAMPLES["single"], llama, 4096)
+
+
+def test_several_tags_stay_in_place_one_placeholder_per_image(tokenizer):
+  ids, labels, has_image = text.conversation_tokens(SAMPLES["across_turns"]["conversations"], tokenizer, "qwen_1_5",
+                                                    has_image=True, sample_id="x")
+  assert has_image and (ids == text.IMAGE_PLACEHOLDER).sum() == 3
+  # A single tag in a later turn moves to the front of that turn, as the reference's per-turn rewrite does.
+  assert tokenizer.decode(ids[np.flatnonzero(ids == text.IMAGE_PLACEHOLDER)[-1] + 1:]).startswith("\nAnd this one?")
+  ids, _ = text.expand_image_tokens(ids, labels, [5, 7, 9], 1 << 20, IMAGE_ID)  # images of their own counts
+  runs = np.diff(np.flatnonzero(np.diff(np.r_[0, ids == IMAGE_ID, 0])))[::2]
+  assert list(runs) == [5, 7, 9]
+
+
+def test_a_tag_in_a_reply_is_refused_and_other_templates_keep_one_tagged_turn(tokenizer):
+  reply_tag = [h("<image>\nWhat?"), g("This: <image>")]
+  with pytest.raises(text.DataError, match="user turns only"):
+    text.conversation_tokens(reply_tag, tokenizer, "qwen_1_5", has_image=True)
+  with pytest.raises(text.DataError, match="exactly one user turn"):
+    text.conversation_tokens(SAMPLES["across_turns"]["conversations"], tokenizer, "vicuna_v1", has_image=True)

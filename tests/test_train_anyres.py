@@ -93,8 +93,6 @@ def test_train_vision_tower_is_a_stage2_setting(setup, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_kill_9_resume_gives_the_loss_sequence_of_an_uninterrupted_run(setup, tmp_path):
-  from test_train_loop import _losses, _start, _wait_for_step  # the subprocess helpers of the LLaVA-1.5 test
-
   data, _ = setup
   total = 10
   overrides = {**data, "total_steps": total, "checkpoint.every_steps": 3, "train_vision_tower": True,
@@ -103,14 +101,14 @@ def test_kill_9_resume_gives_the_loss_sequence_of_an_uninterrupted_run(setup, tm
 
   args = ["--config", f"{TINY_NEXT}:stage2", "--workdir", str(tmp_path / "run")] + \
       [f"--config.{k}={v}" for k, v in overrides.items()]
-  proc = _start(args)
-  _wait_for_step(proc, str(tmp_path / "run"), random.randint(4, 7))
+  proc = train_util.start_training(args)
+  train_util.wait_for_step(proc, str(tmp_path / "run"), random.randint(4, 7))
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  proc = _start(args)  # resumes from the last finished checkpoint
+  proc = train_util.start_training(args)  # resumes from the last finished checkpoint
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out
   assert "resumed from" in out, out
-  losses = _losses(str(tmp_path / "run"))
+  losses = train_util.logged_losses(str(tmp_path / "run"))
   assert sorted(losses) == list(range(1, total + 1))
   assert [losses[s] for s in range(1, total + 1)] == reference["losses"]  # exactly

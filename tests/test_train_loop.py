@@ -6,12 +6,9 @@ import os
 import random
 import signal
 import struct
-import subprocess
-import sys
 import time
 
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
@@ -130,45 +127,6 @@ def test_trains_on_the_grain_pipeline_and_resumes_its_position(tmp_path):
 # -- preemption: kill -9 and SIGTERM in a subprocess -------------------------------------------------------------
 
 
-def _env():
-  env = dict(os.environ)
-  env["PYTHONPATH"] = train_util.ROOT + os.pathsep + env.get("PYTHONPATH", "")
-  env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # as conftest sets in this process
-  return env
-
-
-def _losses(workdir) -> dict[int, float]:
-  """step -> loss from metrics.jsonl; a step logged by several runs must have the same loss each time."""
-  out = {}
-  path = os.path.join(workdir, "metrics.jsonl")
-  for line in open(path) if os.path.exists(path) else []:
-    try:
-      record = json.loads(line)
-    except ValueError:
-      continue  # a line cut by kill -9
-    assert out.setdefault(record["step"], record["loss"]) == record["loss"], record
-  return out
-
-
-def _start(args):
-  return subprocess.Popen([sys.executable, "-m", "llava_jax.cli", "train"] + args, env=_env(),
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _wait_for_step(proc, workdir, step, timeout=120):
-  """Until `step` is logged and a checkpoint is finished."""
-  deadline = time.time() + timeout
-  while time.time() < deadline:
-    checkpoints = os.path.join(workdir, "checkpoints")
-    if max(_losses(workdir), default=0) >= step and os.path.isdir(checkpoints) and \
-        ocp.utils.checkpoint_steps(checkpoints):
-      return
-    if proc.poll() is not None:
-      raise AssertionError(f"training ended early:\n{proc.stdout.read()}")
-    time.sleep(0.02)
-  raise AssertionError("training did not reach the step in time")
-
-
 @pytest.mark.slow
 def test_kill_9_and_sigterm_resume_with_the_loss_sequence_of_an_uninterrupted_run(tmp_path):
   total = 14
@@ -178,14 +136,14 @@ def test_kill_9_and_sigterm_resume_with_the_loss_sequence_of_an_uninterrupted_ru
   reference = loop.train(train_util.tiny_config("stage2", **quiet(**overrides)), str(tmp_path / "reference"))
 
   kill_at = random.randint(4, 8)
-  proc = _start(args)
-  _wait_for_step(proc, str(tmp_path / "run"), kill_at)
+  proc = train_util.start_training(args)
+  train_util.wait_for_step(proc, str(tmp_path / "run"), kill_at)
   proc.send_signal(signal.SIGKILL)
   proc.wait()
-  killed_at = max(_losses(str(tmp_path / "run")))
+  killed_at = max(train_util.logged_losses(str(tmp_path / "run")))
 
-  proc = _start(args)  # resumes from the last finished checkpoint, then is preempted by SIGTERM
-  _wait_for_step(proc, str(tmp_path / "run"), killed_at + 2)
+  proc = train_util.start_training(args)  # resumes from the last finished checkpoint, then is preempted by SIGTERM
+  train_util.wait_for_step(proc, str(tmp_path / "run"), killed_at + 2)
   proc.send_signal(signal.SIGTERM)
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 143, out
@@ -193,11 +151,11 @@ def test_kill_9_and_sigterm_resume_with_the_loss_sequence_of_an_uninterrupted_ru
   saved = int(out.split("preempted: saved step ")[1].split()[0])
   assert str(saved) in os.listdir(tmp_path / "run" / "checkpoints")
 
-  proc = _start(args)  # finishes
+  proc = train_util.start_training(args)  # finishes
   out, _ = proc.communicate(timeout=120)
   assert proc.returncode == 0, out
   assert f"resumed from {tmp_path / 'run' / 'checkpoints'} at step {saved}" in out
 
-  losses = _losses(str(tmp_path / "run"))
+  losses = train_util.logged_losses(str(tmp_path / "run"))
   assert sorted(losses) == list(range(1, total + 1))
   assert [losses[s] for s in range(1, total + 1)] == reference["losses"]  # exactly

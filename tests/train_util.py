@@ -1,12 +1,18 @@
-"""Shared pieces of the training tests: the tiny config, a trainer on a chosen mesh, leaves by path."""
+"""Shared pieces of the training tests: the tiny config, a trainer on a chosen mesh, leaves by path, and the
+`llava-jax train` subprocess of the kill -9 / SIGTERM tests."""
 
 from __future__ import annotations
 
 import functools
+import json
 import os
+import subprocess
+import sys
+import time
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 
 from llava_jax.tree import relayout
 
@@ -72,3 +78,43 @@ def flat(tree) -> dict[str, np.ndarray]:
     out[".".join(str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path)] = \
         np.asarray(jax.device_get(leaf))
   return out
+
+
+def _env():
+  env = dict(os.environ)
+  env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+  env["JAX_DEFAULT_MATMUL_PRECISION"] = "highest"  # as conftest sets in this process
+  return env
+
+
+def logged_losses(workdir) -> dict[int, float]:
+  """step -> loss from metrics.jsonl; a step logged by several runs must have the same loss each time."""
+  out = {}
+  path = os.path.join(workdir, "metrics.jsonl")
+  for line in open(path) if os.path.exists(path) else []:
+    try:
+      record = json.loads(line)
+    except ValueError:
+      continue  # a line cut by kill -9
+    assert out.setdefault(record["step"], record["loss"]) == record["loss"], record
+  return out
+
+
+def start_training(args):
+  """`llava-jax train ARGS` in a subprocess (stdout and stderr together), to be killed and restarted."""
+  return subprocess.Popen([sys.executable, "-m", "llava_jax.cli", "train"] + args, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_step(proc, workdir, step, timeout=120):
+  """Until `step` is logged and a checkpoint is finished."""
+  deadline = time.time() + timeout
+  while time.time() < deadline:
+    checkpoints = os.path.join(workdir, "checkpoints")
+    if max(logged_losses(workdir), default=0) >= step and os.path.isdir(checkpoints) and \
+        ocp.utils.checkpoint_steps(checkpoints):
+      return
+    if proc.poll() is not None:
+      raise AssertionError(f"training ended early:\n{proc.stdout.read()}")
+    time.sleep(0.02)
+  raise AssertionError("training did not reach the step in time")

@@ -14,12 +14,18 @@ from LLaVA-NeXT's `llava/conversation.py`):
   mistral_instruct LLaVA-1.6 Mistral: [INST] wrapping, no system prompt
   chatml_direct    LLaVA-1.6 34B (Nous-Hermes-2-Yi): ChatML markers
   qwen_1_5         LLaVA-OneVision (Qwen2): ChatML with a system turn, LLaVA-NeXT's `conv_qwen`
+
+and, for inference only, the prompt format of a checkpoint that ships its own chat template:
+
+  llava_onevision_hf  llava-hf's LLaVA-OneVision chat template (no system turn, "role " then the
+                      media tags, "\n" + text, "<|im_end|>" with no newline)
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections.abc import Sequence
 
 DEFAULT_IMAGE_TOKEN = "<image>"
@@ -32,6 +38,7 @@ class SeparatorStyle(enum.Enum):
   MPT = "mpt"          # system sep role msg sep role msg sep ...  (ChatML)
   PLAIN = "plain"      # msg sep msg sep2 ... with no system and no roles
   CHATML = "chatml"    # system sep \n role \n msg sep \n ...  (LLaVA-NeXT's; labels by `preprocess_qwen`)
+  CHATML_HF = "chatml_hf"  # role + " " + tags + "\n" + text + sep ...  (llava-hf's OneVision; inference only)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +76,15 @@ class Template:
       out = self.system + self.sep + "\n" if self.system else ""
       for role, message in messages:
         out += role + "\n" + message + self.sep + "\n" if message else role + "\n"
+      return out
+    if self.style == SeparatorStyle.CHATML_HF:  # `system`: the text alone, as a chat's system message gives it
+      out = "<|im_start|>system \n" + self.system + self.sep if self.system else ""
+      for role, message in messages:
+        if not message:
+          out += role + "\n"
+          continue
+        tags, text = split_media_tags(message)
+        out += role + " " + tags + ("\n" + text if text else "") + self.sep
       return out
     if self.style == SeparatorStyle.LLAMA_2:
       out = ""
@@ -124,6 +140,18 @@ class Template:
     return self.render(messages)
 
 
+_LEADING_TAGS = re.compile(r"\s*((?:<image>|<video>)\s*)+")
+
+
+def split_media_tags(message: str) -> tuple[str, str]:
+  """(the leading "<image>" / "<video>" tags joined, the text after them): llava-hf's chat template writes a
+  message's media parts first, back to back, then its text on a new line."""
+  m = _LEADING_TAGS.match(message)
+  if not m:
+    return "", message
+  return "".join(re.findall(r"<image>|<video>", m.group(0))), message[m.end():]
+
+
 _VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
                   "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 _LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. "
@@ -149,6 +177,10 @@ TEMPLATES: dict[str, Template] = {
     "qwen_1_5": Template("qwen_1_5", system="<|im_start|>system\nYou are a helpful assistant.",
                          roles=("<|im_start|>user", "<|im_start|>assistant"), style=SeparatorStyle.CHATML,
                          sep="<|im_end|>", version="qwen"),
+    # What llava-hf's LLaVA-OneVision checkpoints' chat_template.json renders (transformers'
+    # `LlavaOnevisionProcessor.apply_chat_template`): no system turn, and not the format the model was trained on.
+    "llava_onevision_hf": Template("llava_onevision_hf", system="", roles=("<|im_start|>user", "<|im_start|>assistant"),
+                                   style=SeparatorStyle.CHATML_HF, sep="<|im_end|>", version="qwen"),
 }
 # The reference's other names for the same templates.
 _ALIASES = {"v1": "vicuna_v1", "v0_plain": "plain", "mistral_direct": "chatml_direct", "qwen_2": "qwen_1_5"}

@@ -13,7 +13,10 @@ pipeline skips and counts the sample.
 
 LLaVA-OneVision's `qwen_1_5` follows LLaVA-NeXT's `preprocess_qwen` instead: turn by
 turn, with its quirk that "\\n" (id 198), <|im_start|> and <|im_end|> are targets in
-every turn, system and user turns included (`_qwen_ids_and_labels`).
+every turn, system and user turns included (`_qwen_ids_and_labels`). Several "<image>"
+tags (records of several images), in one user turn or in several, stay where they are
+and each becomes the placeholder of the next image in order, as the reference's
+`preprocess_multimodal` leaves them; the older templates keep one tag in one turn.
 
 After masking, the single -200 placeholder is expanded to `num_image_tokens` copies
 of `image_token_index` (the HF / our model convention: one id per image feature; for
@@ -185,6 +188,10 @@ def _check_image_tags(turns, has_image: bool, template: Template, sample_id) -> 
     return
   if not tagged:
     raise DataError(SkipReason.IMAGE_WITHOUT_TAG, "the sample has an image but no <image> tag", sample_id)
+  if template.style == SeparatorStyle.CHATML:  # LLaVA-NeXT: every tag stays where it is, images taken in order
+    if any(turns[i][0] != "human" for i in tagged):
+      raise DataError(SkipReason.MISPLACED_IMAGE_TAG, "<image> must appear in user turns only", sample_id)
+    return
   if len(tagged) > 1 or turns[tagged[0]][0] != "human":
     raise DataError(SkipReason.MISPLACED_IMAGE_TAG, "<image> must appear in exactly one user turn", sample_id)
 
@@ -306,6 +313,9 @@ def conversation_tokens(conversations: Sequence[dict], tokenizer, template: str 
   before expansion and truncation. Split out so that LLaVA-NeXT, whose image token count depends on the image's
   size, can read the image between the two halves while text errors still come first."""
   template = get_template(template)
+  if template.style == SeparatorStyle.CHATML_HF:
+    raise ValueError(f"template {template.name!r} renders llava-hf's chat template for inference; train "
+                     "LLaVA-OneVision with 'qwen_1_5'")
   turns = _check_turns(conversations, template, sample_id)
   if has_image is None:
     has_image = any(DEFAULT_IMAGE_TOKEN in value for _, value in turns)

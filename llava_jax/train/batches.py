@@ -144,7 +144,8 @@ def make_iterator(data_cfg, model_cfg: LlavaConfig, host_batch_size: int, *, see
       packing=data_cfg.packing, num_workers=data_cfg.num_workers, anyres=layout if layout.places_features else None,
       max_consecutive_skips=data_cfg.max_consecutive_skips, max_skip_fraction=data_cfg.max_skip_fraction,
       min_samples_for_fraction=data_cfg.min_samples_for_fraction, max_image_pixels=data_cfg.max_image_pixels,
-      allow_images_outside_dir=data_cfg.allow_images_outside_dir)
+      allow_images_outside_dir=data_cfg.allow_images_outside_dir,
+      max_images_per_sample=data_cfg.get("max_images_per_sample", 1))
   return data_pkg.make_iterator(config, tokenizer, image_processor)
 
 

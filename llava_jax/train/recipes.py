@@ -177,7 +177,10 @@ def base_config(stage: str = "stage1") -> ml_collections.ConfigDict:
       max_consecutive_skips=1000, max_skip_fraction=0.1, min_samples_for_fraction=200,
       max_image_pixels=64_000_000, allow_images_outside_dir=False,
       # Frames taken from a video at most (OneVision's --frames_upbound); the pipeline reads no videos yet.
-      max_frames=0)
+      max_frames=0,
+      # Image slots a padded row has (LLaVA-OneVision only): a record of several images takes each base-only in
+      # its own slot, and one of more images than slots is skipped. Every slot goes through the tower.
+      max_images_per_sample=1)
 
   c.checkpoint = dict(every_steps=50, keep=3, async_save=True)
   # A step with a non-finite loss or gradients skips its update; this many in a row stop the run (exit 3).
@@ -299,6 +302,9 @@ PINPOINTS_ONEVISION = tuple((h, w) for h in range(384, 2305, 384) for w in range
 ONEVISION_VISION_TOWER_LR = 2e-6  # --mm_vision_tower_lr of finetune_{si,ov}.sh
 ONEVISION_SEQ_LEN = {"stage1": 8192, "si": 32768, "ov": 32768}  # --model_max_length of each stage's script
 ONEVISION_MAX_FRAMES = 32  # --frames_upbound
+# Image slots per row: the single-image stages' data has one image a record; the OneVision mix has records of
+# several (the reference caps none). 4 keeps most such records while each row's tower work grows with the slots.
+ONEVISION_MAX_IMAGES = {"stage1": 1, "si": 1, "ov": 4}
 # Samples per stage: LLaVA-Pretrain 558k (pretrain_siglip.sh), and the paper's 3.2M single-image and 1.6M OneVision
 # mixes (the scripts' data YAMLs are not all published).
 ONEVISION_SAMPLES = {"stage1": PRETRAIN_SAMPLES, "si": 3_200_000, "ov": 1_600_000}
@@ -337,6 +343,7 @@ def llava_onevision(arg: str, text: dict, default_preset: str = "v5p-64") -> ml_
   c.data.aspect_ratio = "anyres"
   c.data.group_by_modality_length = stage != "stage1"
   c.data.max_frames = 0 if stage == "stage1" else ONEVISION_MAX_FRAMES
+  c.data.max_images_per_sample = ONEVISION_MAX_IMAGES[stage]
   c.data.num_workers = 4
   c.checkpoint.every_steps = 1000  # --save_steps
   c.log.every_steps = 10
@@ -350,7 +357,7 @@ TINY_ONEVISION_PINPOINTS = tuple((h, w) for h in range(28, 169, 28) for w in ran
 def tiny_onevision(stage: str = "si") -> ml_collections.ConfigDict:
   """The tiny model as a LLaVA-OneVision: a SigLIP-style tower (no CLS, read at its last layer, every patch), a
   Qwen2-style decoder (q/k/v biases, tied embeddings), anyres_max_9 over `TINY_ONEVISION_PINPOINTS`, OneVision's
-  stages and template. Random rows only for now (`data.kind="synthetic"`)."""
+  stages and template. Random rows by default (`data.kind="synthetic"`); `data.kind="llava"` reads LLaVA data."""
   if stage not in ONEVISION_STAGES:
     raise ValueError(f"unknown stage {stage!r} for LLaVA-OneVision: use one of {ONEVISION_STAGES}")
   c = base_config(stage)

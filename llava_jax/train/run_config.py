@@ -27,7 +27,7 @@ class ConfigValueError(ValueError):
 DTYPES = ("float32", "bfloat16", "float16")
 # Data settings only the grain pipeline (data.kind="llava") reads, with their unset values.
 LLAVA_ONLY = {"json_path": "", "image_dir": "", "tfds_name": "", "tfds_data_dir": "", "tokenizer": "",
-              "image_processor": "", "packing": False}
+              "image_processor": "", "packing": False, "max_images_per_sample": 1}
 SYNTHETIC_ONLY = {"num_distinct_batches": 0}
 
 
@@ -142,6 +142,9 @@ def _check_numbers(config) -> None:
   need(config.data.seq_len >= 2, "data.seq_len", config.data.seq_len, "use at least 2")
   frames = config.data.get("max_frames", 0)
   need(isinstance(frames, int) and frames >= 0, "data.max_frames", frames, "use 0 (no videos) or more frames")
+  slots = config.data.get("max_images_per_sample", 1)
+  need(isinstance(slots, int) and slots >= 1, "data.max_images_per_sample", slots,
+       "use 1, or more image slots a row for LLaVA-OneVision's records of several images")
 
 
 def _check_groups(config) -> None:
@@ -159,13 +162,13 @@ def _check_groups(config) -> None:
 def _check_data(data) -> None:
   """Settings the chosen data kind would ignore are errors: a run given a json_path must not train on random rows."""
   if data.kind == "synthetic":
-    unused = [k for k, unset in LLAVA_ONLY.items() if data[k] != unset]
+    unused = [k for k, unset in LLAVA_ONLY.items() if data.get(k, unset) != unset]
     if unused:
       flags_ = ", ".join(f"--config.data.{k}" for k in unused)
       raise ConfigValueError(f"{flags_}: not used by data.kind='synthetic' (random rows); to train on that data set "
                              "--config.data.kind=llava, else drop the setting")
     return
-  unused = [k for k, unset in SYNTHETIC_ONLY.items() if data[k] != unset]
+  unused = [k for k, unset in SYNTHETIC_ONLY.items() if data.get(k, unset) != unset]
   if unused:
     raise ConfigValueError(f"{', '.join(f'--config.data.{k}' for k in unused)}: only used by "
                            f"data.kind='synthetic', not {data.kind!r}; drop the setting")

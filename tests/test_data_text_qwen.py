@@ -226,3 +226,18 @@ def test_a_tag_in_a_reply_is_refused_and_other_templates_keep_one_tagged_turn(to
     text.conversation_tokens(reply_tag, tokenizer, "qwen_1_5", has_image=True)
   with pytest.raises(text.DataError, match="exactly one user turn"):
     text.conversation_tokens(SAMPLES["across_turns"]["conversations"], tokenizer, "vicuna_v1", has_image=True)
+
+
+@pytest.mark.parametrize("name, default", [("qwen_1_5", "You are a helpful assistant."),
+                                           ("chatml_direct", "Answer the questions."),
+                                           ("vicuna_v1", None)])
+def test_a_chat_system_message_keeps_the_templates_system_header(name, default):
+  """A chat's system message replaces the system text only: the ChatML templates keep their
+  "<|im_start|>system\n" header (the server once swapped in the bare text, losing it)."""
+  template = conversation.get_template(name)
+  messages = [(template.roles[0], "Hi"), (template.roles[1], None)]
+  if default is not None:
+    assert template.with_system(default).render(messages) == template.render(messages)
+    assert template.with_system("Be brief.").render(messages).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+  else:
+    assert template.with_system("Be brief.").render(messages).startswith("Be brief. USER: Hi")

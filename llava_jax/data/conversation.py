@@ -52,6 +52,13 @@ class Template:
   sep2: str | None = None
   version: str = ""
 
+  def with_system(self, text: str) -> "Template":
+    """This template with a chat's system message as its system prompt. The ChatML styles of the reference keep
+    the turn's header inside `system` ("<|im_start|>system\n..."), so the text goes after that header."""
+    if self.style in (SeparatorStyle.MPT, SeparatorStyle.CHATML):
+      return dataclasses.replace(self, system="<|im_start|>system\n" + text)
+    return dataclasses.replace(self, system=text)
+
   def render(self, messages: Sequence[tuple[str, str | None]]) -> str:
     """Joins (role, message) pairs into the prompt, as `get_prompt()` does.
 

@@ -214,7 +214,7 @@ def build_request(processor, conversation: Conversation, *, max_images: int = 1,
     raise BadRequest(f"the messages hold {tags} <image> tags but {len(images)} images were given")
   template = processor.template
   if conversation.system is not None:
-    template = dataclasses.replace(template, system=conversation.system)
+    template = template.with_system(conversation.system)
   turns = list(conversation.turns)
   if images and tags == 0 and max_images > 1:
     counts = conversation.image_counts or [len(images)] + [0] * (len(turns) - 1)  # none given: the first turn's

@@ -1,9 +1,11 @@
-"""Ahead-of-time scale-out check: compile the LLaVA-1.5-7B/13B train steps for pod-sized meshes on this CPU.
+"""Ahead-of-time scale-out check: compile the LLaVA-1.5, 1.6 and OneVision train steps for pod-sized meshes on
+this CPU.
 
   python benchmarks/aot_scale.py                                   # 7B and 13B, stage1/stage2/lora, 8/32/64/256
   python benchmarks/aot_scale.py --sizes 7b --devices 32 --stages stage2
   python benchmarks/aot_scale.py --sizes 7b --devices 32 --stages stage2 --attention blockwise
   python benchmarks/aot_scale.py --sizes 7b --topology v5p:2x4x4 --stages stage2 --attention splash  # libtpu
+  python benchmarks/aot_scale.py --sizes ov-7b --topology v5p:2x4x4 --stages si --attention splash --accum 8
 
 Nothing is allocated: the train state and the batch are `jax.ShapeDtypeStruct`s carrying their shardings (the
 Trainer builds them with `nnx.eval_shape`), and `jit(...).lower(...).compile()` runs XLA's SPMD partitioner for a
@@ -12,6 +14,13 @@ count runs in its own subprocess). The recipe is configs/llava_v1_5_{7b,13b}.py:
 and AdamW moments, remat "full", layers scanned, 2048 tokens per row, one 336 px image per row, the reference
 global batch (256 rows in stage 1, 128 in stage 2 and LoRA), split into micro-batches by gradient accumulation
 where a device would need more than a v5p chip's 95 GB (`--accum auto`).
+
+`--sizes` also takes the LLaVA-1.6 recipes (1.6-7b, 1.6-34b: every row one image in the pinpoints' maximum of
+tiles) and LLaVA-OneVision's (ov-7b, ov-72b: configs/llava_onevision_qwen2_{7b,72b}.py, stages stage1 / si / ov,
+32768 tokens per row in si and ov, the SigLIP tower trained there; every row one image in `OneVisionLayout.max_tiles`
+= 37 tile slots of 384 px, whose tokens each mix four feature rows: `image_feature_rows` and
+`image_feature_weights` [B, L, 4], data/pipeline.py's batch contract). A size is compiled for the stages of its own
+recipe family among `--stages` (default: all of them).
 
 Printed per (model, stage, devices):
   memory    per device, from XLA's memory analysis of the compiled step: arguments (params + optimizer state +
@@ -58,9 +67,19 @@ HBM_GB = {"v5p": 95.0, "v5e": 16.0}
 # many devices (8 = gpu-8, 32 = v5p-64, 256 = v5e-256), else FSDP over every device. Where the global batch cannot
 # give every batch shard a row, a factor of 2 at a time moves from fsdp to tensor parallelism.
 PRESET_FOR = {8: "gpu-8", 32: "v5p-64", 256: "v5e-256"}
-STAGES = ("stage1", "stage2", "lora")
+LLAVA_STAGES = ("stage1", "stage2", "lora")
+ONEVISION_STAGES = ("stage1", "si", "ov")
+STAGES = LLAVA_STAGES + ONEVISION_STAGES[1:]
 SIZES = {"7b": "llava_v1_5_7b.py", "13b": "llava_v1_5_13b.py", "tiny": "tiny.py",  # tiny: a seconds-long smoke run
-         "1.6-7b": "llava_v1_6_mistral_7b.py", "1.6-34b": "llava_v1_6_34b.py", "tiny-next": "tiny_next.py"}
+         "1.6-7b": "llava_v1_6_mistral_7b.py", "1.6-34b": "llava_v1_6_34b.py", "tiny-next": "tiny_next.py",
+         "ov-7b": "llava_onevision_qwen2_7b.py", "ov-72b": "llava_onevision_qwen2_72b.py",
+         "tiny-ov": "tiny_onevision.py"}
+ONEVISION_SIZES = ("ov-7b", "ov-72b", "tiny-ov")
+
+
+def size_stages(size: str) -> tuple[str, ...]:
+  """The stages the size's recipe offers."""
+  return ONEVISION_STAGES if size in ONEVISION_SIZES else LLAVA_STAGES
 
 
 def load_config(size: str, stage: str):
@@ -102,19 +121,41 @@ def compile_step(model_cfg, config, mesh_shape, rows: int, seq: int, accum: int,
   shapes = {"input_ids": ((rows, seq), jnp.int32), "labels": ((rows, seq), jnp.int32),
             "attention_mask": ((rows, seq), jnp.int32), "pixel_values": ((rows, size, size, 3), jnp.float32),
             "image_mask": ((rows,), jnp.bool_)}
-  if model_cfg.is_next:  # every row's image in the pinpoints' maximum of tiles, placed by host-computed rows
+  if model_cfg.is_next:  # every row's image in the layout's maximum of tiles, placed by host-computed rows
+    from llava_jax.data.layout import layout_for  # pylint: disable=import-outside-toplevel
+    taps = layout_for(model_cfg).taps  # OneVision: each token mixes `taps` rows by weights
     shapes["pixel_values"] = ((rows, tiles_per_image(model_cfg), size, size, 3), jnp.float32)
-    shapes["image_feature_rows"] = ((rows, seq), jnp.int32)
+    shapes["image_feature_rows"] = ((rows, seq) + ((taps,) if taps > 1 else ()), jnp.int32)
+    if taps > 1:
+      shapes["image_feature_weights"] = ((rows, seq, taps), jnp.float32)
   batch = {k: jax.ShapeDtypeStruct(s, d, sharding=batch_sharding(mesh, len(s), rules)) for k, (s, d) in
            shapes.items()}
   return trainer.compile(trainer.abstract_state, batch), trainer
 
 
 def tiles_per_image(model_cfg) -> int:
-  """Tile slots per image: 1 for LLaVA-1.5, the pinpoints' maximum (base tile included) for LLaVA-NeXT."""
+  """Tile slots per image: 1 for LLaVA-1.5, the pinpoints' maximum (base tile included) for LLaVA-NeXT and
+  OneVision (37 of 384 px for anyres_max_9: 36 grid tiles and the base one)."""
   from llava_jax.data.layout import layout_for  # pylint: disable=import-outside-toplevel
 
   return layout_for(model_cfg).max_tiles
+
+
+def splash_block(seq: int) -> int:
+  """The splash kernel's square tile for `seq` positions (models/attention.py's `_splash_local`)."""
+  from llava_jax.models.attention import SPLASH_MAX_BLOCK  # pylint: disable=import-outside-toplevel
+
+  return min(SPLASH_MAX_BLOCK, -(-seq // 128) * 128)
+
+
+def trains_vision(trainer) -> bool:
+  """Whether the step trains the vision tower (LLaVA-1.6's train_vision_tower, OneVision's si and ov)."""
+  import jax  # pylint: disable=import-outside-toplevel
+
+  from llava_jax.train.optim import FROZEN, path_str  # pylint: disable=import-outside-toplevel
+
+  return any("vision_tower" in path_str(path) and label != FROZEN
+             for path, label in jax.tree_util.tree_leaves_with_path(trainer.labels))
 
 
 def _replace(dc, **kw):
@@ -149,7 +190,7 @@ def worker(args) -> None:
     raise SystemExit(f"--attention splash compiles only for a TPU (these devices: {platform}); use --topology "
                      "(TPU compiler, no TPU needed) or --attention blockwise for the same memory shape in plain JAX")
   for size in args.sizes:
-    for stage in args.stages:
+    for stage in [s for s in args.stages if s in size_stages(size)]:
       config = load_config(size, stage)
       attention = args.attention or config.attention_impl
       if args.seq_chunk is not None:
@@ -187,13 +228,16 @@ def worker(args) -> None:
                     compiler_peak=getattr(mem, "peak_memory_in_bytes", 0),
                     state_bytes=_state_bytes_per_device(trainer.abstract_state),
                     scanned_flops=trainer.flops_per_step)
+      vision = trains_vision(trainer)
       del compiled, trainer
       lora_r = config.lora.r if stage == "lora" else 0
       tiles = rows * tiles_per_image(model_cfg)  # the tower runs every tile slot
-      vision = bool(config.get("train_vision_tower", False))
+      # splash skips the key blocks a causal mask hides; the other implementations' count stays the dense one
+      causal_share = fl.causal_block_share(seq, splash_block(seq)) if attention == "splash" else 1.0
       model = fl.train_step(model_cfg, stage, rows, seq, tiles, lora_r=lora_r, train_vision=vision)
       hardware = fl.train_step(model_cfg, stage, rows, seq, tiles, lora_r=lora_r, remat=config.remat != "none",
-                               train_vision=vision, hardware=True, seq_chunk=config.seq_chunk)
+                               train_vision=vision, hardware=True, seq_chunk=config.seq_chunk,
+                               causal_share=causal_share)
       result.update(model_flops=model.total, hardware_flops=hardware.total)
       if args.flops_on == "all" or str(args.devices) in args.flops_on.split(","):
         t0 = time.perf_counter()
@@ -306,7 +350,9 @@ def main(argv=None):
 
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--sizes", default="7b,13b")
-  parser.add_argument("--stages", default=",".join(STAGES))
+  parser.add_argument("--stages", default=",".join(STAGES),
+                      help="stages to compile, each for the sizes whose recipe has it (LLaVA-1.x: stage1, stage2, "
+                           "lora; OneVision: stage1, si, ov)")
   parser.add_argument("--devices", default="8,32,64,256")
   parser.add_argument("--topology", help="compile for this TPU topology with the TPU compiler (no TPU needed, "
                                          "libtpu must be importable), e.g. v5p:2x4x4 (32 chips); sets --devices")

@@ -8,17 +8,20 @@ in the usual MFU conventions. A train step costs, per parameter and token:
      trainable one: the whole language model and lm_head (the projector is trainable in every stage and sits
      before them), never the frozen vision tower, which runs under stop_gradient;
   2  backward to the weight (dL/dW), for trainable parameters only (stage 1: the projector; stage 2: projector,
-     language model and lm_head; LoRA: projector and adapters).
+     language model and lm_head; LoRA: projector and adapters; OneVision's si and ov: as stage 2, and the tower).
 
 Hence 6 x trainable params x tokens + 4 x (frozen LLM params) x tokens + 2 x (vision tower params) x image tokens,
-or 6 x (vision tower params) x image tokens where the tower trains (LLaVA-1.6's stage 2, `train_vision`).
+or 6 x (vision tower params) x image tokens where the tower trains (LLaVA-1.6's stage 2, OneVision's si and ov:
+`train_vision`). The tower is CLIP's (a CLS token beside the patches) or SigLIP's (patches only, no CLS); the
+decoder LLaMA's, Mistral's or Qwen2's (whose q/k/v biases are left out: a few thousand FLOPs per token).
 Attention scores and the weighted sum (QK^T and PV) add 4 T^2 d per layer and sequence for a full T x T product;
 a causal mask leaves half of it useful, and the backward pass costs twice the forward.
 
 `model` FLOPs are the useful work (causal attention halved, no recomputation): the numerator of MFU. `hardware`
 FLOPs are what the compiled program computes: the dense T x T attention our XLA path evaluates before masking,
 and one more forward of each rematerialised decoder layer (but its last matmul). XLA's cost analysis should land
-near the latter: it also counts elementwise work, one FLOP per element.
+near the latter: it also counts elementwise work, one FLOP per element. A kernel that skips the key blocks a causal
+mask hides (splash) computes `causal_block_share` of the T x T product instead (`causal_share`).
 """
 
 from __future__ import annotations
@@ -38,6 +41,13 @@ class Flops:
   @property
   def total(self) -> float:
     return self.vision + self.projector + self.llm + self.attention
+
+
+def causal_block_share(seq: int, block: int) -> float:
+  """The share of a T x T product that a causal kernel with square `block` tiles computes: the n (n + 1) / 2
+  tiles on and below the diagonal of n x n, n = ceil(T / block)."""
+  n = -(-seq // block)
+  return (n + 1) / (2 * n)
 
 
 def vision_matmul_params(vcfg, layers: int) -> int:
@@ -73,10 +83,10 @@ def vision_layers_run(cfg) -> int:
 
 
 def image_features(cfg, n_images: int) -> Flops:
-  """CLIP tower (the layers LLaVA needs) + projector, forward."""
+  """Vision tower (the layers LLaVA needs; CLIP: patches and CLS, SigLIP: patches) + projector, forward."""
   v = cfg.vision
   layers = vision_layers_run(cfg)
-  tokens = v.num_patches + 1
+  tokens = v.num_tokens
   p1, p2 = projector_params(cfg)
   vision = 2 * vision_matmul_params(v, layers) * tokens * n_images
   vision += layers * 4 * tokens ** 2 * v.hidden_size * n_images  # bidirectional: all of it is useful
@@ -84,21 +94,22 @@ def image_features(cfg, n_images: int) -> Flops:
 
 
 def forward(cfg, rows: int, seq: int, n_images: int, *, head_tokens: int | None = None,
-            causal_half: bool = True) -> Flops:
+            causal_half: bool = True, causal_share: float = 1.0) -> Flops:
   """A full forward: image features, every decoder layer on rows x seq tokens, lm_head on `head_tokens` per row
-  (default: all)."""
+  (default: all). Attention: half the T x T product (`causal_half`), else `causal_share` of it."""
   t = cfg.text
   f = image_features(cfg, n_images)
   head = t.hidden_size * t.vocab_size
   f.llm = 2 * (t.num_hidden_layers * llm_layer_params(t) * seq + head * (seq if head_tokens is None else
                                                                            head_tokens)) * rows
   full = 4 * seq ** 2 * t.num_attention_heads * t.head_dim * t.num_hidden_layers * rows
-  f.attention = full / 2 if causal_half else full
+  f.attention = full / 2 if causal_half else full * causal_share
   return f
 
 
 def train_step(cfg, stage: str, rows: int, seq: int, n_images: int, *, lora_r: int = 0, remat: bool = False,
-               hardware: bool = False, train_vision: bool = False, seq_chunk: int = 0) -> Flops:
+               hardware: bool = False, train_vision: bool = False, seq_chunk: int = 0,
+               causal_share: float = 1.0) -> Flops:
   """One optimizer step on rows x seq tokens with n_images images (see the module docstring).
 
   hardware=False: model FLOPs (causal attention halved, no recomputation). hardware=True: dense attention and,
@@ -107,17 +118,19 @@ def train_step(cfg, stage: str, rows: int, seq: int, n_images: int, *, lora_r: i
   `remat` and hardware=True their forward once more. `seq_chunk` (ModelOptions.seq_chunk, hardware=True): each
   position piece of the head and the MLP is recomputed in the backward, so the head's forward runs once more, and
   without `remat` the MLP's gate and up projections too (under remat jax drops the layer's own recomputation of
-  them instead, and down_proj's is dead code either way).
+  them instead, and down_proj's is dead code either way). `causal_share` (hardware=True): the share of the
+  decoder's T x T attention product computed (1: dense; splash: `causal_block_share`). Stages si and ov
+  (OneVision) train the LLM as stage 2 does; their tower trains with `train_vision`.
   """
   t = cfg.text
-  f = forward(cfg, rows, seq, n_images, causal_half=not hardware)
+  f = forward(cfg, rows, seq, n_images, causal_half=not hardware, causal_share=causal_share)
   p1, p2 = projector_params(cfg)
   f.projector += (2 * (p1 + p2) + 2 * p2) * cfg.vision.num_patches * n_images  # dW of both, dx of linear_2
   layer = t.num_hidden_layers * llm_layer_params(t) * seq * rows
   head = t.hidden_size * t.vocab_size * seq * rows
   fwd_llm = f.llm
   f.llm += 2 * (layer + head)  # dL/dx through every LLM layer and the head
-  if stage == "stage2":
+  if stage in ("stage2", "si", "ov"):
     f.llm += 2 * (layer + head)  # dL/dW
   elif stage == "lora":
     adapters = t.num_hidden_layers * lora_params_per_layer(t, lora_r) * seq * rows

@@ -1,6 +1,7 @@
 """The benchmark scripts start and their smallest settings run (their numbers are not checked: performance is
 measured by running them, see docs/PERFORMANCE.md)."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -39,6 +40,14 @@ def test_aot_scale_tiny_compiles_and_prints_tables():
   assert len(rows) == 2, out  # the memory table and the FLOP table
 
 
+def test_aot_scale_tiny_onevision_compiles_its_own_stages():
+  """OneVision's batch ([B, L, 4] feature rows and weights, every tile slot) and stages; stage2 is not its."""
+  out = _run(os.path.join(BENCH, "aot_scale.py"), "--sizes", "tiny-ov", "--devices", "8", "--stages", "stage2,si",
+             "--flops-on", "none")
+  assert len([line for line in out.splitlines() if line.startswith("| tiny-ov | si | 8 |")]) == 2, out
+  assert "| tiny-ov | stage2 |" not in out, out
+
+
 def test_train_flops_follow_the_stage():
   from llava_jax.config import LlavaConfig, TextConfig, VisionConfig
   cfg = LlavaConfig(vision=VisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
@@ -53,6 +62,12 @@ def test_train_flops_follow_the_stage():
   assert s1.llm < lora.llm < s2.llm
   hardware = flops.train_step(cfg, "stage2", 2, 64, 2, remat=True, hardware=True)
   assert hardware.total > s2.total
+  si = flops.train_step(cfg, "si", 2, 64, 2, train_vision=True)  # OneVision: the LLM as stage 2, the tower too
+  assert si.llm == s2.llm and si.vision == pytest.approx(3 * fwd.vision)
+  splash = flops.train_step(cfg, "stage2", 2, 64, 2, hardware=True, causal_share=flops.causal_block_share(64, 16))
+  assert splash.attention == pytest.approx(flops.train_step(cfg, "stage2", 2, 64, 2, hardware=True).attention * 5 / 8)
+  siglip = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, model_type="siglip"))
+  assert flops.forward(siglip, 2, 64, 2).vision < fwd.vision  # no CLS token
 
 
 def _dot_flops_and_shapes(jaxpr, trips=1):

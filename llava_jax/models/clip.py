@@ -21,8 +21,12 @@ from llava_jax.models.stack import make_layers, run_layers
 def patch_embed(pixel_values, conv: nnx.Dict, p: int, num_patches: int, dtype):
   """[N, H, W, C] -> [N, patches, D] by the patch conv (HWIO `kernel`, optional `bias`), row-major patches."""
   n, h, w, c = pixel_values.shape
-  if h % p or w % p or (h // p) * (w // p) != num_patches:
+  if (h // p) * (w // p) != num_patches:
     raise ValueError(f"pixel_values of {h}x{w} do not match this tower's {num_patches} patches of {p}px")
+  # As transformers' strided conv (VALID padding): pixels short of a whole patch at the bottom and the right are
+  # not read (SigLIP so400m-patch14-384: 27 x 27 patches of 14 px, the last 6 px unused).
+  pixel_values = pixel_values[:, :h - h % p, :w - w % p]
+  h, w = h - h % p, w - w % p
   # Patchify then one matmul: identical to the strided conv, and a plain GEMM for the compiler.
   patches = pixel_values.reshape(n, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
   patches = patches.reshape(n, (h // p) * (w // p), p * p * c).astype(dtype)

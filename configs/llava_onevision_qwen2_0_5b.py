@@ -6,8 +6,7 @@ Qwen2-0.5B-Instruct (896 hidden, 24 layers, 14 heads / 2 KV, tied embeddings), a
 
 `get_config("STAGE[,PRESET]")`: stage1 (projector; LLaVA-Pretrain 558k, `plain`, lr 1e-3), si (single-image) or
 ov (OneVision): tower at 2e-6, projector and LLM at 1e-5, max length 32768. `llava_jax.train.recipes.llava_onevision`
-says where each setting comes from. Training on OneVision images needs the data pipeline's OneVision layout, which
-is not there yet.
+says where each setting comes from.
 """
 
 from llava_jax.train import recipes

@@ -6,8 +6,7 @@ Qwen2-72B-Instruct (8192 hidden, 80 layers, 64 heads / 8 KV), anyres_max_9 over 
 
 `get_config("STAGE[,PRESET]")`: stage1 (projector; LLaVA-Pretrain 558k, `plain`, lr 1e-3), si (single-image) or
 ov (OneVision): tower at 2e-6, projector and LLM at 1e-5, max length 32768. `llava_jax.train.recipes.llava_onevision`
-says where each setting comes from. Training on OneVision images needs the data pipeline's OneVision layout, which
-is not there yet.
+says where each setting comes from.
 """
 
 from llava_jax.train import recipes

@@ -242,3 +242,23 @@ def onevision_directory(folder, seed: int = 0) -> str:
   with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
     json.dump(onevision_preprocessor(), f)
   return folder
+
+
+def left_padded_rows(rows, image_token: int, tokens_of) -> tuple[np.ndarray, np.ndarray, list]:
+  """rows: per prompt, text ids and image sizes (tuples, (height, width)) in order -> left-padded input_ids and
+  attention_mask (int64) with each image's `tokens_of(size)` image tokens, and the image sizes in tag order."""
+  ids_rows, sizes = [], []
+  for row in rows:
+    ids = []
+    for item in row:
+      if isinstance(item, tuple):
+        ids += [image_token] * tokens_of(item)
+        sizes.append(item)
+      else:
+        ids.append(item)
+    ids_rows.append(ids)
+  t = max(map(len, ids_rows))
+  input_ids, mask = np.zeros((len(rows), t), np.int64), np.zeros((len(rows), t), np.int64)
+  for i, ids in enumerate(ids_rows):
+    input_ids[i, t - len(ids):], mask[i, t - len(ids):] = ids, 1
+  return input_ids, mask, sizes

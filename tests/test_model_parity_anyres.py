@@ -58,20 +58,7 @@ def images_of(sizes, seed=0):
 def make_batch(rows, seed=0):
   """rows: per prompt, a list of text ids and image sizes (tuples), in order -> left-padded input_ids,
   attention_mask, tiles [N, batch max, 56, 56, 3] and image_sizes [N, 2] (height, width)."""
-  ids_rows, sizes = [], []
-  for row in rows:
-    ids = []
-    for item in row:
-      if isinstance(item, tuple):
-        ids += [IMAGE_TOKEN] * GEOMETRY.num_image_tokens(item)
-        sizes.append(item)
-      else:
-        ids.append(item)
-    ids_rows.append(ids)
-  t = max(map(len, ids_rows))
-  input_ids, mask = np.zeros((len(rows), t), np.int64), np.zeros((len(rows), t), np.int64)
-  for i, ids in enumerate(ids_rows):
-    input_ids[i, t - len(ids):], mask[i, t - len(ids):] = ids, 1
+  input_ids, mask, sizes = hf_tiny.left_padded_rows(rows, IMAGE_TOKEN, GEOMETRY.num_image_tokens)
   if not sizes:
     return input_ids, mask, None, None
   tiles = [GEOMETRY.tiles(image, IMAGE_CONFIG) for image in images_of(sizes, seed)]

@@ -48,20 +48,7 @@ def models(request, tmp_path_factory):
 def make_batch(rows, seed=0):
   """rows: per prompt, text ids and at most one image size (a tuple) -> left-padded ids, mask, tiles
   [N, batch max, 56, 56, 3] (random: the tiler is tested elsewhere) and image_sizes [N, 2]."""
-  ids_rows, sizes = [], []
-  for row in rows:
-    ids = []
-    for item in row:
-      if isinstance(item, tuple):
-        ids += [IMAGE] * LAYOUT.num_image_tokens(item)
-        sizes.append(item)
-      else:
-        ids.append(item)
-    ids_rows.append(ids)
-  t = max(map(len, ids_rows))
-  input_ids, mask = np.zeros((len(rows), t), np.int64), np.zeros((len(rows), t), np.int64)
-  for i, ids in enumerate(ids_rows):
-    input_ids[i, t - len(ids):], mask[i, t - len(ids):] = ids, 1
+  input_ids, mask, sizes = hf_tiny.left_padded_rows(rows, IMAGE, LAYOUT.num_image_tokens)
   tiles = max(LAYOUT.num_tiles(hw) for hw in sizes)
   pixels = np.random.default_rng(seed).standard_normal((len(sizes), tiles, TILE, TILE, 3)).astype(np.float32)
   return input_ids, mask, pixels, np.asarray(sizes, np.int64)

@@ -118,3 +118,22 @@ def wait_for_step(proc, workdir, step, timeout=120):
       raise AssertionError(f"training ended early:\n{proc.stdout.read()}")
     time.sleep(0.02)
   raise AssertionError("training did not reach the step in time")
+
+
+def losses_killed_and_resumed(spec: str, overrides: dict, workdir: str, kill_after: int) -> list[float]:
+  """`llava-jax train --config SPEC` killed with SIGKILL once step `kill_after` is logged and checkpointed, then run
+  again (it resumes from its last finished checkpoint): the loss of every step, in order."""
+  import signal  # pylint: disable=import-outside-toplevel
+
+  args = ["--config", spec, "--workdir", workdir] + [f"--config.{k}={v}" for k, v in overrides.items()]
+  proc = start_training(args)
+  wait_for_step(proc, workdir, kill_after)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  proc = start_training(args)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out
+  assert "resumed from" in out, out
+  losses = logged_losses(workdir)
+  assert sorted(losses) == list(range(1, len(losses) + 1)), sorted(losses)
+  return [losses[s] for s in range(1, len(losses) + 1)]

@@ -51,11 +51,14 @@ class Collate:
   layout: ImageLayout = SingleTileLayout(1)  # the model's image layout (`data/layout.py`); default one tile (1.5)
   image_token_index: int = -1  # LLaVA-NeXT: where the image's features go
   max_images_per_sample: int = 1  # padded rows: image slots per row (M) when above 1
+  max_frames: int = 0  # OneVision: F frame slots of one video a row (0: no videos)
+  video_token_index: int = -1
 
   def fits(self, row: list[dict], example: dict) -> bool:
     used = sum(len(e["input_ids"]) for e in row)
     images = sum(len(_images(e)) for e in row)
-    return (used + len(example["input_ids"]) <= self.max_length and
+    videos = any("video" in e for e in row) and "video" in example  # one video slot a row
+    return (used + len(example["input_ids"]) <= self.max_length and not videos and
             images + len(_images(example)) <= self.max_images_per_row)
 
   @property
@@ -91,6 +94,11 @@ class Collate:
                    image_sizes=np.zeros(slots + (2,), np.int32))
       if taps:
         batch["image_feature_weights"] = np.zeros((b, length) + taps, np.float32)
+    if self.max_frames:  # every batch carries the video slots, so that the shapes never change
+      taps = (self.layout.taps,)
+      batch.update(pixel_values_videos=np.zeros((b, self.max_frames, h, w, 3), np.float32),
+                   video_feature_rows=np.zeros((b, length) + taps, np.int32),
+                   video_feature_weights=np.zeros((b, length) + taps, np.float32))
     for r, row in enumerate(rows):
       start, slot = 0, 0
       for segment, ex in enumerate(row, 1):
@@ -105,6 +113,8 @@ class Collate:
           batch["positions"][r, start:end] = np.arange(n, dtype=np.int32)
         if ex["pixel_values"] is not None:
           slot = self._place_images(batch, r, slot, ex, start)
+        if "video" in ex:
+          self._place_video(batch, r, ex, start)
         start = end
     batch[SKIPPED_KEY] = list(skipped)
     batch[SKIP_RUNS_KEY] = runs
@@ -137,6 +147,21 @@ class Collate:
       if "image_feature_weights" in batch:
         batch["image_feature_weights"][r, positions] = np.concatenate(weights)
     return slot + len(images)
+
+
+  def _place_video(self, batch: dict, r: int, ex: dict, start: int) -> None:
+    """Puts an example's video frames into row r's video slot (zero frames after them) and its tokens' taps,
+    numbered over the batch's B slots of F frame tiles (the newline one past them) as image rows are."""
+    frames = ex["video"]
+    if not self.max_frames or len(frames) > self.max_frames:
+      raise ValueError(f"sample {ex['id']}: {len(frames)} frames for {self.max_frames} frame slots")
+    batch["pixel_values_videos"][r, :len(frames)] = frames
+    rows = self.layout.slot_rows(ex["video_index"], r, batch["input_ids"].shape[0], self.max_frames)
+    positions = start + np.flatnonzero(ex["input_ids"] == self.video_token_index)
+    if len(positions) != len(rows):
+      raise ValueError(f"sample {ex['id']}: {len(positions)} video tokens for {len(rows)} video features")
+    batch["video_feature_rows"][r, positions] = rows
+    batch["video_feature_weights"][r, positions] = ex["video_weights"]
 
 
 def _images(ex: dict) -> list[tuple]:

@@ -64,7 +64,14 @@ H, W = the processor's crop size, M = `max_images_per_row`):
   tile, then zero tiles; pps^2 + 1 tokens), each in its own image slot, so padded batches then
   carry M = `max_images_per_sample` slots: pixel_values [B, M, P, H, W, 3], image_mask [B, M],
   image_sizes [B, M, 2]. Records with more images than a row's slots are skipped (malformed).
-  Videos are not read by the pipeline.
+  With `max_frames` > 0, a record of one video (`"video"`: a folder of frame files under
+  image_dir, read in name order, or a list of frame files; a "<video>" tag in its text) gets its
+  frames, sampled uniformly down to F = `max_frames`, each one tile pooled to half a side, and
+  every batch carries (zeros in rows without a video; more videos a sample: malformed):
+    pixel_values_videos   [B, F, H, W, 3] float32  row b's video frames, then zero frames
+    video_feature_rows    [B, L, 4] int32    each video token's rows: row b's frame f tile is
+                                  slot b * F + f of the batch's B * F (newline: one past them)
+    video_feature_weights [B, L, 4] float32  their weights, 0 elsewhere
 
 At the end of a finite run (`num_epochs` set) the last batch is filled up with empty
 rows (attention_mask all 0, labels all -100, no image). The model must not produce
@@ -146,6 +153,8 @@ class DataConfig:
   allow_images_outside_dir: bool = False  # let "image" paths resolve outside image_dir ("../", absolute, symlinks)
   anyres: AnyresLayout | OneVisionLayout | None = None  # NeXT / OneVision tiling (the model's); None: one tile
   max_images_per_sample: int = 1         # OneVision, padded: image slots per row for records of several images
+  max_frames: int = 0                    # OneVision: frame slots of a row's one video ("video" records); 0: none
+  video_token_index: int | None = None   # OneVision: the model's video token (with max_frames)
 
   def __post_init__(self):
     if self.batch_size < 1 or self.max_length < 2 or self.max_images_per_row < 1:
@@ -162,6 +171,10 @@ class DataConfig:
                                           not isinstance(self.anyres, OneVisionLayout)):
       raise ValueError(f"max_images_per_sample={self.max_images_per_sample}: several images a sample are "
                        "LLaVA-OneVision's (anyres a OneVisionLayout); 1 otherwise")
+    if self.max_frames < 0 or (self.max_frames and (not isinstance(self.anyres, OneVisionLayout) or
+                                                    self.video_token_index is None)):
+      raise ValueError(f"max_frames={self.max_frames}: videos are LLaVA-OneVision's (anyres a OneVisionLayout, "
+                       "with video_token_index); 0 otherwise")
     if self.num_epochs is not None and self.num_epochs < 1:
       raise ValueError("num_epochs must be None (forever) or positive")
     if self.max_consecutive_skips < 0 or self.min_samples_for_fraction < 1:
@@ -247,7 +260,8 @@ def make_dataset(config: DataConfig, tokenizer, image_processor: image_lib.Image
                           aspect_ratio=config.aspect_ratio, image_dir=config.image_dir, strict=config.strict,
                           max_image_pixels=config.max_image_pixels,
                           allow_images_outside_dir=config.allow_images_outside_dir, anyres=config.anyres,
-                          max_images=config.max_images_per_row if config.packing else config.max_images_per_sample)
+                          max_images=config.max_images_per_row if config.packing else config.max_images_per_sample,
+                          max_frames=config.max_frames, video_token_index=config.video_token_index)
   factory = _SampleFactory(source, config, preprocess, lengths, process_index, process_count)
   anyres = config.anyres
   if anyres is not None and image_processor.output_size != (anyres.tile, anyres.tile):
@@ -256,7 +270,8 @@ def make_dataset(config: DataConfig, tokenizer, image_processor: image_lib.Image
   collate = Collate(config.batch_size, config.max_length, config.packing, config.max_images_per_row,
                     pad_token_id(tokenizer), image_processor.output_size,
                     layout=config.layout, image_token_index=config.image_token_index,
-                    max_images_per_sample=config.max_images_per_sample)
+                    max_images_per_sample=config.max_images_per_sample, max_frames=config.max_frames,
+                    video_token_index=-1 if config.video_token_index is None else config.video_token_index)
   # A batch closes after at most this many skips, so the iterator sees a stall as it grows.
   max_skips = min(MAX_SKIPS_PER_BATCH, config.max_consecutive_skips or MAX_SKIPS_PER_BATCH)
   ds = BatchIterDataset(factory, collate, max_skips)

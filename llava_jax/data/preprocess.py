@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image
 
 from llava_jax.data import image as image_lib
+from llava_jax.data import onevision
 from llava_jax.data import text as text_lib
 from llava_jax.data.layout import AnyresLayout, OneVisionLayout
 from llava_jax.data.records import SKIP_KEY, skip_record
@@ -130,7 +131,7 @@ class Preprocess:
                max_length: int, num_image_tokens: int, image_token_index: int, aspect_ratio: str = "pad",
                image_dir: str = "", strict: bool = False, max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS,
                allow_images_outside_dir: bool = False, anyres: AnyresLayout | OneVisionLayout | None = None,
-               max_images: int = 1):
+               max_images: int = 1, max_frames: int = 0, video_token_index: int | None = None):
     self._tokenizer = tokenizer
     self._image_config = image_config
     self.template, self.max_length, self.aspect_ratio = template, max_length, aspect_ratio
@@ -138,6 +139,7 @@ class Preprocess:
     self.image_dir, self.strict = image_dir, strict
     self.max_image_pixels, self.allow_images_outside_dir = max_image_pixels, allow_images_outside_dir
     self.anyres, self.max_images = anyres, max_images
+    self.max_frames, self.video_token_index = max_frames, video_token_index
     self._lock = threading.Lock()
 
   def __getstate__(self):
@@ -162,6 +164,8 @@ class Preprocess:
       raise DataError(SkipReason(record[SKIP_KEY]), record["message"], record["id"])
     sample_id = record.get("id")
     if isinstance(self.anyres, OneVisionLayout):
+      if "video" in record:
+        return self._process_video(record, sample_id)
       return self._process_onevision(record, sample_id)
     image_name = record.get("image")
     has_image = "image" in record
@@ -228,6 +232,56 @@ class Preprocess:
       example.update(pixel_values=tiles, image_size=np.asarray(sizes, np.int32),
                      feature_index=[rows for rows, _ in taps], feature_weights=[weights for _, weights in taps])
     return example
+
+  def _process_video(self, record: dict, sample_id) -> dict:
+    """OneVision, a record of one video (a folder of frame files, or a list of them): its frames sampled uniformly
+    down to `max_frames`, its "<video>" expanded to the video's tokens (labels ignored), their taps beside."""
+    video = record["video"]
+    if self.max_frames < 1 or self.video_token_index is None:
+      raise DataError(SkipReason.MALFORMED_RECORD, "a video record, but videos are off (data.max_frames 0, or no "
+                      "video token)", sample_id)
+    if "image" in record:
+      raise DataError(SkipReason.MALFORMED_RECORD, "a record holds images or one video, not both", sample_id)
+    if not ((isinstance(video, str) and video) or
+            (isinstance(video, list) and video and all(isinstance(n, str) and n for n in video))):
+      raise DataError(SkipReason.MALFORMED_RECORD, f"'video' must be a folder of frames or a list of frame files "
+                      f"(one video a sample), got {video!r}", sample_id)
+    conversations = text_lib.video_tag_as_image(record.get("conversations"), sample_id)
+    with self._lock:  # HF fast tokenizers are not safe to share between threads
+      ids, labels, _ = text_lib.conversation_tokens(conversations, self._tokenizer, self.template, has_image=True,
+                                                    sample_id=sample_id)
+    frames = self._frames(video, sample_id)
+    count = self.anyres.num_video_tokens(len(frames))
+    input_ids, labels = text_lib.expand_image_tokens(ids, labels, [count], self.max_length, self.image_token_index,
+                                                     sample_id=sample_id)
+    self._check_tokens(input_ids, labels, True, sample_id)
+    if int(np.sum(input_ids == self.image_token_index)) != count or np.any(input_ids == self.video_token_index):
+      raise DataError(SkipReason.TAG_WITHOUT_IMAGE, "the text tokenizes to the image or video token as well",
+                      sample_id)
+    input_ids = np.where(input_ids == self.image_token_index, self.video_token_index, input_ids).astype(np.int32)
+    try:
+      pixels = onevision.video_frames(frames, self._image_config)
+    except (OSError, ValueError) as e:
+      raise DataError(SkipReason.UNREADABLE_IMAGE, f"{video}: {e}", sample_id) from None
+    rows, weights = self.anyres.video_taps(len(frames))
+    return {"input_ids": input_ids, "labels": labels, "pixel_values": None, "id": str(sample_id),
+            "video": pixels, "video_index": rows, "video_weights": weights}
+
+  def _frames(self, video, sample_id) -> list:
+    """The decoded frames, in name order, `max_frames` of them taken at np.linspace's rounded indices if more."""
+    if isinstance(video, str):
+      folder = resolve_image_path(self.image_dir, video, sample_id, allow_outside=self.allow_images_outside_dir)
+      if not os.path.isdir(folder):
+        raise DataError(SkipReason.MISSING_IMAGE, f"{folder}: no such folder of frames", sample_id)
+      names = [os.path.join(video, n) for n in sorted(os.listdir(folder))
+               if not n.startswith(".") and os.path.isfile(os.path.join(folder, n))]
+    else:
+      names = list(video)
+    if not names:
+      raise DataError(SkipReason.EMPTY_IMAGE, f"{video}: no frames", sample_id)
+    if len(names) > self.max_frames:  # uniform sampling, as the reference's frame sampler
+      names = [names[i] for i in np.round(np.linspace(0, len(names) - 1, self.max_frames)).astype(int)]
+    return [self._image({"image": name}, sample_id) for name in names]
 
   def _check_tokens(self, input_ids, labels, has_image: bool, sample_id) -> None:
     if not has_image and np.any(input_ids == self.image_token_index):

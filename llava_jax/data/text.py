@@ -307,6 +307,24 @@ def _reference_ids_and_labels(turns, template: Template, tokenizer, sample_id):
   return ids, labels
 
 
+VIDEO_TAG = "<video>"
+
+
+def video_tag_as_image(conversations, sample_id: Any = None):
+  """A video record's turns with its one "<video>" tag read as the "<image>" placeholder (a video's tokens are
+  image-like: expanded in its place, labels ignored); an "<image>" tag beside it, or several videos, is refused."""
+  values = [turn.get("value") for turn in conversations or [] if isinstance(turn, dict)]
+  texts = [v for v in values if isinstance(v, str)]
+  if any(DEFAULT_IMAGE_TOKEN in v for v in texts):
+    raise DataError(SkipReason.TAG_WITHOUT_IMAGE, "a video record's text holds <image>", sample_id)
+  tags = sum(v.count(VIDEO_TAG) for v in texts)
+  if tags != 1:
+    raise DataError(SkipReason.MALFORMED_RECORD, f"{tags} <video> tags; a video record takes exactly one video",
+                    sample_id)
+  return [dict(turn, value=turn["value"].replace(VIDEO_TAG, DEFAULT_IMAGE_TOKEN))
+          if isinstance(turn, dict) and isinstance(turn.get("value"), str) else turn for turn in conversations]
+
+
 def conversation_tokens(conversations: Sequence[dict], tokenizer, template: str | Template, *,
                         has_image: bool | None = None, sample_id: Any = None) -> tuple[np.ndarray, np.ndarray, bool]:
   """The first half of `preprocess_conversation`: (ids, labels, has_image) with one IMAGE_PLACEHOLDER per image,

@@ -154,7 +154,8 @@ class Llava(nnx.Module):
     those (for LLaVA-NeXT, `image_feature_rows` then count within the row: `ImageLayout.row_local_rows`). The
     same result on a batch where every row's image tokens match its images, but each row gathers from its own
     features only, so the splice stays split with the batch on a mesh (the batch-wide gather makes every device
-    hold every row's features). The train step uses it.
+    hold every row's features). The train step uses it. Videos then come [B, F, H, W, C], row b's own (zero
+    frames where it has none), their rows counted within the row as well.
     """
     image_token, video_token = self.config.image_token_index, self.config.video_token_index
     is_image = input_ids == image_token
@@ -217,32 +218,32 @@ class Llava(nnx.Module):
                          video_rows, video_weights, images_by_row):
     """OneVision with videos: every frame through the tower and projector as an image tile; one weighted gather
     from [image slot features..., video frame features..., image_newline], the host's image rows (newline one
-    past the images) and video rows (newline one past the videos) moved onto that one table."""
-    if images_by_row:
-      raise ValueError("videos are spliced batch-wide only (images_by_row=False)")
+    past the images) and video rows (newline one past the videos) moved onto that one table. `images_by_row`:
+    one table per row (its own image slots and video frames, rows numbered within the row), as the train step."""
     if video_rows is None or video_weights is None:
       raise ValueError("pixel_values_videos need video_feature_rows and video_feature_weights (or image_sizes "
                        "and concrete input_ids, from which they are computed)")
     dim = self.config.text.hidden_size
+    groups = embeds.shape[0] if images_by_row else 1
     tables = []
     if pixel_values is not None:
       if image_rows is None or image_weights is None:
         raise ValueError("a LLaVA-OneVision model needs image_sizes (or image_feature_rows and "
                          "image_feature_weights) with pixel_values")
-      tables.append(self.image_features(pixel_values.reshape(-1, *pixel_values.shape[-3:])).reshape(-1, dim))
-    tables.append(self.image_features(videos.reshape(-1, *videos.shape[-3:])).reshape(-1, dim))
-    n_image = tables[0].shape[0] if pixel_values is not None else 0
-    n_video, total = tables[-1].shape[0], sum(t.shape[0] for t in tables)
+      tables.append(self.image_features(pixel_values.reshape(-1, *pixel_values.shape[-3:])).reshape(groups, -1, dim))
+    tables.append(self.image_features(videos.reshape(-1, *videos.shape[-3:])).reshape(groups, -1, dim))
+    n_image = tables[0].shape[1] if pixel_values is not None else 0
+    n_video, total = tables[-1].shape[1], sum(t.shape[1] for t in tables)
     video_rows = jnp.where(video_rows == n_video, total, video_rows + n_image)
     rows, weights = video_rows, video_weights
     if pixel_values is not None:
       image_rows = jnp.where(image_rows == n_image, total, image_rows)
       rows = jnp.where(is_video[..., None], video_rows, image_rows)
       weights = jnp.where(is_video[..., None], video_weights, image_weights)
-    features = jnp.concatenate(tables)[None]
+    features = jnp.concatenate(tables, axis=1)
     taps = rows.shape[-1]
-    spliced = image_layout(self.config).gather(features, self.image_newline[...], rows.reshape(1, -1, taps),
-                                               xp=jnp, weights=weights.reshape(1, -1, taps))
+    spliced = image_layout(self.config).gather(features, self.image_newline[...], rows.reshape(groups, -1, taps),
+                                               xp=jnp, weights=weights.reshape(groups, -1, taps))
     return jnp.where((is_image | is_video)[..., None], spliced.astype(embeds.dtype).reshape(embeds.shape), embeds)
 
   def logits_from_hidden(self, hidden):

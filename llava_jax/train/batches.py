@@ -145,7 +145,10 @@ def make_iterator(data_cfg, model_cfg: LlavaConfig, host_batch_size: int, *, see
       max_consecutive_skips=data_cfg.max_consecutive_skips, max_skip_fraction=data_cfg.max_skip_fraction,
       min_samples_for_fraction=data_cfg.min_samples_for_fraction, max_image_pixels=data_cfg.max_image_pixels,
       allow_images_outside_dir=data_cfg.allow_images_outside_dir,
-      max_images_per_sample=data_cfg.get("max_images_per_sample", 1))
+      max_images_per_sample=data_cfg.get("max_images_per_sample", 1),
+      # OneVision's video records (a static F frame slots a row); other families read none.
+      max_frames=data_cfg.get("max_frames", 0) if getattr(model_cfg, "is_onevision", False) else 0,
+      video_token_index=model_cfg.video_token_index)
   return data_pkg.make_iterator(config, tokenizer, image_processor)
 
 

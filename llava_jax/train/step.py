@@ -32,9 +32,11 @@ from llava_jax.train.optim import FROZEN, OptimConfig, group_labels, make_optimi
 from llava_jax.train.recipes import optim_groups
 
 # LLaVA-NeXT batches add `image_feature_rows` (host-computed tile-feature rows: data/pipeline.py's contract),
-# OneVision's their taps ([B, L, 4]) and `image_feature_weights` beside them.
+# OneVision's their taps ([B, L, 4]) and `image_feature_weights` beside them, and with videos (data.max_frames)
+# `pixel_values_videos` [B, F, H, W, 3] with `video_feature_rows` / `video_feature_weights` [B, L, 4].
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "image_mask", "segment_ids", "positions",
-              "image_feature_rows", "image_feature_weights")
+              "image_feature_rows", "image_feature_weights", "pixel_values_videos", "video_feature_rows",
+              "video_feature_weights")
 
 
 def next_token_targets(labels):
@@ -218,6 +220,9 @@ class Trainer:
                    image_mask=batch.get("image_mask"), positions=batch.get("positions"),
                    segment_ids=batch.get("segment_ids"), image_feature_rows=batch.get("image_feature_rows"),
                    image_feature_weights=batch.get("image_feature_weights"),
+                   pixel_values_videos=batch.get("pixel_values_videos"),
+                   video_feature_rows=batch.get("video_feature_rows"),
+                   video_feature_weights=batch.get("video_feature_weights"),
                    head=False, images_by_row=True)  # check_batch: pixel_values[b] are row b's image slots
     return chunked_cross_entropy_sum(hidden, model.logits_from_hidden, batch["labels"], self.options.seq_chunk)
 
@@ -239,6 +244,10 @@ class Trainer:
       host_rows = batch["input_ids"].shape[0] // jax.process_count()
       batch = dict(batch, image_feature_rows=step_feature_rows(
           batch["image_feature_rows"], batch["pixel_values"], self.model_cfg, host_rows))
+    if "video_feature_rows" in batch:  # the same for each row's video slot of F frame tiles
+      host_rows = batch["input_ids"].shape[0] // jax.process_count()
+      batch = dict(batch, video_feature_rows=step_feature_rows(
+          batch["video_feature_rows"], batch["pixel_values_videos"], self.model_cfg, host_rows))
     if n == 1:
       loss, grads = grad_fn(trainable, batch, step_key)
     else:

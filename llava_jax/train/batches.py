@@ -147,7 +147,8 @@ def make_iterator(data_cfg, model_cfg: LlavaConfig, host_batch_size: int, *, see
       allow_images_outside_dir=data_cfg.allow_images_outside_dir,
       max_images_per_sample=data_cfg.get("max_images_per_sample", 1),
       # OneVision's video records (a static F frame slots a row); other families read none.
-      max_frames=data_cfg.get("max_frames", 0) if getattr(model_cfg, "is_onevision", False) else 0,
+      max_frames=(data_cfg.get("max_frames", 0) if model_cfg.is_onevision and model_cfg.video_token_index is not None
+                  else 0),
       video_token_index=model_cfg.video_token_index)
   return data_pkg.make_iterator(config, tokenizer, image_processor)
 

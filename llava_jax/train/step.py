@@ -299,6 +299,9 @@ class Trainer:
     if "pixel_values" in batch and batch["pixel_values"].shape[0] != rows:
       raise ValueError(f"pixel_values has {batch['pixel_values'].shape[0]} images for {rows} rows; the train step "
                        "needs one image slot per row ([B, H, W, 3] with image_mask [B]) or [B, M, H, W, 3]")
+    if "pixel_values_videos" in batch and batch["pixel_values_videos"].shape[0] != rows:
+      raise ValueError(f"pixel_values_videos has {batch['pixel_values_videos'].shape[0]} videos for {rows} rows; the "
+                       "train step needs one video slot per row ([B, F, H, W, 3], zero frames where none)")
 
   def compile(self, state, batch: dict):
     """The compiled step for this batch layout (AOT, so its FLOP count is known for the MFU estimate)."""

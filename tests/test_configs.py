@@ -261,7 +261,7 @@ def test_onevision_configs_are_the_reference_recipe(name):
     assert o.vision_tower_lr == (None if stage == "stage1" else 2e-6)
     if not tiny:
       assert config.data.seq_len == (8192 if stage == "stage1" else 32768)
-      assert config.data.max_frames == (0 if stage == "stage1" else 32)
+      assert config.data.max_frames == (32 if stage == "ov" else 0)  # videos only in the OneVision stage
       assert config.batch_size == 256 and config.data.group_by_modality_length == (stage != "stage1")
   cfg = run_config.model_config(config)
   assert cfg.is_onevision and cfg.vision_aspect_ratio == "anyres_max_9"

@@ -342,7 +342,8 @@ def llava_onevision(arg: str, text: dict, default_preset: str = "v5p-64") -> ml_
   c.data.template = "plain" if stage == "stage1" else "qwen_1_5"
   c.data.aspect_ratio = "anyres"
   c.data.group_by_modality_length = stage != "stage1"
-  c.data.max_frames = 0 if stage == "stage1" else ONEVISION_MAX_FRAMES
+  # Frame slots go through the tower every step (static shapes): only the stage whose data has videos has them.
+  c.data.max_frames = ONEVISION_MAX_FRAMES if stage == "ov" else 0
   c.data.max_images_per_sample = ONEVISION_MAX_IMAGES[stage]
   c.data.num_workers = 4
   c.checkpoint.every_steps = 1000  # --save_steps

@@ -28,7 +28,7 @@ from llava_jax.data.image import ImageProcessorConfig, preprocess_image, read_pr
 from llava_jax.data.layout import AnyresLayout, OneVisionLayout, layout_for
 from llava_jax.data.text import encode_prompt
 from llava_jax.padding import left_pad
-from llava_jax.processor_onevision import call_onevision, media_tags, onevision_checks
+from llava_jax.processor_onevision import as_list, call_onevision, media_tags, onevision_checks
 
 SETTINGS_FILE = "llava_jax_processor.json"  # in a checkpoint's assets: {"template", "image_aspect_ratio"}
 
@@ -135,7 +135,7 @@ class Processor:
       return self._call_anyres(prompts, images, max_tiles)
     rows = [self._encode(p, self.num_image_tokens) for p in prompts]
     input_ids, attention_mask = self._left_pad(rows)
-    images = _as_list(images)
+    images = as_list(images)
     n_tags = int((input_ids == self.image_token_index).sum()) // self.num_image_tokens
     if n_tags != len(images):
       raise ValueError(f"the prompts hold {n_tags} <image> tags but {len(images)} images were given")
@@ -161,7 +161,7 @@ class Processor:
     return left_pad(rows, self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0)
 
   def _call_anyres(self, prompts: Sequence[str], images, max_tiles: int | None) -> dict:
-    images = [to_rgb(self._open(im)) for im in _as_list(images)]
+    images = [to_rgb(self._open(im)) for im in as_list(images)]
     # One image id per tag first, then each tag widened to its own image's token count, in tag order.
     rows = [self._encode(p, 1) for p in prompts]
     n_tags = sum(int((r == self.image_token_index).sum()) for r in rows)
@@ -196,10 +196,6 @@ class Processor:
         im.load()
         return im.copy()
     return image
-
-
-def _as_list(images) -> list:
-  return [] if images is None else [images] if not isinstance(images, (list, tuple)) else list(images)
 
 
 def _check_image_token(tokenizer, image_token_index: int) -> None:

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image
 
 from llava_jax.data import onevision
+from llava_jax.data.anyres import base_size
 from llava_jax.data.image import to_rgb
 
 IMAGE_FILES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -22,7 +23,7 @@ IMAGE_FILES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"
 
 def onevision_checks(proc) -> None:
   """The tiles the image config makes are the tower's; "<video>" is one token, the model's video id."""
-  tile = onevision._tile_size(proc.image_config)[0]  # pylint: disable=protected-access
+  tile = base_size(proc.image_config)[0]
   if tile != proc.anyres.tile:
     raise ValueError(f"the image processor's tiles ({tile} px) differ from the vision tower's image size "
                      f"{proc.anyres.tile}")
@@ -37,7 +38,7 @@ def media_tags(images: int, videos: int = 0) -> str:
   return "<image>\n" * images + "<video>\n" * videos
 
 
-def _as_list(items) -> list:
+def as_list(items) -> list:
   return [] if items is None else [items] if not isinstance(items, (list, tuple)) else list(items)
 
 
@@ -78,7 +79,7 @@ def call_onevision(proc, prompts, images, videos, max_tiles, max_frames) -> dict
   if proc.tokenization != "hf":
     raise ValueError("LLaVA-OneVision prompts are tokenized whole, with <image> / <video> special tokens: "
                      "use tokenization='hf'")
-  images = [to_rgb(proc._open(im)) for im in _as_list(images)]  # pylint: disable=protected-access
+  images = [to_rgb(proc._open(im)) for im in as_list(images)]  # pylint: disable=protected-access
   videos = [read_frames(v) for v in _as_videos(videos)]
   rows = [proc._encode(p, 1) for p in prompts]  # pylint: disable=protected-access
   per_row = [int((r == image_id).sum()) for r in rows]

@@ -34,6 +34,8 @@ from PIL import Image
 from llava_jax.data.image import ImageProcessorConfig, preprocess_image, to_rgb
 
 SEMANTICS = ("hf", "original")
+# The feature row of a token that takes the `image_newline` vector (`data/layout.py` resolves it to a real row).
+NEWLINE = -1
 
 
 def check_semantics(semantics: str) -> None:
@@ -125,7 +127,7 @@ def anyres_canvas(image, canvas_hw: Sequence[int], resample: int = Image.Resampl
   return out
 
 
-def _base_size(config: ImageProcessorConfig) -> tuple[int, int]:
+def base_size(config: ImageProcessorConfig) -> tuple[int, int]:
   """(height, width) the whole image is resized to for the base tile (`size`, squared if shortest_edge)."""
   if config.shortest_edge is None:
     return config.height, config.width
@@ -146,7 +148,7 @@ def anyres_tiles(image, image_config: ImageProcessorConfig, pinpoints: Sequence[
   canvas_hw = select_best_resolution((image.height, image.width), pinpoints, semantics)
   _check_tiles(canvas_hw, tile)
   canvas = anyres_canvas(image, canvas_hw, image_config.resample)
-  base_h, base_w = _base_size(image_config)
+  base_h, base_w = base_size(image_config)
   base = np.asarray(image.resize((base_w, base_h), resample=Image.Resampling(image_config.resample)))
   pieces = [base] + [canvas[r:r + tile, c:c + tile]
                      for r in range(0, canvas_hw[0], tile) for c in range(0, canvas_hw[1], tile)]

@@ -211,7 +211,7 @@ def pad_colour(config: ImageProcessorConfig) -> tuple[int, ...]:
   return tuple(int(x * 255) for x in config.image_mean)
 
 
-def _resize_size(height: int, width: int, config: ImageProcessorConfig) -> tuple[int, int]:
+def resize_size(height: int, width: int, config: ImageProcessorConfig) -> tuple[int, int]:
   if config.shortest_edge is None:
     return config.height, config.width
   short, long = (width, height) if width <= height else (height, width)
@@ -253,7 +253,7 @@ def preprocess_image(image: Image.Image | np.ndarray,
   elif aspect_ratio not in ("crop", "square"):
     raise ValueError(f"aspect_ratio must be 'pad' or 'crop', got {aspect_ratio!r}")
   if config.do_resize:
-    height, width = _resize_size(image.height, image.width, config)
+    height, width = resize_size(image.height, image.width, config)
     image = image.resize((width, height), resample=Image.Resampling(config.resample))
   a = np.asarray(image)
   if config.do_center_crop:

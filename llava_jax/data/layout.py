@@ -24,12 +24,11 @@ from collections.abc import Sequence
 import numpy as np
 
 from llava_jax.data import onevision
-from llava_jax.data.anyres import (anyres_tiles, check_semantics, grid_shape, max_num_image_tokens, max_tiles,
+from llava_jax.data.anyres import (NEWLINE, anyres_tiles, check_semantics, grid_shape, max_num_image_tokens, max_tiles,
                                    num_image_tokens, num_tiles, tile_features, unpadded_grid)
 from llava_jax.data.image import ImageProcessorConfig
 from llava_jax.data.onevision_batch import OneVisionBatch
 
-NEWLINE = -1  # `feature_index` value of a position that takes the `image_newline` vector
 
 
 def feature_index(image_hw: Sequence[int], pinpoints: Sequence[Sequence[int]], tile: int, patches_per_side: int,

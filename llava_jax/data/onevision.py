@@ -19,10 +19,10 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from llava_jax.data.anyres import anyres_canvas, grid_shape, select_best_resolution, unpadded_grid
+from llava_jax.data.anyres import (NEWLINE, anyres_canvas, base_size, grid_shape, select_best_resolution,
+                                   unpadded_grid)
 from llava_jax.data.image import ImageProcessorConfig, preprocess_image, to_rgb
 
-NEWLINE = -1  # the row of a token that takes the `image_newline` vector (as `data/layout.py`)
 TAPS = 4      # features one token mixes at most (bilinear: 2 x 2)
 # OneVision's canvases: every (height, width) in {384, ..., 2304}^2, as its config lists them.
 PINPOINTS_ONEVISION = tuple((h, w) for h in range(384, 2305, 384) for w in range(384, 2305, 384))
@@ -184,17 +184,9 @@ def video_taps(frames: int, patches_per_side: int) -> tuple[np.ndarray, np.ndarr
 # -- pixels -------------------------------------------------------------------------------------------------------
 
 
-def _tile_size(config: ImageProcessorConfig) -> tuple[int, int]:
-  """The processor's `size` as (height, width): the base tile's size, the grid tiles' side its height (OneVision's
-  processor has no crop size)."""
-  if config.shortest_edge is None:
-    return config.height, config.width
-  return config.shortest_edge, config.shortest_edge
-
-
 def _plain(config: ImageProcessorConfig) -> ImageProcessorConfig:
   """The config resizing to exactly `size`, without a centre crop (OneVision's processor has none)."""
-  height, width = _tile_size(config)
+  height, width = base_size(config)
   return dataclasses.replace(config, shortest_edge=None, height=height, width=width, crop_height=height,
                              crop_width=width, do_center_crop=False)
 
@@ -209,10 +201,10 @@ def image_tiles(image, config: ImageProcessorConfig, pinpoints=PINPOINTS_ONEVISI
 
   Equals `LlavaOnevisionImageProcessorPil`'s pixel_values for an image alone in its prompt (its first n_tiles)."""
   image = to_rgb(image)
-  tile, _ = _tile_size(config)
+  tile, _ = base_size(config)
   canvas_hw = select_best_resolution((image.height, image.width), pinpoints, "hf")
   canvas = anyres_canvas(image, canvas_hw, config.resample)
-  base_h, base_w = _tile_size(config)
+  base_h, base_w = base_size(config)
   base = np.asarray(image.resize((base_w, base_h), resample=Image.Resampling(config.resample)))
   pieces = [base] + [canvas[r:r + tile, c:c + tile]
                      for r in range(0, canvas_hw[0], tile) for c in range(0, canvas_hw[1], tile)]

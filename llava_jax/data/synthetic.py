@@ -240,7 +240,7 @@ def build_qwen_tokenizer(folder: str, lines: Iterable[str] | None = None, num_me
   The merges are learned here on `lines`; the ids are Qwen2's layout in small: the 256 bytes (so "\\n" is 198),
   the merges, then <|endoftext|> (EOS and pad), <|im_start|> and <|im_end|> as special tokens. Returns `folder`.
   """
-  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers  # pylint: disable=import-outside-toplevel
+  from tokenizers import Tokenizer, models, normalizers, trainers  # pylint: disable=import-outside-toplevel
   from transformers import Qwen2Tokenizer  # pylint: disable=import-outside-toplevel
 
   lines = list(tokenizer_training_text() if lines is None else lines)

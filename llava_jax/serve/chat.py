@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from llava_jax.data.image import _resize_size
+from llava_jax.data.image import resize_size
 from llava_jax.data.layout import OneVisionLayout
 from llava_jax.data.preprocess import check_pixel_budget
 from llava_jax.data.text import DataError
@@ -85,7 +85,7 @@ def check_image_size(size: tuple[int, int], what: str, processor=None) -> None:
   pad = not anyres and (processor is None or processor.aspect_ratio == "pad")
   canvases = [size]
   if processor is not None and not anyres and not pad and processor.image_config.do_resize and min(size) > 0:
-    height, width = _resize_size(size[1], size[0], processor.image_config)
+    height, width = resize_size(size[1], size[0], processor.image_config)
     canvases.append((width, height))
   try:
     for i, canvas in enumerate(canvases):

@@ -100,7 +100,6 @@ def video_feature_taps(cfg: LlavaConfig, input_ids, videos_shape) -> tuple[np.nd
   return image_layout(cfg).video_token_taps(input_ids, cfg.video_token_index, videos, frames)
 
 
-image_feature_weights_ = image_feature_weights  # the module function, beside `__call__`'s argument of that name
 
 
 class Llava(nnx.Module):
@@ -273,10 +272,20 @@ class Llava(nnx.Module):
     """`embed`'s host-computed inputs from concrete input_ids and image_sizes: image_feature_rows (and, for
     OneVision, image_feature_weights, and the video rows and weights with pixel_values_videos); None where not
     needed. Which OneVision images are base-only is read from the rows' token counts (`assign_images`)."""
-    out = {"image_feature_rows": self.feature_rows(input_ids, pixel_values, image_sizes)}
-    taps = image_layout(self.config).taps > 1
-    out["image_feature_weights"] = (jnp.asarray(image_feature_weights_(self.config, input_ids, image_sizes))
-                                    if taps and out["image_feature_rows"] is not None else None)
+    layout = image_layout(self.config)
+    out = {"image_feature_rows": None, "image_feature_weights": None}
+    if layout.taps == 1 or pixel_values is None:
+      out["image_feature_rows"] = self.feature_rows(input_ids, pixel_values, image_sizes)
+    else:  # rows and weights of the same tokens: which images are base-only is read once, for both
+      if image_sizes is None or not (_is_concrete(input_ids) and _is_concrete(image_sizes)):
+        raise ValueError("a LLaVA-OneVision model needs concrete image_sizes [N, 2] with pixel_values; under jit "
+                         "pass image_feature_rows and image_feature_weights instead")
+      image_token = self.config.image_token_index
+      base_only = layout.assign_images(input_ids, image_token, image_sizes)
+      out["image_feature_rows"] = jnp.asarray(layout.token_rows(input_ids, image_token, image_sizes,
+                                                                pixel_values.shape[-4], base_only))
+      out["image_feature_weights"] = jnp.asarray(layout.token_weights(input_ids, image_token, image_sizes,
+                                                                      base_only))
     out["video_feature_rows"] = out["video_feature_weights"] = None
     if pixel_values_videos is not None:
       if not _is_concrete(input_ids):

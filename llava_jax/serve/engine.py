@@ -23,13 +23,14 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.decoding import Detokenizer, Sampling, batch_step, image_inputs, init_cache, prefill_into_row
+from llava_jax.decoding import (TOP_LOGPROBS, Detokenizer, Sampling, batch_step, image_inputs, init_cache,
+                                prefill_into_row)
 from llava_jax.padding import left_pad, round_up
 
 log = logging.getLogger("llava_jax.serve")
@@ -57,11 +58,21 @@ class Request:
   seed: int = 0
   stop: Sequence[str] = ()
   ignore_eos: bool = False  # vLLM's extension: replies of exactly max_tokens (benchmarks)
+  logprobs: int | None = None  # None: no log-probabilities; n: each reply token's and its n most likely (0..20)
+
+
+class TokenLogprob(NamedTuple):
+  """One reply token's log-probability under the model (`llava_jax.decoding.token_logprobs`) and the `n` most
+  likely tokens' (id, log-probability), most likely first."""
+  token: int
+  logprob: float
+  top: tuple
 
 
 @dataclasses.dataclass
 class Delta:
   text: str
+  logprobs: list | None = None  # the TokenLogprobs of the tokens this text completes (held-back ones included)
 
 
 @dataclasses.dataclass
@@ -70,6 +81,7 @@ class Finished:
   reason: str               # "stop" (EOS or a stop string), "length" (max_tokens or the context), "cancelled"
   prompt_tokens: int
   completion_tokens: int
+  logprobs: list | None = None  # every reply token's TokenLogprob (one per completion token; EOS is none)
 
 
 @dataclasses.dataclass
@@ -118,6 +130,8 @@ class _Row:
   index: int            # its cache slot
   text: Detokenizer     # the reply's ids and the text already emitted as deltas
   limit: int = 0        # the reply's most tokens: max_tokens, lowered to what the model's context leaves
+  logprobs: list | None = None  # the reply's TokenLogprobs when asked for; `shown` of them went out with deltas
+  shown: int = 0
 
   def settings(self) -> tuple:
     """`llava_jax.decoding`'s per-request sampling settings; the counter is the next token's index."""
@@ -177,6 +191,8 @@ class Engine:
                        f"than this server's context of {self.max_len} tokens allows")
     if request.max_tokens < 1:
       raise BadRequest(f"max_tokens must be at least 1, got {request.max_tokens}")
+    if request.logprobs is not None and not 0 <= request.logprobs <= TOP_LOGPROBS:
+      raise BadRequest(f"top_logprobs must be from 0 to {TOP_LOGPROBS}, got {request.logprobs}")
     try:
       Sampling(request.temperature, request.top_p, request.top_k)
     except ValueError as e:
@@ -277,14 +293,14 @@ class Engine:
     images = image_inputs(self.model, input_ids, pixels, None, req.image_sizes, videos)
     row = _Row(handle, len(req.input_ids), 0, 0, input_ids.shape[1],
                Detokenizer(self.decode_ids, self.stop_strings + tuple(req.stop), self.byte_token_ids),
-               self.reply_limit(req))
-    token, self.caches, self.key_valid, position = prefill_into_row(
+               self.reply_limit(req), None if req.logprobs is None else [])
+    token, self.caches, self.key_valid, position, logprobs = prefill_into_row(
         self.graphdef, self.state, self.caches, self.key_valid, jnp.int32(i), jnp.asarray(input_ids),
         jnp.asarray(mask), images, _settings([row.settings()]))
     self._count("prefills")
     row.token, row.position = int(token), int(position)
     self.rows[i] = row
-    self._advance(i, row.token)
+    self._advance(i, row.token, tuple(np.asarray(x) for x in logprobs))
 
   def _step(self):
     b = self.max_batch
@@ -294,10 +310,12 @@ class Engine:
       r = self.rows[i]
       tokens[i], positions[i], indices[i] = r.token, r.position, r.index
     settings = _settings([(0.0, 1.0, 0, 0, 0) if r is None else r.settings() for r in self.rows])  # free: greedy
-    new, self.caches, self.key_valid = batch_step(
+    want_logprobs = any(self.rows[i].logprobs is not None for i in active)
+    new, self.caches, self.key_valid, logprobs = batch_step(
         self.graphdef, self.state, self.caches, self.key_valid, jnp.asarray(tokens), jnp.asarray(positions),
-        jnp.asarray(indices), settings)
+        jnp.asarray(indices), settings, logprobs=want_logprobs)
     new = np.asarray(new)
+    logprobs = [np.asarray(x) for x in logprobs] if want_logprobs else None
     with self.lock:
       self.stats["steps"] += 1
       self.stats["rows_per_step"][len(active)] += 1
@@ -311,18 +329,23 @@ class Engine:
       r.position += 1
       r.index += 1
       r.token = int(new[i])
-      self._advance(i, r.token)
+      self._advance(i, r.token, None if logprobs is None else tuple(x[i] for x in logprobs))
 
-  def _advance(self, i: int, token: int):
-    """Takes row i's newly sampled token: emits text, or finishes the row (EOS, stop string, limits, cancel)."""
+  def _advance(self, i: int, token: int, logprobs: tuple | None = None):
+    """Takes row i's newly sampled token (and its `token_logprobs` row): emits text, or finishes the row (EOS,
+    stop string, limits, cancel)."""
     r = self.rows[i]
     if r.handle.cancelled.is_set():
       return self._finish(i, "cancelled")
     if self.eos_id is not None and token == self.eos_id and not r.handle.request.ignore_eos:
       return self._finish(i, "stop")
+    if r.logprobs is not None:
+      chosen, ids, top = logprobs
+      n = r.handle.request.logprobs
+      r.logprobs.append(TokenLogprob(token, float(chosen), tuple(zip(ids[:n].tolist(), top[:n].tolist()))))
     delta = r.text.add(token)
     if delta:
-      r.handle.emit(Delta(delta))
+      r.handle.emit(Delta(delta, self._unshown(r)))
     if r.text.stopped:
       return self._finish(i, "stop")
     if len(r.text.ids) >= r.limit or r.index >= self.max_len:
@@ -338,11 +361,19 @@ class Engine:
       return
     rest = r.text.finish()
     if reason != "cancelled" and rest:
-      r.handle.emit(Delta(rest))
+      r.handle.emit(Delta(rest, self._unshown(r)))
     with self.lock:
       self.stats["completed" if reason != "cancelled" else "cancelled"] += 1
       self.stats["generated_tokens"] += len(r.text.ids)
-    r.handle.emit(Finished(r.text.text, reason, r.prompt_tokens, len(r.text.ids)))
+    r.handle.emit(Finished(r.text.text, reason, r.prompt_tokens, len(r.text.ids), r.logprobs))
+
+  @staticmethod
+  def _unshown(r: _Row) -> list | None:
+    """The row's TokenLogprobs not yet sent with a delta (None when the request did not ask for them)."""
+    if r.logprobs is None:
+      return None
+    unshown, r.shown = r.logprobs[r.shown:], len(r.logprobs)
+    return unshown
 
   def _count(self, key: str):
     with self.lock:

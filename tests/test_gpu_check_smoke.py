@@ -1,0 +1,72 @@
+"""benchmarks/gpu_check.py in its CPU smoke mode: every section's code path runs, parity holds at the stated
+tolerances, each timing row has both sides; and the budget and a failing section are reported, not hidden.
+(Its numbers are not checked: performance is measured on a GPU, docs/PERFORMANCE.md.)"""
+
+import json
+import os
+import subprocess
+import sys
+import types
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BENCH = os.path.join(ROOT, "benchmarks")
+sys.path.insert(0, BENCH)
+
+import gpu_check  # noqa: E402  (benchmarks/gpu_check.py; imports neither jax nor torch)
+
+
+def test_smoke_runs_every_section_with_parity_in_tolerance(tmp_path):
+  env = dict(os.environ)
+  # Compiling dominates at these shapes: XLA:CPU's backend at -O0 halves the run (the same programs, unoptimised).
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0", PYTHONPATH=os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p))
+  proc = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_check.py"), "--smoke", "--peak-tflops", "1",
+                         "--peak-tbps", "0.01", "--out", str(tmp_path / "check")], capture_output=True, text=True,
+                        timeout=600, cwd=ROOT, env=env, check=False)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  result = json.loads((tmp_path / "check.json").read_text())
+  rows = result["rows"]
+  assert result["failures"] == [] and result["checks_failed"] == []
+  for key in ("parity fp32", "parity bf16", "greedy fp32", "attention xla"):
+    assert rows[key]["ok"] is True, rows[key]
+  assert rows["parity fp32"]["check"] == "<= 1e-04"
+  assert rows["attention cudnn"]["reason"] == "skipped: no GPU (cuDNN is GPU only)"
+  for key in ("attention xla", "stage2", "prefill", "decode b1", "decode b4"):
+    assert rows[key]["ours_s"] > 0 and rows[key]["torch_s"] > 0, rows[key]
+  table = (tmp_path / "check.md").read_text()
+  lines = {line.split(" | ")[0] for line in table.splitlines() if line.startswith("| ")}
+  for label in ("| parity fp32: logits, tiny model", "| stage-2 step, 7B-shaped, 2 layers, 1 x 64",
+                "| greedy decode, batch 4, 24-token prompt, 4 new"):
+    assert label in lines, table
+  assert "% MFU" in table and "% of HBM bw" in table and table in proc.stdout
+
+
+def _args(**kw):
+  return types.SimpleNamespace(**{"sections": ["parity", "attention", "stage2", "inference"], "budget": 450.0,
+                                  "smoke": False, "isolate": False, "attention": "auto", **kw})
+
+
+def test_sections_past_the_budget_are_reported_skipped():
+  shape = gpu_check.SHAPES["full"]
+  table, notes, failures = gpu_check.run_jobs(_args(budget=30.0), shape)
+  assert failures == [] and notes == []
+  assert table["parity fp32"] == {"label": "parity fp32", "kind": "skip", "reason": "skipped: budget"}
+  assert table["stage2"]["ours_note"] == table["stage2"]["torch_note"] == "skipped: budget"
+  assert gpu_check.cells(table["decode b32"], 1e15, 1e12)[1:3] == ["skipped: budget", "skipped: budget"]
+
+
+def test_a_failing_section_is_reported_and_the_others_still_run(monkeypatch):
+  def broken(shape, args):
+    raise RuntimeError("out of memory")
+
+  def torch_side(shape, args):
+    return {"rows": {"stage2": {"label": "stage2", "kind": "time", "torch_s": 2.0, "work": 1e15}}, "notes": []}
+
+  monkeypatch.setitem(gpu_check.JOB_FNS, ("stage2", "jax"), broken)
+  monkeypatch.setitem(gpu_check.JOB_FNS, ("stage2", "torch"), torch_side)
+  args = _args(sections=["stage2"])
+  table, _, failures = gpu_check.run_jobs(args, gpu_check.SHAPES["full"])
+  assert args.attention == "xla"  # no attention check ran: the recipe's default
+  assert failures == ["stage2 / jax: out of memory"]
+  ours, torch_, speed, ours_pct, torch_pct = gpu_check.cells(table["stage2"], 1e15, 1e12)[1:6]
+  assert ours == "failed: RuntimeError: out of memory" and torch_ == "2000.0 ms" and torch_pct == "50.0% MFU"
+  assert speed == ours_pct == ""

@@ -15,7 +15,8 @@ when the time budget (`--budget`, 450 s) would be passed a section reports "skip
              (1 x 2048 tokens, 32 heads of 128, bf16, causal): forward + backward time, and output / gradient error
              against an fp32 reference, relative to its largest value, <= 2 x torch's bf16 error + 0.01. Without a
              GPU the cudnn row is skipped (cuDNN is GPU only). Later rows use cudnn if it passed here (`--attention
-             auto`), else xla; decode always uses xla (one query against the cache).
+             auto`), else xla (and a row whose cudnn attempt raises is measured with xla, with a note); decode
+             always uses xla (one query against the cache).
   stage2     one stage-2 AdamW step (projector + LLM trainable, CLIP frozen) of a 7B-shaped model: CLIP ViT-L/14 at
              336 px, LLaMA layers of Vicuna-7B's shape (4096 wide, 32 heads, MLP 11008, vocab 32000), 1 row of 2048
              tokens (576 image tokens), bf16 compute with fp32 master weights and Adam moments, remat as the 7B
@@ -32,6 +33,10 @@ when the time budget (`--budget`, 450 s) would be passed a section reports "skip
              compiled decode loop, llava_jax.decoding; torch: one forward per token with a DynamicCache, sdpa
              attention, no torch.compile). Decode's "% of peak" is of HBM bandwidth: the weights and KV cache one
              step reads (flops.decode_bytes) / step time / bandwidth.
+
+Times are medians of `--repeats` (3) runs after a warm-up run that compiles; jax keeps compiled programs in a
+persistent cache (JAX_COMPILATION_CACHE_DIR, under /tmp), which a rerun on the same machine reads. Exit status 1:
+a check failed or a section raised (its cells say so); "skipped: budget" is not a failure.
 
 Peaks (dense, no sparsity) by device name, from NVIDIA's H100 and H200 datasheets: H100 SXM 989 TFLOP/s bf16,
 3.35 TB/s; H100 NVL 835, 3.9; H100 PCIe 756, 2.0; H200 989, 4.8 (`--peak-tflops`, `--peak-tbps` override).
@@ -129,8 +134,10 @@ def run_isolated(section: str, side: str, args, timeout: float) -> dict:
     path = os.path.join(tmp, "job.json")
     cmd = [sys.executable, os.path.abspath(__file__), *args.argv, "--job", f"{section}:{side}", "--job-out", path,
            "--attention", args.attention]
-    # jax takes 75% of the GPU at its first use by default: all of it for a jax-only job, less beside torch.
+    # jax takes 75% of the GPU at its first use by default: all of it for a jax-only job, less beside torch. A rerun
+    # on the same machine reads the compiled programs from jax's persistent cache (compiles are a third of a run).
     env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION="0.9" if side == "jax" else "0.4")
+    env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "llava_jax_gpu_check_cache"))
     proc = subprocess.run(cmd, env=env, timeout=timeout, check=False)
     if proc.returncode:
       raise RuntimeError(f"the job's process exited with {proc.returncode} (its output is above)")

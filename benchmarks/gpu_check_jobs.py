@@ -77,6 +77,7 @@ def median_time(run, repeats: int, prepare=None) -> float:
     run(arg) if prepare else run()
     if i:
       times.append(time.perf_counter() - t0)
+    del arg  # before the next prepare(): one copy alive at a time
   return float(np.median(times))
 
 
@@ -92,6 +93,10 @@ def build_torch(hf_cfg, dev, dtype):
       return transformers.LlavaForConditionalGeneration(hf_cfg)
   finally:
     torch.set_default_dtype(old)
+
+
+def attn_name(hf) -> str:
+  return hf.config._attn_implementation  # pylint: disable=protected-access
 
 
 # -- parity ------------------------------------------------------------------------------------------------------
@@ -181,8 +186,6 @@ def job_parity(shape, args) -> dict:
 def job_attention(shape, args) -> dict:
   import jax
   import jax.numpy as jnp
-  import torch
-  import torch.nn.functional as F
 
   from llava_jax.models.attention import SelfAttentionMask, dot_product_attention, xla_attention
 
@@ -193,39 +196,26 @@ def job_attention(shape, args) -> dict:
   on_gpu = jax.devices()[0].platform == "gpu"
   work = 3 * 2 * b * h * t * t * d  # fwd (causal half of 4 T^2 d) + bwd (twice that)
 
-  def loss_of(fn):
-    return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * ct)
+  def loss_of(fn):  # the cotangent an argument: a closed-over array would be compiled in as a constant
+    return lambda q, k, v, ct: jnp.sum(fn(q, k, v).astype(jnp.float32) * ct)
 
   with jax.default_matmul_precision("highest"):
     causal = jnp.tril(jnp.ones((t, t), bool))[None, None]
-    ref = loss_of(lambda q, k, v: xla_attention(q, k, v, causal, scale=scale))
-    ref_out = np.asarray(xla_attention(q, k, v, causal, scale=scale))
-    ref_grads = [np.asarray(g) for g in jax.jit(jax.grad(ref, argnums=(0, 1, 2)))(q, k, v)]
+    exact = lambda q, k, v, causal: xla_attention(q, k, v, causal, scale=scale)
+    ref_out = np.asarray(jax.jit(exact)(q, k, v, causal))
+    ref_grads = [np.asarray(g) for g in jax.jit(jax.grad(
+        lambda q, k, v, ct, causal: jnp.sum(exact(q, k, v, causal) * ct), argnums=(0, 1, 2)))(q, k, v, ct, causal)]
 
   def rel_err(out, grads):
     e_out = float(np.abs(np.asarray(out, np.float32) - ref_out).max() / np.abs(ref_out).max())
-    e_grad = max(float(np.abs(np.asarray(g, np.float32) - r).max() / np.abs(r).max()) for g, r in zip(grads, ref_grads))
+    e_grad = max(float(np.abs(np.asarray(g, np.float32) - r).max() / np.abs(r).max())
+                 for g, r in zip(grads, ref_grads))
     return e_out, e_grad
 
-  # torch sdpa, bf16, [B, H, T, D]
-  dev = torch_device()
-  tq, tk, tv = (torch.from_numpy(x.transpose(0, 2, 1, 3).copy()).to(dev, torch.bfloat16).requires_grad_()
-                for x in (q, k, v))
-  tct = torch.from_numpy(ct.transpose(0, 2, 1, 3).copy()).to(dev)
-
-  def torch_run():
-    out = F.scaled_dot_product_attention(tq, tk, tv, is_causal=True, scale=scale)
-    grads = torch.autograd.grad((out.float() * tct).sum(), (tq, tk, tv))
-    torch_sync()
-    return out, grads
-
-  tout, tgrads = torch_run()
-  back = lambda x: x.float().detach().cpu().numpy().transpose(0, 2, 1, 3)
-  torch_err = rel_err(back(tout), [back(g) for g in tgrads])
-  torch_s = median_time(torch_run, shape["repeats"])
-  del tq, tk, tv, tct, tout, tgrads
+  torch_err, torch_s = torch_attention(q, k, v, ct, scale, rel_err, shape["repeats"])
   out = {"rows": {}, "notes": [], "attention_ok": False}
   bq, bk, bv = (jnp.asarray(x, jnp.bfloat16) for x in (q, k, v))
+  bct = jnp.asarray(ct)
   key_valid = jnp.ones((b, t), bool)
   for impl in ("cudnn", "xla"):
     key = f"attention {impl}"
@@ -238,19 +228,41 @@ def job_attention(shape, args) -> dict:
     fwd = jax.jit(attend)
     step = jax.jit(jax.value_and_grad(loss_of(attend), argnums=(0, 1, 2)))
     try:
-      e_out, e_grad = rel_err(fwd(bq, bk, bv), step(bq, bk, bv)[1])
+      e_out, e_grad = rel_err(fwd(bq, bk, bv), step(bq, bk, bv, bct)[1])
     except Exception as e:  # pylint: disable=broad-except  (a cuDNN that refuses this shape is a finding)
-      out["rows"][key] = dict(label=label, kind="skip", reason=f"failed: {type(e).__name__}: {str(e)[:200]}")
+      out["rows"][key] = dict(label=label, kind="skip", reason=f"failed: {type(e).__name__}: {str(e)[:200]}",
+                              ok=False)
       continue
     tol_out, tol_grad = 2 * torch_err[0] + 0.01, 2 * torch_err[1] + 0.01
     ok = e_out <= tol_out and e_grad <= tol_grad
-    ours_s = median_time(lambda: jax.block_until_ready(step(bq, bk, bv)), shape["repeats"])
+    ours_s = median_time(lambda: jax.block_until_ready(step(bq, bk, bv, bct)), shape["repeats"])
     out["rows"][key] = dict(label=label, kind="time", ours_s=ours_s, torch_s=torch_s, work=work, ok=ok,
                             check=f"out {e_out:.1e} <= {tol_out:.1e}, grad {e_grad:.1e} <= {tol_grad:.1e} "
                                   f"(torch {torch_err[0]:.1e}, {torch_err[1]:.1e})")
     if impl == "cudnn":
       out["attention_ok"] = ok
   return out
+
+
+def torch_attention(q, k, v, ct, scale, rel_err, repeats):
+  """torch's scaled_dot_product_attention in bf16 ([B, H, T, D]), causal: (its errors, fwd + bwd seconds)."""
+  import torch
+  import torch.nn.functional as F
+
+  dev = torch_device()
+  tq, tk, tv = (torch.from_numpy(x.transpose(0, 2, 1, 3).copy()).to(dev, torch.bfloat16).requires_grad_()
+                for x in (q, k, v))
+  tct = torch.from_numpy(ct.transpose(0, 2, 1, 3).copy()).to(dev)
+
+  def run():
+    out = F.scaled_dot_product_attention(tq, tk, tv, is_causal=True, scale=scale)
+    grads = torch.autograd.grad((out.float() * tct).sum(), (tq, tk, tv))
+    torch_sync()
+    return out, grads
+
+  out, grads = run()
+  back = lambda x: x.float().detach().cpu().numpy().transpose(0, 2, 1, 3)
+  return rel_err(back(out), [back(g) for g in grads]), median_time(run, repeats)
 
 
 # -- stage 2 -----------------------------------------------------------------------------------------------------
@@ -260,7 +272,26 @@ def stage2_label(shape) -> str:
   return f"stage-2 step, 7B-shaped, {shape['train_layers']} layers, 1 x {shape['seq']}"
 
 
+def with_xla_fallback(attempt, impl: str, what: str):
+  """attempt(impl), and if that raises for an impl other than xla (a cuDNN that refuses a shape), attempt("xla")
+  with a note: one GPU run should still give the row. The failed attempt's buffers go with its frame."""
+  try:
+    return attempt(impl), []
+  except Exception as e:  # pylint: disable=broad-except
+    if impl == "xla":
+      raise
+    note = f"{what}: {impl} attention failed ({type(e).__name__}: {str(e)[:200]}); measured with xla instead"
+  print(note, flush=True)
+  return attempt("xla"), [note]
+
+
 def job_stage2_jax(shape, args) -> dict:
+  result, notes = with_xla_fallback(lambda impl: stage2_jax(shape, impl), args.attention, "stage2 llava-jax")
+  result["notes"] = notes + result["notes"]
+  return result
+
+
+def stage2_jax(shape, impl: str) -> dict:
   import jax
 
   from llava_jax.models.options import ModelOptions
@@ -269,7 +300,7 @@ def job_stage2_jax(shape, args) -> dict:
   from llava_jax.train.step import Trainer
 
   cfg = our_config(hf_config(shape, shape["train_layers"]), "bfloat16", "float32")
-  options = ModelOptions(attention_impl=args.attention, scan_layers=True, remat="full", seq_chunk=shape["seq_chunk"])
+  options = ModelOptions(attention_impl=impl, scan_layers=True, remat="full", seq_chunk=shape["seq_chunk"])
   trainer = Trainer(cfg, "stage2", OptimConfig(lr=2e-5, warmup_ratio=0.0), 1000, make_mesh((1, 1, 1)),
                     options=options)
   holder = {"state": trainer.init_state()}
@@ -286,7 +317,7 @@ def job_stage2_jax(shape, args) -> dict:
   work = flops_lib.train_step(cfg, "stage2", 1, shape["seq"], 1).total
   hardware = flops_lib.train_step(cfg, "stage2", 1, shape["seq"], 1, remat=True, hardware=True,
                                   seq_chunk=shape["seq_chunk"]).total
-  note = (f"stage2 llava-jax: attention {args.attention}, compile {trainer.compile_seconds:.0f} s, losses "
+  note = (f"stage2 llava-jax: attention {impl}, compile {trainer.compile_seconds:.0f} s, losses "
           f"{', '.join(f'{x:.3f}' for x in losses)}; model FLOPs {work / 1e12:.3g} T/step (the MFU numerator), "
           f"computed with remat and dense attention {hardware / 1e12:.3g} T ({hardware / work:.2f}x); XLA's cost "
           f"analysis {(trainer.flops_per_step or float('nan')) / 1e12:.3g} T (it counts the scanned layers once)")
@@ -327,8 +358,7 @@ def job_stage2_torch(shape, args) -> dict:
   seconds = median_time(run, shape["repeats"])
   return {"rows": {"stage2": dict(label=stage2_label(shape), kind="time", torch_s=seconds,
                                   work=flops_lib.train_step(cfg, "stage2", 1, shape["seq"], 1).total)},
-          "notes": [f"stage2 transformers: {hf.config._attn_implementation} attention, losses "  # pylint: disable=protected-access
-                    f"{', '.join(f'{x:.3f}' for x in losses)}"]}
+          "notes": [f"stage2 transformers: {attn_name(hf)} attention, losses {', '.join(f'{x:.3f}' for x in losses)}"]}
 
 
 # -- inference: prefill and decode -------------------------------------------------------------------------------
@@ -367,12 +397,15 @@ def job_inference_jax(shape, args) -> dict:
 
   seq = shape["seq"]
   ids, mask, _, px = rows(cfg, 1, seq, 2)
-  f = prefill_fn(graph(args.attention), seq)
-  seconds = median_time(lambda: jax.block_until_ready(f(state, ids, px, mask)), shape["repeats"])
+
+  def time_prefill(impl):
+    f = prefill_fn(graph(impl), seq)
+    return median_time(lambda: jax.block_until_ready(f(state, ids, px, mask)), shape["repeats"]), impl
+
+  (seconds, impl), notes = with_xla_fallback(time_prefill, args.attention, "prefill llava-jax")
   out["rows"]["prefill"] = dict(label=labels["prefill"], kind="time", ours_s=seconds,
                                 work=flops_lib.forward(cfg, 1, seq, 1, head_tokens=1).total)
-  out["notes"].append(f"prefill llava-jax: attention {args.attention}")
-  del f
+  out["notes"] += notes + [f"prefill llava-jax: attention {impl}; decode: xla"]
 
   decode_graph, prompt, steps = graph("xla"), shape["prompt"], shape["new_tokens"]
 
@@ -389,15 +422,16 @@ def job_inference_jax(shape, args) -> dict:
     toks = jnp.zeros((token.shape[0], steps), jnp.int32)
     return jax.lax.fori_loop(0, steps, body, (token, caches, key_valid, position, toks))[-1]
 
-  for b in shape["batches"]:
+  def time_decode(b):  # the cache lives while this runs
     ids, mask, _, px = rows(cfg, b, prompt, 4)
     logits, caches, key_valid, position = prefill_fn(decode_graph, prompt + steps)(state, ids, px, mask)
     first = jnp.argmax(logits, -1).astype(jnp.int32)
-    seconds = median_time(lambda: jax.block_until_ready(decode(state, first, caches, key_valid, position)),
-                          shape["repeats"])
-    out["rows"][f"decode b{b}"] = dict(label=labels[f"decode b{b}"], kind="rate", ours_s=seconds / steps, tokens=b,
-                                       work=decode_work(cfg, shape, b))
-    del caches
+    return median_time(lambda: jax.block_until_ready(decode(state, first, caches, key_valid, position)),
+                       shape["repeats"])
+
+  for b in shape["batches"]:
+    out["rows"][f"decode b{b}"] = dict(label=labels[f"decode b{b}"], kind="rate", ours_s=time_decode(b) / steps,
+                                       tokens=b, work=decode_work(cfg, shape, b))
   return out
 
 
@@ -409,9 +443,10 @@ def job_inference_torch(shape, args) -> dict:
   hf = build_torch(hf_cfg, dev, torch.bfloat16).eval()
   cfg = our_config(hf_cfg, "bfloat16", "bfloat16")
   labels, out = inference_labels(shape), {"rows": {}, "notes": [
-      f"transformers: {hf.config._attn_implementation} attention, eager"]}  # pylint: disable=protected-access
+      f"transformers: {attn_name(hf)} attention, eager"]}
   seq = shape["seq"]
-  kw = torch_inputs(*rows(cfg, 1, seq, 2)[:2], rows(cfg, 1, seq, 2)[3], dev, torch.bfloat16)
+  ids, mask, _, px = rows(cfg, 1, seq, 2)
+  kw = torch_inputs(ids, mask, px, dev, torch.bfloat16)
 
   def run_prefill():
     with torch.no_grad():
@@ -422,7 +457,8 @@ def job_inference_torch(shape, args) -> dict:
                                                                                          shape["repeats"]),
                                 work=flops_lib.forward(cfg, 1, seq, 1, head_tokens=1).total)
   prompt, steps = shape["prompt"], shape["new_tokens"]
-  for b in shape["batches"]:
+
+  def time_decode(b):  # one forward per token; the prompt's cache copied outside the timing, one copy at a time
     ids, mask, _, px = rows(cfg, b, prompt, 4)
     kw = torch_inputs(ids, mask, px, dev, torch.bfloat16)
     with torch.no_grad():
@@ -431,7 +467,7 @@ def job_inference_torch(shape, args) -> dict:
     del first
     ones = torch.ones((b, 1), dtype=torch.long, device=dev)
 
-    def run(cache):  # one forward per token, the cache copy made outside the timing
+    def run(cache):
       m, tok = kw["attention_mask"], tok0
       with torch.no_grad():
         for _ in range(steps):
@@ -440,10 +476,11 @@ def job_inference_torch(shape, args) -> dict:
                    logits_to_keep=1).logits[:, -1].argmax(-1, keepdim=True)
       torch_sync()
 
-    seconds = median_time(run, shape["repeats"], prepare=lambda: copy.deepcopy(prefilled))
-    out["rows"][f"decode b{b}"] = dict(label=labels[f"decode b{b}"], kind="rate", torch_s=seconds / steps, tokens=b,
-                                       work=decode_work(cfg, shape, b))
-    del prefilled
+    return median_time(run, shape["repeats"], prepare=lambda: copy.deepcopy(prefilled))
+
+  for b in shape["batches"]:
+    out["rows"][f"decode b{b}"] = dict(label=labels[f"decode b{b}"], kind="rate", torch_s=time_decode(b) / steps,
+                                       tokens=b, work=decode_work(cfg, shape, b))
   return out
 
 

@@ -18,7 +18,8 @@ import gpu_check  # noqa: E402  (benchmarks/gpu_check.py; imports neither jax no
 def test_smoke_runs_every_section_with_parity_in_tolerance(tmp_path):
   env = dict(os.environ)
   # Compiling dominates at these shapes: XLA:CPU's backend at -O0 halves the run (the same programs, unoptimised).
-  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0", PYTHONPATH=os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p))
+  env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
+             PYTHONPATH=os.pathsep.join(p for p in (ROOT, env.get("PYTHONPATH", "")) if p))
   proc = subprocess.run([sys.executable, os.path.join(BENCH, "gpu_check.py"), "--smoke", "--peak-tflops", "1",
                          "--peak-tbps", "0.01", "--out", str(tmp_path / "check")], capture_output=True, text=True,
                         timeout=600, cwd=ROOT, env=env, check=False)
@@ -70,3 +71,17 @@ def test_a_failing_section_is_reported_and_the_others_still_run(monkeypatch):
   ours, torch_, speed, ours_pct, torch_pct = gpu_check.cells(table["stage2"], 1e15, 1e12)[1:6]
   assert ours == "failed: RuntimeError: out of memory" and torch_ == "2000.0 ms" and torch_pct == "50.0% MFU"
   assert speed == ours_pct == ""
+
+
+def test_a_cudnn_failure_falls_back_to_xla_with_a_note():
+  import gpu_check_jobs
+
+  def attempt(impl):
+    if impl == "cudnn":
+      raise RuntimeError("cuDNN is not detected.")
+    return impl
+
+  assert gpu_check_jobs.with_xla_fallback(attempt, "xla", "row") == ("xla", [])
+  result, notes = gpu_check_jobs.with_xla_fallback(attempt, "cudnn", "stage2")
+  assert result == "xla"
+  assert notes == ["stage2: cudnn attention failed (RuntimeError: cuDNN is not detected.); measured with xla instead"]

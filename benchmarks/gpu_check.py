@@ -39,20 +39,25 @@ persistent cache (JAX_COMPILATION_CACHE_DIR, under /tmp), which a rerun on the s
 a check failed or a section raised (its cells say so); "skipped: budget" is not a failure.
 
 Peaks (dense, no sparsity) by device name, from NVIDIA's H100 and H200 datasheets: H100 SXM 989 TFLOP/s bf16,
-3.35 TB/s; H100 NVL 835, 3.9; H100 PCIe 756, 2.0; H200 989, 4.8 (`--peak-tflops`, `--peak-tbps` override).
+3.35 TB/s; H100 NVL 835, 3.9; H100 PCIe 756, 2.0; H200 989, 4.8; H200 NVL 835, 4.8 (half the datasheets' "with
+sparsity" figures; `--peak-tflops`, `--peak-tbps` override).
 
-What the GPU machine needs: jax with CUDA, flax, optax, torch, transformers (and their own dependencies: numpy,
-safetensors, tqdm, PyYAML, absl-py, ml_dtypes) from its image, this checkout, and one wheel carried beside the
-script: ml_collections (pure Python; `llava_jax.train.step` imports `llava_jax.train.recipes`, which imports it).
-`pip download ml_collections==1.1.0 --no-deps -d benchmarks/wheels` on a machine with internet; every *.whl in
-`--wheels` (default benchmarks/wheels) goes on sys.path as is (zipimport), nothing is installed. grain, orbax and
-tensorboardX are not imported on these paths.
+What the GPU machine needs (`NEEDED`; checked before anything runs, exit status 2 naming what is missing): jax with
+CUDA, flax, optax, torch, transformers, safetensors, numpy from its image, this checkout, and what the image lacks
+of: ml_collections with its absl-py and PyYAML (`llava_jax.train.step` imports `train/recipes.py`, which imports
+it) and pillow (`data/anyres.py`, which the model's image layout imports). Carry their wheels beside the script,
+e.g. `pip download ml_collections==1.1.0 --no-deps -d benchmarks/wheels` on a machine with internet (compiled ones
+for the GPU machine's Python and platform: `--python-version 3.X --platform manylinux2014_x86_64 --only-binary=:all:`);
+every *.whl in `--wheels` (default benchmarks/wheels) is unpacked once beside it and put on sys.path, nothing is
+installed. grain, orbax and tensorboardX are not imported on these paths (`llava_jax.data` loads its grain pipeline
+on first use).
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import importlib.util
 import json
 import os
 import subprocess
@@ -60,6 +65,7 @@ import sys
 import tempfile
 import time
 import traceback
+import zipfile
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -67,8 +73,8 @@ sys.path[:0] = [HERE, os.path.dirname(HERE)]  # gpu_check_jobs.py beside this fi
 from gpu_check_jobs import JOB_FNS  # noqa: E402
 
 # (name in the device name, dense bf16 FLOP/s, HBM bytes/s); the first match wins.
-PEAKS = (("h200", 989e12, 4.8e12), ("h100 nvl", 835e12, 3.9e12), ("h100 pcie", 756e12, 2.0e12),
-         ("h100", 989e12, 3.35e12))
+PEAKS = (("h200 nvl", 835e12, 4.8e12), ("h200", 989e12, 4.8e12), ("h100 nvl", 835e12, 3.9e12),
+         ("h100 pcie", 756e12, 2.0e12), ("h100", 989e12, 3.35e12))
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                   image_size=336, patch_size=14)  # = llava_jax.train.recipes.CLIP_L_336
 VICUNA_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -87,6 +93,32 @@ SHAPES = {
 # job: (sections it fills, the side whose process runs it, seconds it needs at least on an H100 (a guess))
 JOBS = (("parity", "both", 60), ("attention", "both", 45), ("stage2", "jax", 120), ("stage2", "torch", 60),
         ("inference", "jax", 120), ("inference", "torch", 90))
+
+
+# What the jobs import beyond the standard library: module -> the distribution to carry if it is missing.
+NEEDED = {"jax": "jax + jaxlib (CUDA)", "flax": "flax", "optax": "optax", "torch": "torch",
+          "transformers": "transformers", "safetensors": "safetensors", "numpy": "numpy",
+          "ml_collections": "ml_collections (train/recipes.py)", "absl": "absl-py (ml_collections)",
+          "yaml": "PyYAML (ml_collections)", "PIL": "pillow (data/anyres.py, imported by the model's image layout)"}
+
+
+def use_wheels(directory: str) -> list[str]:
+  """Every *.whl in `directory` unpacked once into directory/.unpacked/NAME and put first on sys.path (compiled
+  wheels too, for this Python and platform; nothing is installed). Returns the folders."""
+  folders = []
+  for wheel in sorted(glob.glob(os.path.join(directory, "*.whl"))):
+    folder = os.path.join(directory, ".unpacked", os.path.basename(wheel)[:-4])
+    if not os.path.isdir(folder):
+      with zipfile.ZipFile(wheel) as z:
+        z.extractall(folder + ".part")
+      os.replace(folder + ".part", folder)
+    folders.append(folder)
+  sys.path[:0] = folders
+  return folders
+
+
+def missing_modules() -> list[str]:
+  return [f"{module} ({dist})" for module, dist in NEEDED.items() if importlib.util.find_spec(module) is None]
 
 
 def row_keys(section: str, shape: dict) -> list[str]:
@@ -242,7 +274,12 @@ def main(argv=None):
   parser.add_argument("--job-out", default="", help=argparse.SUPPRESS)
   args = parser.parse_args(argv)
   args.argv = [a for a in (sys.argv[1:] if argv is None else argv)]
-  sys.path[:0] = sorted(glob.glob(os.path.join(args.wheels, "*.whl")))  # pure-Python wheels import from the zip
+  wheels = use_wheels(args.wheels)
+  missing = missing_modules()
+  if missing:
+    print(f"missing: {', '.join(missing)}. Put their wheels (for this Python and platform) in {args.wheels} or "
+          "pass --wheels DIR: see this script's docstring.", file=sys.stderr)
+    return 2
   shape = dict(SHAPES["smoke" if args.smoke else "full"])
   shape["train_layers"] = args.train_layers or shape["train_layers"]
   shape["repeats"] = args.repeats or shape["repeats"]
@@ -264,7 +301,8 @@ def main(argv=None):
   args.isolate = (not args.smoke) if args.isolate is None else args.isolate
   peak_flops, peak_bw = peaks_for(kind, args)
   print(f"device: {kind or 'CPU (smoke)'}; peaks: {peak_flops and peak_flops / 1e12} TFLOP/s bf16, "
-        f"{peak_bw and peak_bw / 1e12} TB/s; {versions()}; shapes: {'smoke' if args.smoke else 'full'}", flush=True)
+        f"{peak_bw and peak_bw / 1e12} TB/s; {versions()}; shapes: {'smoke' if args.smoke else 'full'}; carried "
+        f"wheels: {', '.join(os.path.basename(w) for w in wheels) or 'none'}", flush=True)
   t0 = time.perf_counter()
   table, notes, failures = run_jobs(args, shape)
   text = markdown(table, peak_flops, peak_bw)

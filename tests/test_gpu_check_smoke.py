@@ -85,3 +85,29 @@ def test_a_cudnn_failure_falls_back_to_xla_with_a_note():
   result, notes = gpu_check_jobs.with_xla_fallback(attempt, "cudnn", "stage2")
   assert result == "xla"
   assert notes == ["stage2: cudnn attention failed (RuntimeError: cuDNN is not detected.); measured with xla instead"]
+
+
+def test_the_checked_paths_need_no_grain_or_orbax():
+  """What the GPU machine lacks stays unimported: the model (its image layout imports llava_jax.data), the train
+  step and generation; `llava_jax.data`'s pipeline names still load on use."""
+  code = ("import sys, llava_jax, llava_jax.train.step, llava_jax.decoding, llava_jax.data.layout\n"
+          "print(sorted(m for m in ('grain', 'orbax', 'tensorboardX') if m in sys.modules))\n"
+          "from llava_jax.data import make_iterator\n"
+          "print(make_iterator.__module__)")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT,
+                       check=True, env=dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")).stdout.split()
+  assert out == ["[]", "llava_jax.data.pipeline"]
+  assert gpu_check.missing_modules() == []
+
+
+def test_carried_wheels_are_unpacked_onto_the_path(tmp_path, monkeypatch):
+  import zipfile
+  monkeypatch.setattr(sys, "path", list(sys.path))
+  with zipfile.ZipFile(tmp_path / "carried_pkg-1.0-py3-none-any.whl", "w") as z:
+    z.writestr("carried_pkg/__init__.py", "VALUE = 7\n")
+  folders = gpu_check.use_wheels(str(tmp_path))
+  assert folders == [str(tmp_path / ".unpacked" / "carried_pkg-1.0-py3-none-any")] and sys.path[0] == folders[0]
+  assert gpu_check.use_wheels(str(tmp_path)) == folders  # unpacked once
+  import carried_pkg  # pylint: disable=import-outside-toplevel
+  assert carried_pkg.VALUE == 7
+  sys.modules.pop("carried_pkg")

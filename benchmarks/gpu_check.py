@@ -209,6 +209,8 @@ def run_jobs(args, shape: dict, jobs=JOBS) -> tuple[dict, list, list]:
     notes.append(f"{section} / {side}: {time.perf_counter() - t0:.0f} s")
     for key, row in result["rows"].items():
       table.setdefault(key, {}).update(row)
+      print(f"  {key}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                     for k, v in row.items() if k not in ("label", "kind")), flush=True)
     if section == "attention" and args.attention == "auto":
       args.attention = "cudnn" if result.get("attention_ok") else "xla"
   return table, notes, failures

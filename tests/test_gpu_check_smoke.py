@@ -111,3 +111,9 @@ def test_carried_wheels_are_unpacked_onto_the_path(tmp_path, monkeypatch):
   import carried_pkg  # pylint: disable=import-outside-toplevel
   assert carried_pkg.VALUE == 7
   sys.modules.pop("carried_pkg")
+
+
+def test_a_missing_package_stops_the_check_before_anything_runs(monkeypatch, capsys, tmp_path):
+  monkeypatch.setitem(gpu_check.NEEDED, "not_installed_anywhere", "some-wheel")
+  assert gpu_check.main(["--smoke", "--wheels", str(tmp_path)]) == 2
+  assert "missing: not_installed_anywhere (some-wheel)" in capsys.readouterr().err

@@ -23,8 +23,8 @@ stalled decode shows), small enough for the whole run to take minutes there. The
 the engine lacks print "n/a". Every part first sends warm-up requests of the same shapes but other content
 (compiles; no prefix or image cache hit on the measured ones).
 
-  python benchmarks/serve_load.py                  # the full run (~10+ min on 2 loaded cores)
-  python benchmarks/serve_load.py --quick          # every part, smaller (< 2 min)
+  python benchmarks/serve_load.py                  # the full run (~6 min on 2 cores at load average 11)
+  python benchmarks/serve_load.py --quick          # every part, smaller (~2 min there)
   python benchmarks/serve_load.py --serve-arg=--prefill-chunk=128 --serve-arg=--page-size=16   # engine flags
 """
 

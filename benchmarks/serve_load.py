@@ -441,7 +441,7 @@ def part(name: str, show, fn, *args):
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  parser.add_argument("--quick", action="store_true", help="every part with fewer requests and tokens (< 2 min)")
+  parser.add_argument("--quick", action="store_true", help="every part with fewer requests and tokens (~2 min)")
   parser.add_argument("--clients", default="1,8,32", help="comma-separated concurrent client counts")
   parser.add_argument("--requests", type=int, default=64, help="requests per load level (1 client: a quarter)")
   parser.add_argument("--max-tokens", type=int, default=32, help="tokens per reply in the load levels and turns")

@@ -1,5 +1,6 @@
 """Decoding, one definition for every caller (`generate` / `stream`, the serving engine, the eval runner, the CLI):
-prefill into a KV cache that grows in buckets, the one-token decode step, sampling, stop strings and incremental detokenization.
+prefill into a KV cache that grows in buckets, the one-token decode step, sampling, stop strings and incremental
+detokenization.
 
 Sampling is greedy at temperature 0 (exactly argmax), else temperature -> top-k -> top-p (the order and semantics
 of transformers' logits warpers), with settings per row. Row r of a request with seed s draws its n-th new token
@@ -107,12 +108,12 @@ def cache_schedule(prompt_len: int, max_new: int) -> tuple[int, ...]:
   `grow_cache`) moves the cache to the next.
 
   Why these: a decode step attends over its whole cache, so it reads the current size, not the filled prefix. The
-  room past the prompt doubles, starting at FIRST_ROOM or 1/8 of the prompt if more: a step reads the prompt plus
-  less than twice the tokens so far (or the first room), so under twice the filled prefix, and a reply that stops
+  room past the prompt doubles from FIRST_ROOM (or 1/8 of the prompt, if more): a step reads the prompt plus less
+  than twice the tokens made so far (or the first room), under twice the filled prefix, and a reply that stops
   early (EOS; eval's one-letter answers under max_new_tokens 1024) never reads the room it did not use. Each size
-  costs one copy of the cache, amortised over at least as many steps as the previous room (a fixed step would copy
-  a long prompt's cache every few tokens), and one compiled step: log2(max_new / first room) + 1 sizes in all.
-  The first room's floor keeps a long prompt from adding sizes for a few percent of its reads.
+  costs one copy of the cache, amortised over as many steps as the room before it (a fixed step would copy a long
+  prompt's cache every few tokens), and one compiled step: about log2(max_new / first room) + 1 sizes. The floor
+  of 1/8 of the prompt spares a long prompt sizes that would save it a few percent of its reads.
   """
   room = FIRST_ROOM
   while room * 8 < prompt_len:

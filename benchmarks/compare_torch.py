@@ -585,7 +585,8 @@ def measure_group(rows: list[str], args, floors: dict, describe: bool):
                                  floors, args.repeats)
       table += rows_b
       notes.append(f"decode b{b}: {100 * agree:.0f}% of greedy tokens identical to transformers'")
-      print_partial(table)
+      for r in rows_b:
+        print_partial([r])
   return table, notes
 
 

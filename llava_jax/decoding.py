@@ -1,5 +1,6 @@
 """Decoding, one definition for every caller (`generate` / `stream`, the serving engine, the eval runner, the CLI):
-prefill into a static KV cache, the one-token decode step, sampling, stop strings and incremental detokenization.
+prefill into a KV cache that grows in buckets, the one-token decode step, sampling, stop strings and incremental
+detokenization.
 
 Sampling is greedy at temperature 0 (exactly argmax), else temperature -> top-k -> top-p (the order and semantics
 of transformers' logits warpers), with settings per row. Row r of a request with seed s draws its n-th new token
@@ -8,7 +9,8 @@ request and the token's index only: `generate`, `stream` and the engine (every r
 whatever else shares the batch.
 
 Shapes are static: prompts come left-padded to a bucket (positions come from the mask, so a row generates what it
-would alone) and the cache holds prompt + new tokens, so one compile serves every call of the same shapes.
+would alone) and the KV cache grows through a few fixed sizes (`cache_schedule`), so one compile serves every call
+of the same shapes and a decode step reads about the filled prefix, not the room for every new token.
 """
 
 from __future__ import annotations
@@ -110,6 +112,41 @@ def seed_array(seed: int):
 # -- the two model steps -----------------------------------------------------------------------------------------
 
 
+FIRST_ROOM = 32  # the smallest room for new tokens that a cache size has past the prompt (a prompt bucket's size)
+
+
+def cache_schedule(prompt_len: int, max_new: int) -> tuple[int, ...]:
+  """The KV cache sizes a reply of up to `max_new` tokens after a `prompt_len`-slot prompt decodes over, in order;
+  the last, prompt_len + max_new, holds every token. Prefill fills the first; when a size is full, one copy (a pad,
+  `grow_cache`) moves the cache to the next.
+
+  Why these: a decode step attends over its whole cache, so it reads the current size, not the filled prefix. The
+  room past the prompt doubles from FIRST_ROOM (or 1/8 of the prompt, if more): a step reads the prompt plus less
+  than twice the tokens made so far (or the first room), under twice the filled prefix, and a reply that stops
+  early (EOS; eval's one-letter answers under max_new_tokens 1024) never reads the room it did not use. Each size
+  costs one copy of the cache, amortised over as many steps as the room before it (a fixed step would copy a long
+  prompt's cache every few tokens), and one compiled step: about log2(max_new / first room) + 1 sizes. The floor
+  of 1/8 of the prompt spares a long prompt sizes that would save it a few percent of its reads.
+  """
+  room = FIRST_ROOM
+  while room * 8 < prompt_len:
+    room *= 2
+  sizes = []
+  while room < max_new:
+    sizes.append(prompt_len + room)
+    room *= 2
+  return (*sizes, prompt_len + max_new)
+
+
+@functools.partial(jax.jit, static_argnames=("size",))
+def grow_cache(caches, key_valid, *, size: int):
+  """The caches [B, S, K, D] and key_valid [B, S] padded to `size` slots (empty, not valid): a schedule's next
+  size, one copy."""
+  pad = size - key_valid.shape[1]
+  caches = [tuple(jnp.pad(c, ((0, 0), (0, pad), (0, 0), (0, 0))) for c in kv) for kv in caches]
+  return caches, jnp.pad(key_valid, ((0, 0), (0, pad)))
+
+
 def init_cache(model: Llava, batch: int, length: int):
   t = model.config.text
   shape = (batch, length, t.num_key_value_heads, t.head_dim)
@@ -162,18 +199,17 @@ def image_inputs(model: Llava, input_ids, pixel_values=None, image_mask=None, im
 def decode_loop(graphdef, state, input_ids, attention_mask, images, seed, *, max_new_tokens: int,
                 sampling: Sampling, eos_ids: tuple, pad_id: int):
   """New tokens [B, max_new_tokens] for prompts already left-padded to their final shape (they stay where the
-  caller put them, e.g. row-sharded over a mesh), in one `while_loop`; rows past EOS continue with `pad_id`."""
+  caller put them, e.g. row-sharded over a mesh); rows past EOS continue with `pad_id`. One `while_loop` per size
+  of `cache_schedule`, each step attending over that size; the loop stops, and the cache stops growing, once
+  every row is done."""
   model = nnx.merge(graphdef, state)
   b, t = input_ids.shape
+  sizes = cache_schedule(t, max_new_tokens)
   seeds = jnp.full((b,), seed, jnp.uint32)
-  logits, caches, key_valid, position = prefill(model, input_ids, attention_mask, images, t + max_new_tokens)
+  logits, caches, key_valid, position = prefill(model, input_ids, attention_mask, images, sizes[0])
   token = choose(logits, sampling, seeds, 0)
   eos = jnp.asarray(eos_ids or (-1,), jnp.int32)
   tokens = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(token)
-
-  def cond(carry):
-    i, done = carry[0], carry[-1]
-    return (i < max_new_tokens) & ~jnp.all(done)
 
   def body(carry):
     i, tokens, token, caches, key_valid, position, done = carry
@@ -181,8 +217,22 @@ def decode_loop(graphdef, state, input_ids, attention_mask, images, seed, *, max
     new = jnp.where(done, pad_id, choose(logits, sampling, seeds, i))
     return i + 1, tokens.at[:, i].set(new), new, caches, key_valid, position + 1, done | jnp.isin(new, eos)
 
-  carry = (jnp.int32(1), tokens, token, caches, key_valid, position, jnp.isin(token, eos))
-  return jax.lax.while_loop(cond, body, carry)[1]
+  def run(segment, carry):
+    """Tokens while cache size `segment` has room (token i writes slot t + i - 1), then the next size, if any row
+    still runs; returns the tokens."""
+    end = min(sizes[segment] - t + 1, max_new_tokens)
+    carry = jax.lax.while_loop(lambda c: (c[0] < end) & ~jnp.all(c[-1]), body, carry)
+    if segment + 1 == len(sizes):
+      return carry[1]
+
+    def grow(carry):
+      i, tokens, token, caches, key_valid, position, done = carry
+      caches, key_valid = grow_cache(caches, key_valid, size=sizes[segment + 1])
+      return run(segment + 1, (i, tokens, token, caches, key_valid, position, done))
+
+    return jax.lax.cond(jnp.all(carry[-1]), lambda c: c[1], grow, carry)
+
+  return run(0, (jnp.int32(1), tokens, token, caches, key_valid, position, jnp.isin(token, eos)))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "sampling"))

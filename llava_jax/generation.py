@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.decoding import Sampling, decode_loop, image_inputs, prefill_sample, seed_array, step_sample
+from llava_jax.decoding import (Sampling, cache_schedule, decode_loop, grow_cache, image_inputs, prefill_sample,
+                                seed_array, step_sample)
 from llava_jax.models.llava import Llava
 from llava_jax.padding import left_pad
 
@@ -57,14 +58,16 @@ def stream(model: Llava, input_ids, pixel_values=None, attention_mask=None, *, m
            seed: int = 0, prompt_bucket: int = 32, image_mask=None, image_sizes=None,
            pixel_values_videos=None) -> Iterator[np.ndarray]:
   """Yields the next token of every row as it is produced ([B] int32); stops when all rows have hit EOS or after
-  `max_new_tokens`. The caller may stop early (e.g. on a stop string). One compile per shape, as `generate`."""
+  `max_new_tokens`. The caller may stop early (e.g. on a stop string). The cache grows as `generate`'s does
+  (`cache_schedule`): one compiled step per cache size, each reused by every call of the same shapes."""
   sampling = Sampling(temperature, top_p, top_k)
   input_ids, attention_mask = _prompts(input_ids, attention_mask, prompt_bucket, _pad_id(model, pad_token_id))
   images = image_inputs(model, input_ids, pixel_values, image_mask, image_sizes, pixel_values_videos)
   graphdef, state = nnx.split(model)
   t, seed = input_ids.shape[1], seed_array(seed)
+  sizes = cache_schedule(t, max_new_tokens)
   token, caches, key_valid, position = prefill_sample(graphdef, state, input_ids, attention_mask, images, seed,
-                                                      cache_len=t + max_new_tokens, sampling=sampling)
+                                                      cache_len=sizes[0], sampling=sampling)
   eos = list(_eos_ids(model, eos_token_id))
   done = np.zeros(input_ids.shape[0], bool)
   for i in range(max_new_tokens):
@@ -73,6 +76,8 @@ def stream(model: Llava, input_ids, pixel_values=None, attention_mask=None, *, m
     done |= np.isin(host, eos)
     if done.all() or i == max_new_tokens - 1:
       return
+    if t + i == key_valid.shape[1]:  # this step writes slot t + i: the cache is full, move it to the next size
+      caches, key_valid = grow_cache(caches, key_valid, size=sizes[sizes.index(t + i) + 1])
     token, caches, key_valid = step_sample(graphdef, state, token, caches, key_valid, position, jnp.int32(t + i),
                                            seed, jnp.int32(i + 1), sampling=sampling)
     position = position + 1

@@ -77,14 +77,15 @@ def test_stops_at_eos_and_pads_like_transformers(models):
   assert got[0, first] == eos and (got[0, first + 1:] == PAD).all()
 
 
-def test_stream_equals_generate_and_decode_compiles_once(models):
+def test_stream_equals_generate_and_decode_compiles_once_per_cache_size(models):
   _, ours = models
   ids, mask = left_padded(PROMPTS["batch_of_different_lengths"])
   px = jnp.asarray(hf_tiny.pixels(3, seed=4))
   before = decoding.step_sample._cache_size()
   streamed = np.stack(list(stream(ours, ids, px, mask, max_new_tokens=40, eos_token_id=())), axis=1)
   assert streamed.shape == (3, 40)
-  assert decoding.step_sample._cache_size() - before == 1  # 39 decode steps, one compile
+  assert decoding.cache_schedule(32, 40) == (64, 72)  # the prompts' 32-token bucket: two cache sizes
+  assert decoding.step_sample._cache_size() - before == 2  # 39 decode steps, one compile per cache size
   np.testing.assert_array_equal(streamed, generate(ours, ids, px, mask, max_new_tokens=40, eos_token_id=()))
   # Another prompt of the same padded shape reuses both compiled programs.
   compiled = decoding.decode_loop._cache_size()
@@ -92,7 +93,7 @@ def test_stream_equals_generate_and_decode_compiles_once(models):
   other[:, -1] = 33
   list(stream(ours, other, px, mask, max_new_tokens=40, eos_token_id=()))
   generate(ours, other, px, mask, max_new_tokens=40, eos_token_id=())
-  assert decoding.step_sample._cache_size() - before == 1 and decoding.decode_loop._cache_size() == compiled
+  assert decoding.step_sample._cache_size() - before == 2 and decoding.decode_loop._cache_size() == compiled
 
 
 def test_sampling_is_reproducible(models):

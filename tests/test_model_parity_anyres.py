@@ -20,6 +20,9 @@ from llava_jax import generate, load_hf_checkpoint
 from llava_jax.checkpoint import model_from_params, params_of
 from llava_jax.data.layout import AnyresGeometry
 from llava_jax.data.image import ImageProcessorConfig
+from llava_jax.decoding import cache_schedule
+from llava_jax.generation import stream
+from llava_jax.padding import round_up
 
 TOL = 1e-4
 GEOMETRY = AnyresGeometry(PINPOINTS_56, tile=56, patches_per_side=4)
@@ -127,21 +130,25 @@ def test_the_sliding_window_changes_the_logits(models):
   assert np.abs(windowed[:, 8:] - full[:, 8:]).max() > 1e-2
 
 
+@pytest.mark.parametrize("new", [10, 80])
 @pytest.mark.parametrize("backbone", ["llama_gqa", "mistral_window_8"])
-def test_greedy_generation_equals_transformers(backbone, models):
-  """Greedy tokens of a left-padded batch of prompts with different image sizes equal transformers' generate."""
+def test_greedy_generation_equals_transformers(backbone, new, models):
+  """Greedy tokens of a left-padded batch of prompts with different image sizes equal transformers' generate;
+  80 new tokens cross three KV cache sizes (`cache_schedule`), through `generate` and `stream`."""
   hf, ours = models(backbone)
   ids, mask, pixels, sizes = make_batch([[1, 5, (500, 40), 7], [1, (57, 113), 21, 22, 23], [1, 9, (20, 30)]],
                                         seed=2)
-  new = 10
   with torch.no_grad():
     ref = hf.generate(input_ids=torch.as_tensor(ids), attention_mask=torch.as_tensor(mask),
                       pixel_values=torch.from_numpy(pixels.transpose(0, 1, 4, 2, 3).copy()),
                       image_sizes=torch.as_tensor(sizes), max_new_tokens=new, min_new_tokens=new, do_sample=False,
                       pad_token_id=0, eos_token_id=None)[:, ids.shape[1]:].numpy()
-  got = generate(ours, ids, jnp.asarray(with_slots(pixels, MAX_TILES)), mask, max_new_tokens=new, eos_token_id=(),
-                 pad_token_id=0, image_sizes=sizes, prompt_bucket=16)
+  kw = dict(max_new_tokens=new, eos_token_id=(), pad_token_id=0, image_sizes=sizes, prompt_bucket=16)
+  got = generate(ours, ids, jnp.asarray(with_slots(pixels, MAX_TILES)), mask, **kw)
   np.testing.assert_array_equal(got, ref)
+  if new > 10:
+    assert len(cache_schedule(round_up(ids.shape[1], 16), new)) == 3
+    np.testing.assert_array_equal(np.stack(list(stream(ours, ids, jnp.asarray(pixels), mask, **kw)), axis=1), ref)
 
 
 def test_image_sizes_are_checked(models):

@@ -14,7 +14,7 @@ processors). Its users register this class with lmms-eval themselves, in any of 
 
 With lmms-eval importable, `LlavaJax` subclasses its `lmms` base class; without it, a stand-in base with the same
 attributes (`task_dict`, `rank`, `world_size`, `create_from_arg_string`), so the request handling is testable here.
-`generate_until` answers through `llava-jax eval`'s runner (batched greedy decoding over the static KV cache, data-
+`generate_until` answers through `llava-jax eval`'s runner (batched greedy decoding over a bucketed KV cache, data-
 parallel over the local devices, LLaVA-NeXT's image sizes included); `loglikelihood` scores a continuation with one
 forward pass per request.
 """

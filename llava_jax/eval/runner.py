@@ -1,6 +1,6 @@
 """`llava-jax eval`: answer a task's questions with greedy decoding, then score the answers file as the reference does.
 
-Generation is batched greedy decoding over the static KV cache (`llava_jax.decoding.decode_loop`: prefill and decode
+Generation is batched greedy decoding over a bucketed KV cache (`llava_jax.decoding.decode_loop`: prefill and decode
 step in one compiled loop; fixed batch rows, prompts padded to length buckets, so a run compiles once per bucket),
 with the batch rows split over a 1-D "data" mesh of this process's devices and the parameters replicated. Questions
 are split across processes (`jax.process_index()` takes every `jax.process_count()`-th one); each process appends its

@@ -154,6 +154,8 @@ def main(argv=None):
   add_malloc_flag(parser)
   args = parser.parse_args(argv)
   malloc = apply_malloc(args.malloc)
+  from llava_jax.cpu_defaults import apply_cpu_flags
+  apply_cpu_flags(cpu_run=True)  # before JAX starts: our XLA:CPU flags, printed below
 
   import jax
   print(f"jax {jax.__version__}; load average {os.getloadavg()[0]:.2f}; XLA_FLAGS="

@@ -84,8 +84,8 @@ def child_jax(n: int, step: bool) -> dict:
   for dtype_name, names in (("fp32", tuple(MATMULS)), ("bf16", BF16)):
     for name in names:
       a, b, dims = _inputs(name, np.float32)
-      a, b = jnp.asarray(a, dtype_name.replace("fp", "float").replace("bf16", "bfloat16")), jnp.asarray(
-          b, dtype_name.replace("fp", "float").replace("bf16", "bfloat16"))
+      dtype = {"fp32": jnp.float32, "bf16": jnp.bfloat16}[dtype_name]
+      a, b = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
       fn = jax.jit(lambda x, y, dims=dims: jax.lax.dot_general(x, y, dims, preferred_element_type=jnp.float32))
       out[f"{name} {dtype_name}"] = _best(lambda: fn(a, b).block_until_ready(), n)
   if step:

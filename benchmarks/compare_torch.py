@@ -502,6 +502,8 @@ def main(argv=None):
   if unknown:
     parser.error(f"unknown rows {unknown}; choose from {ROWS}")
   malloc = MALLOC_LABELS[args.malloc]  # as asked: each row group's process applies it (measure_group)
+  from llava_jax.cpu_defaults import apply_cpu_flags
+  apply_cpu_flags(cpu_run=True)  # our XLA:CPU flags (the row groups' processes inherit them); printed below
 
   import jax
   import torch

@@ -117,12 +117,14 @@ def hlo_sources(hlo: str, depth: int = 3) -> dict:
   return out
 
 
+# A Dense product, its custom VJP's forward frame (layers.dense_dot) between the op and Dense.__call__ or not.
+DENSE = r"dot_general @ (layers.py:_?dense_dot\w*:\d+ < )?layers.py:Dense.__call__:\d+ < "
 BUCKETS = (  # (bucket, regex on the source string); the first match wins
     ("lm_head matmuls", r"logits_from_hidden"),
     ("loss over the vocabulary (log-softmax, pick, shift)", r"cross_entropy"),
-    ("decoder MLP matmuls", r"dot_general @ layers.py:Dense.__call__:\d+ < llama.py:LlamaMLP"),
+    ("decoder MLP matmuls", DENSE + r"llama.py:LlamaMLP"),
     ("decoder MLP elementwise (SiLU * up)", r"LlamaMLP"),
-    ("decoder q/k/v/o projections", r"dot_general @ layers.py:Dense.__call__:\d+ < llama.py:LlamaAttention"),
+    ("decoder q/k/v/o projections", DENSE + r"llama.py:LlamaAttention"),
     ("decoder attention core (scores, softmax, PV)", r"attention.py:.*< llama.py|attention core"),
     ("decoder rope", r"apply_rope|rope_cos_sin"),
     ("decoder RMSNorm + residual + other", r"llama.py|RMSNorm"),
@@ -154,6 +156,8 @@ def main(argv=None):
   add_malloc_flag(parser)
   args = parser.parse_args(argv)
   malloc = apply_malloc(args.malloc)
+  from llava_jax.cpu_defaults import apply_cpu_flags
+  apply_cpu_flags(cpu_run=True)  # before JAX starts: our XLA:CPU flags, printed below
 
   import jax
   print(f"jax {jax.__version__}; load average {os.getloadavg()[0]:.2f}; XLA_FLAGS="

@@ -348,6 +348,9 @@ def main(argv=None):
 
     return train_main(argv[1:], own_process=own_process)
   args = build_parser().parse_args(argv)
+  if own_process:
+    from llava_jax.cpu_defaults import apply_cpu_flags
+    apply_cpu_flags()  # before JAX starts (CPU-only runs only): the XLA:CPU flags of docs/PERFORMANCE.md
   try:
     args.func(args)
   except (ValueError, KeyError, FileNotFoundError, FileExistsError) as e:

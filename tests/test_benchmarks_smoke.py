@@ -23,7 +23,7 @@ def _run(*args, timeout=120):
 
 
 @pytest.mark.parametrize("script", ["compare_torch.py", "aot_scale.py", "data_pipeline.py", "attention_speed.py",
-                                    "serve_load.py"])
+                                    "serve_load.py", "cpu_flags.py"])
 def test_help(script):
   assert "usage" in _run(os.path.join(BENCH, script), "--help")
 

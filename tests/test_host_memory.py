@@ -1,5 +1,6 @@
 """`llava_jax.host_memory.keep_freed_memory`: a freed block comes back without page faults, on any thread."""
 
+import os
 import subprocess
 import sys
 
@@ -56,6 +57,7 @@ def test_only_a_process_entry_sets_the_allocator(monkeypatch):
 
   calls = []
   monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))  # the entry adds cpu_defaults' flags: undone after
   monkeypatch.setattr(host_memory, "keep_freed_memory", lambda: calls.append(True) or True)
   monkeypatch.setattr(loop, "train", lambda config, workdir: {"exit_code": 0})
   args = ["--config", train_util.TINY + ":stage1", "--workdir", "unused"]

@@ -146,7 +146,8 @@ LAYERS = [
     ("llava_jax/models/", ["llava_jax.models"]),
     ("llava_jax/data/", ["llava_jax.data"]),
     ("llava_jax/sharding.py", ["llava_jax.sharding", "llava_jax.safetensors_io", "llava_jax.tree", "llava_jax.config",
-                               "llava_jax.hf_config", "llava_jax.hub", "llava_jax.host_memory", "llava_jax.padding"]),
+                               "llava_jax.hf_config", "llava_jax.hub", "llava_jax.host_memory", "llava_jax.padding",
+                               "llava_jax.cpu_defaults"]),
 ]
 
 

@@ -287,3 +287,53 @@ def test_packed_row_equals_its_samples_alone(tmp_path):
   np.testing.assert_allclose(got[0, len(a):len(a) + len(b)], alone(b, None), atol=1e-5)
   np.testing.assert_allclose(got[1, :len(c)], alone(c, px[1:2]), atol=1e-5)
   assert np.isfinite(got).all()  # padding rows and positions give no NaN
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_gradients_match_transformers_backward(kv_heads, tmp_path, monkeypatch):
+  """The backward pass against torch's autograd: d(sum of logits x fixed weights) / d(every decoder, projector and
+  lm_head weight), with `xla` attention in query pieces of 7 (their head-major layout) and `Dense`'s own VJP
+  (its CPU weight-gradient product, models/layers.py)."""
+  import jax
+  from flax import nnx
+
+  from llava_jax.models import attention
+
+  monkeypatch.setattr(attention, "XLA_QUERY_BLOCK", 7)
+  hf = hf_tiny.llava_model(text=hf_tiny.text_config(num_key_value_heads=kv_heads))
+  ours = convert(hf, tmp_path)
+  n = image_tokens(hf)
+  ids, mask = batch([[1, 5, 7] + [IMAGE_TOKEN] * n + [11, 12, 13, 14], [1] + [IMAGE_TOKEN] * n + [21, 22]], "left")
+  px = hf_tiny.pixels(2, seed=5)
+  weights = np.random.default_rng(0).standard_normal(ids.shape + (hf.config.text_config.vocab_size,))
+  weights = (weights * mask[..., None]).astype(np.float32)
+
+  hf.zero_grad()
+  logits = hf(input_ids=torch.from_numpy(ids), pixel_values=hf_tiny.to_torch_pixels(px),
+              attention_mask=torch.from_numpy(mask)).logits
+  (logits * torch.from_numpy(weights)).sum().backward()
+  ref = {name: p.grad.numpy() for name, p in hf.named_parameters() if p.grad is not None}
+
+  graph, params, rest = nnx.split(ours, nnx.Param, ...)
+
+  def loss(params):
+    model = nnx.merge(graph, params, rest)
+    return jnp.sum(model(jnp.asarray(ids), jnp.asarray(px), jnp.asarray(mask)) * weights)
+
+  grads = nnx.to_pure_dict(jax.jit(jax.grad(loss))(params))
+  checked = 0
+  for layer in range(hf.config.text_config.num_hidden_layers):
+    for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                        ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+      for name in names:
+        got = np.asarray(grads["language_model"]["layers"][layer][part][name]["kernel"]).T
+        want = ref[f"model.language_model.layers.{layer}.{part}.{name}.weight"]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=name)
+        checked += 1
+  projector, vision_fc1 = grads["multi_modal_projector"], grads["vision_tower"]["encoder"]["layers"][0]["mlp"]["fc1"]
+  for got, want in ((grads["lm_head"]["kernel"], "lm_head.weight"),
+                    (projector["linear_1"]["kernel"], "model.multi_modal_projector.linear_1.weight"),
+                    (vision_fc1["kernel"], "model.vision_tower.encoder.layers.0.mlp.fc1.weight")):
+    want = ref[want]
+    np.testing.assert_allclose(np.asarray(got).T, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  assert checked == 7 * hf.config.text_config.num_hidden_layers

@@ -107,35 +107,54 @@ def dot_product_attention(q, k, v, mask=None, *, scale: float, impl: str = "xla"
 
 
 def xla_attention(q, k, v, mask=None, *, scale: float):
-  """The reference: all scores at once, softmax in fp32.
-
-  The softmax is normalised after the product with V (a [T, D] divide instead of a [T, S] one): the same function,
-  and 4% off the mid model's CPU train step, where XLA runs the [T, S] elementwise passes on one thread."""
+  """The reference: all scores at once, softmax in fp32."""
   b, t, h, d = q.shape
   kv_heads = k.shape[2]
   q = q.reshape(b, t, kv_heads, h // kv_heads, d)
   logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
+  return _softmax_times_v(logits, v, mask, "bkgts,bskd->btkgd").astype(v.dtype).reshape(b, t, h, d)
+
+
+def _softmax_times_v(logits, v, mask, product: str):
+  """softmax(logits) @ v for scores [B, K, G, T, S] in fp32 and a mask broadcastable to [B, 1, T, S].
+
+  The softmax is normalised after the product with V (a [T, D] divide instead of a [T, S] one): the same function,
+  and 4% off the mid model's CPU train step, where XLA runs the [T, S] elementwise passes on one thread."""
   if mask is not None:
-    mask = jnp.broadcast_to(mask, (b, 1, t, k.shape[1]))[:, :, None]  # [B, 1, 1, T, S]
+    mask = jnp.broadcast_to(mask, (logits.shape[0], 1) + logits.shape[-2:])[:, :, None]  # [B, 1, 1, T, S]
     logits = jnp.where(mask, logits, _NEG)
   weights = jnp.exp(logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True)))
-  total = jnp.moveaxis(jnp.sum(weights, axis=-1), -1, 1)[..., None]  # [B, T, K, G, 1]
-  out = jnp.einsum("bkgts,bskd->btkgd", weights.astype(v.dtype), v, preferred_element_type=jnp.float32) / total
-  return out.astype(v.dtype).reshape(b, t, h, d)
+  total = jnp.sum(weights, axis=-1)[..., None]  # [B, K, G, T, 1]
+  if product.endswith("btkgd"):
+    total = jnp.moveaxis(total, 3, 1)  # [B, T, K, G, 1]
+  return jnp.einsum(product, weights.astype(v.dtype), v, preferred_element_type=jnp.float32) / total
 
 
 def causal_xla_attention(q, k, v, mask, *, scale: float, block: int | None = None):
   """`xla_attention` under a causal self-attention mask (T == S, query i at key slot i): queries `block` at a time,
   each piece against only the keys up to its last query. The keys left out are masked for every query of the
   piece, so the function is the same (a padding query with no visible key gets other garbage), with about half
-  the [T, T] work and memory: fwd + bwd 2.1x faster at 1024 tokens, 2.8x at 2048 on CPU (docs/PERFORMANCE.md)."""
-  t, block = q.shape[1], block or XLA_QUERY_BLOCK
+  the [T, T] work and memory: fwd + bwd 2.1x faster at 1024 tokens, 2.8x at 2048 on CPU (docs/PERFORMANCE.md).
+
+  q, k and v go to head-major layout ([B, K, G, T, D], [B, K, S, D]) once, before the pieces: every piece's two
+  products then read their operands in place, where per-piece einsums over [B, T, H, D] slices made XLA copy each
+  piece's queries and each piece's key prefix (2.5x the keys at 1024 tokens) into that layout, and their
+  gradients back, in the forward and again in the backward (docs/PERFORMANCE.md, "The backward's layout copies")."""
+  b, t, h, d = q.shape
+  block = block or XLA_QUERY_BLOCK
   if t <= block:
     return xla_attention(q, k, v, mask, scale=scale)
-  pieces = [xla_attention(q[:, start:start + block], k[:, :start + block], v[:, :start + block],
-                          mask[:, :, start:start + block, :start + block], scale=scale)
-            for start in range(0, t, block)]
-  return jnp.concatenate(pieces, axis=1)
+  kv_heads = k.shape[2]
+  qh = q.reshape(b, t, kv_heads, h // kv_heads, d).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, D]
+  kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                 # [B, K, S, D]
+  pieces = []
+  for start in range(0, t, block):
+    end = min(start + block, t)
+    logits = jnp.einsum("bkgtd,bksd->bkgts", qh[:, :, :, start:end], kh[:, :, :end],
+                        preferred_element_type=jnp.float32) * scale
+    pieces.append(_softmax_times_v(logits, vh[:, :, :end], mask[:, :, start:end, :end], "bkgts,bksd->bkgtd"))
+  out = jnp.concatenate(pieces, axis=3).astype(v.dtype)  # [B, K, G, T, D]
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h, d)
 
 
 # -- blockwise: plain JAX, online softmax over key blocks, custom VJP ---------------------------------------------

@@ -80,9 +80,11 @@ def main(argv: list[str] | None = None, *, own_process: bool | None = None) -> i
     config, workdir = parse(argv)
   except ValueError as e:
     return _error(e)
-  from llava_jax import host_memory
+  from llava_jax import cpu_defaults, host_memory
   if own_process and host_memory.cpu_only_run():  # before JAX starts: each step's temporaries stay mapped
     host_memory.keep_freed_memory()
+  if own_process:
+    cpu_defaults.apply_cpu_flags()  # before JAX starts; CPU-only runs only
   from llava_jax.train import loop
   from llava_jax.train.metrics import NONFINITE_EXIT_CODE, NonfiniteLossError
 

@@ -1,14 +1,16 @@
 """One engine owns the model and batches concurrent requests into one compiled decode step (continuous batching).
 
-The batch has a fixed number of rows (`max_batch`) and a static KV cache of `max_len` slots per row. A request is
-prefilled alone (one compile per prompt bucket, with or without images) straight into a free row of the batch
-cache; then one compiled step advances every row by one token. Rows sit at different lengths, so the step takes
-per-row cache slots, positions and sampling settings: `llava_jax.decoding.batch_step` maps the one decode step over
-the rows (`jax.vmap`), which turns the cache write at a scalar slot into a per-row scatter. Each request samples as
-row 0 of its own with its seed (`llava_jax.decoding`'s keys), so it gets what `generate(..., seed=...)` gives, and
-its text streams through `llava_jax.decoding.Detokenizer`. New requests join and finished ones leave at step
-boundaries; compiled shapes stay bounded (prompt buckets x image/no-image, OneVision also x its image count, and
-one step).
+The batch has a fixed number of rows (`max_batch`); their K/V live in a paged pool (`llava_jax.serve.paged`): each
+row holds a table of fixed-size pages, a page full of the same content (same tokens, same images, same beginning)
+is shared between rows and kept after its row finished, so a prompt that starts like an earlier one (the next turn
+of a chat) prefills only what is new. A request's prompt embeddings are computed once when it takes a row (each
+image's features from a cache or the tower), then prefilled in chunks of `prefill_chunk` tokens, one chunk per
+engine iteration between decode steps, so the rows already decoding keep producing tokens while a long prompt
+comes in. One compiled step advances every decoding row by one token, reading only the pages in use (a
+power-of-two page count). Each request samples as row 0 of its own with its seed (`llava_jax.decoding`'s keys), so
+it gets what `generate(..., seed=...)` gives, and its text streams through `llava_jax.decoding.Detokenizer`. New
+requests join and finished ones leave at step boundaries; compiled shapes stay bounded (prompt buckets, chunk
+lengths, page-count buckets and pool sizes are powers of two or fixed).
 
 The engine runs in its own thread; callers `submit` a `Request` and receive `Delta` / `Finished` events through a
 callback (thread-safe queue for plain threads, `loop.call_soon_threadsafe` for asyncio).
@@ -29,8 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.decoding import Detokenizer, Sampling, batch_step, image_inputs, init_cache, prefill_into_row
-from llava_jax.padding import left_pad, round_up
+from llava_jax.decoding import Detokenizer, Sampling, image_inputs
+from llava_jax.padding import round_up
+from llava_jax.serve.paged import (ROOT_KEY, FeatureCache, PageAllocator, chain_key, content_ids, decode_step,
+                                   embed_prompt, grow_pools, image_features, image_hash, init_pools, page_keys,
+                                   pow2, prefill_chunk, slice_tokens)
 
 log = logging.getLogger("llava_jax.serve")
 
@@ -113,11 +118,15 @@ class QueueEvents:
 class _Row:
   handle: Handle
   prompt_tokens: int
-  token: int            # the last sampled token, not yet in the cache
-  position: int         # its position
-  index: int            # its cache slot
   text: Detokenizer     # the reply's ids and the text already emitted as deltas
-  limit: int = 0        # the reply's most tokens: max_tokens, lowered to what the model's context leaves
+  limit: int            # the reply's most tokens: max_tokens, lowered to what the model's context leaves
+  content: list         # what each written (or to be written) position holds: the prompt's content ids, then tokens
+  keys: list            # the chain keys of the row's full pages, in order
+  pages: list           # the page table: page i holds positions [i * page_size, (i + 1) * page_size)
+  reserved: int         # the most pages the row will hold (prompt + reply, within max_len)
+  filled: int = 0       # positions whose K/V are in the pages
+  embeds: object = None  # the prompt's input embeddings while it is being prefilled, else None
+  token: int = 0        # the last sampled token, not yet in the cache (at position `filled`)
 
   def settings(self) -> tuple:
     """`llava_jax.decoding`'s per-request sampling settings; the counter is the next token's index."""
@@ -128,37 +137,66 @@ class _Row:
 class Engine:
   """Owns the model; serves `Request`s from a bounded queue in one background thread.
 
-  max_batch: rows decoded together. max_len: KV cache slots per row (prompt, padded to `prompt_bucket`, plus the
-  reply). max_queue: requests waiting for a row before `submit` raises QueueFull. eos_id: ends a reply;
-  stop_strings: the template's stop text, added to every request's `stop`. byte_token_ids: SentencePiece's
-  byte-fallback tokens (<0x..>), whose decoding a following byte can still rewrite, so streaming holds them back.
-  context: the model's positions (`text.max_position_embeddings`); a reply stops there with "length", as
-  `llava-jax generate` lowers --max-new-tokens to what the prompt leaves of it."""
+  max_batch: rows decoded together. max_len: the most positions a row holds (prompt plus reply). max_queue:
+  requests waiting for a row before `submit` raises QueueFull. eos_id: ends a reply; stop_strings: the template's
+  stop text, added to every request's `stop`. byte_token_ids: SentencePiece's byte-fallback tokens (<0x..>), whose
+  decoding a following byte can still rewrite, so streaming holds them back. context: the model's positions
+  (`text.max_position_embeddings`); a reply stops there with "length", as `llava-jax generate` lowers
+  --max-new-tokens to what the prompt leaves of it. prompt_bucket: a prompt's embeddings are computed at a length
+  rounded up to it (one compile per bucket).
+
+  The KV memory (serve/paged.py): pages of `page_size` positions in a pool that starts at `initial_pages` and
+  doubles up to `max_kv_tokens` (default: max_batch x max_len, what a static cache would take); up to
+  `prefix_cache_tokens` (default: half of max_kv_tokens) of pages no row uses stay cached for prefix reuse;
+  `image_cache` images' features are kept; prompts are prefilled `prefill_chunk` tokens per engine iteration."""
 
   def __init__(self, model, *, max_batch: int = 8, max_len: int = 1024, prompt_bucket: int = 32,
                max_queue: int = 64, eos_id: int | None = None, pad_id: int = 0, decode: Callable | None = None,
                stop_strings: Sequence[str] = (), byte_token_ids: Sequence[int] = (), log_every: int = 100,
-               context: int | None = None):
+               context: int | None = None, page_size: int = 16, max_kv_tokens: int | None = None,
+               prefix_cache_tokens: int | None = None, image_cache: int = 64, prefill_chunk: int = 256,
+               initial_pages: int = 16):
     for name, value in (("max_batch", max_batch), ("max_len", max_len), ("prompt_bucket", prompt_bucket),
-                        ("max_queue", max_queue)):  # a zero would hang every request, divide by zero or unbound
-      if not isinstance(value, int) or value < 1:
+                        ("max_queue", max_queue), ("page_size", page_size), ("prefill_chunk", prefill_chunk),
+                        ("max_kv_tokens", 1 if max_kv_tokens is None else max_kv_tokens),
+                        ("initial_pages", initial_pages)):
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:  # a zero would hang, divide by zero
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("prefix_cache_tokens", 0 if prefix_cache_tokens is None else prefix_cache_tokens),
+                        ("image_cache", image_cache)):
+      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     if max_len % prompt_bucket or max_len <= prompt_bucket:
       raise ValueError(f"max_len {max_len} must be a multiple of prompt_bucket {prompt_bucket} and larger than it")
+    max_kv_tokens = max_kv_tokens or max_batch * max_len
+    row_pages = -(-max_len // page_size)
+    max_pages = pow2(-(-max_kv_tokens // page_size))  # one of them the padding's
+    if max_pages - 1 < row_pages:
+      raise ValueError(f"max_kv_tokens {max_kv_tokens} cannot hold one row of max_len {max_len} (in pages of "
+                       f"{page_size}, a power-of-two count of them, one for padding)")
+    cache_tokens = max_kv_tokens // 2 if prefix_cache_tokens is None else prefix_cache_tokens
     self.model, self.max_batch, self.max_len, self.prompt_bucket = model, max_batch, max_len, prompt_bucket
-    self.context = context
+    self.page_size, self.prefill_chunk, self.context = page_size, prefill_chunk, context
     self.eos_id, self.pad_id, self.decode_ids = eos_id, pad_id, decode or (lambda ids: "")
     self.stop_strings, self.log_every = tuple(s for s in stop_strings if s), log_every
     self.byte_token_ids = frozenset(int(i) for i in byte_token_ids)
     self.graphdef, self.state = nnx.split(model)
-    self.caches = init_cache(model, max_batch, max_len)
-    self.key_valid = jnp.zeros((max_batch, max_len), bool)
+    capacity = min(max_pages, pow2(max(initial_pages, 2)))
+    self.pools = init_pools(model, capacity, page_size)
+    self.pages = PageAllocator(capacity, max_pages, cache_tokens // page_size, grow=self._grow)
+    self.features = FeatureCache(image_cache)
+    t = model.config.text
+    self.token_bytes = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * jnp.dtype(
+        model.config.dtype).itemsize
     self.rows: list[_Row | None] = [None] * max_batch
+    self.prefilling: collections.deque[int] = collections.deque()  # rows whose prompt is not all in the pages
+    self.next_handle: Handle | None = None  # the queue's head, waiting for pages
     self.waiting: queue.Queue = queue.Queue(maxsize=max_queue)
     self.wake = threading.Event()
     self.ids = itertools.count()
     self.stats = {"steps": 0, "rows_per_step": collections.Counter(), "prefills": 0, "completed": 0,
-                  "cancelled": 0, "failed": 0, "generated_tokens": 0, "rejected": 0}
+                  "cancelled": 0, "failed": 0, "generated_tokens": 0, "rejected": 0, "prefix_hit_tokens": 0,
+                  "prefill_tokens": 0, "prefill_chunks": 0}
     self.lock = threading.Lock()
     self.stopping = False
     self.running = threading.Event()
@@ -207,11 +245,22 @@ class Engine:
       steps = self.stats["steps"]
       hist = dict(sorted(self.stats["rows_per_step"].items()))
       rows = sum(k * v for k, v in hist.items())
+      held: dict[int, int] = {}  # page -> positions filled in it, by any row that holds it
+      for r in self.rows:
+        if r is not None:
+          for i, page in enumerate(r.pages):
+            held[page] = max(held.get(page, 0), min(self.page_size, r.filled - i * self.page_size))
+      page_bytes = self.page_size * self.token_bytes
       return {**{k: v for k, v in self.stats.items() if k != "rows_per_step"},
               "rows_per_step": {str(k): v for k, v in hist.items()},
               "mean_rows_per_step": rows / steps if steps else 0.0, "max_batch": self.max_batch,
               "max_len": self.max_len, "active_rows": sum(r is not None for r in self.rows),
-              "queued": self.waiting.qsize()}
+              "queued": self.waiting.qsize() + (self.next_handle is not None),
+              "kv_pages_in_use": self.pages.in_use, "kv_bytes_in_use": self.pages.in_use * page_bytes,
+              "kv_bytes_allocated": self.pages.capacity * page_bytes,
+              "kv_token_bytes": sum(held.values()) * self.token_bytes, "kv_pages_cached": len(self.pages.idle),
+              "kv_page_evictions": self.pages.evictions, "image_cache_hits": self.features.hits,
+              "page_size": self.page_size}
 
   def pause(self):
     """Stops taking requests from the queue (after the step in progress) until `resume`; for maintenance and to
@@ -236,9 +285,11 @@ class Engine:
         continue
       try:
         self._admit()
-        if any(r is not None for r in self.rows):
+        if self.prefilling:
+          self._prefill_chunk()
+        if any(r is not None and r.embeds is None for r in self.rows):
           self._step()
-        else:
+        elif not self.prefilling:
           self.wake.wait(timeout=0.5)
           self.wake.clear()
       except Exception as e:  # pylint: disable=broad-except
@@ -249,54 +300,158 @@ class Engine:
             self._finish(i, None, failure=f"internal error: {e}")
 
   def _admit(self):
-    """Prefills waiting requests into free rows (a step boundary)."""
+    """Starts waiting requests in free rows while their pages can be reserved (a step boundary)."""
     for i in range(self.max_batch):
       if self.rows[i] is not None:
         continue
-      try:
-        handle = self.waiting.get_nowait()
-      except queue.Empty:
-        return
+      handle = self.next_handle
+      if handle is None:
+        try:
+          handle = self.waiting.get_nowait()
+        except queue.Empty:
+          return
+      self.next_handle = None
       if handle.cancelled.is_set():
         self._count("cancelled")
         handle.emit(Finished("", "cancelled", len(handle.request.input_ids), 0))
         continue
       try:
-        self._prefill(i, handle)
+        if not self._start(i, handle):
+          self.next_handle = handle  # first in line once pages are released
+          return
       except Exception as e:  # pylint: disable=broad-except
         log.exception("prefill failed")
         self._count("failed")
         handle.emit(Failed(f"could not process the prompt: {e}"))
 
-  def _prefill(self, i: int, handle: Handle):
-    req = handle.request
-    input_ids, mask = left_pad([np.asarray(req.input_ids, np.int32)], self.pad_id, self.prompt_bucket)
+  def _start(self, i: int, handle: Handle) -> bool:
+    """Row i takes the request: its cached prefix pages, its pages reserved, its embeddings. False (nothing
+    changed) when the pool cannot reserve its pages while the rows in flight hold theirs."""
+    req, ps = handle.request, self.page_size
+    ids = np.asarray(req.input_ids, np.int32)
+    n = len(ids)
     pixels = None if req.pixel_values is None else np.asarray(req.pixel_values, np.float32)
     videos = None if req.pixel_values_videos is None else np.asarray(req.pixel_values_videos, np.float32)
-    # OneVision: the feature rows and their tap weights, from the (padded) ids and the image sizes
-    images = image_inputs(self.model, input_ids, pixels, None, req.image_sizes, videos)
-    row = _Row(handle, len(req.input_ids), 0, 0, input_ids.shape[1],
-               Detokenizer(self.decode_ids, self.stop_strings + tuple(req.stop), self.byte_token_ids),
-               self.reply_limit(req))
-    token, self.caches, self.key_valid, position = prefill_into_row(
-        self.graphdef, self.state, self.caches, self.key_valid, jnp.int32(i), jnp.asarray(input_ids),
-        jnp.asarray(mask), images, _settings([row.settings()]))
-    self._count("prefills")
-    row.token, row.position = int(token), int(position)
+    sizes = None if req.image_sizes is None else np.asarray(req.image_sizes)
+    image_keys = [] if pixels is None else [image_hash(p, None if sizes is None else sizes[k])
+                                            for k, p in enumerate(pixels)]
+    cfg = self.model.config
+    content = content_ids(ids, [(cfg.image_token_index, image_keys),
+                                (cfg.video_token_index, [] if videos is None else [image_hash(v) for v in videos])])
+    keys = page_keys(content, ps)[:(n - 1) // ps]  # at least one prompt token is prefilled: it gives the logits
+    limit = self.reply_limit(req)
+    reserved = -(-min(n + limit, self.max_len) // ps)
+    hits = self.pages.lookup(keys)
+    outstanding = sum(r.reserved - len(r.pages) for r in self.rows if r is not None)
+    if outstanding + reserved - len(hits) > self.pages.available():
+      for page in hits:
+        self.pages.release(page)
+      return False
+    row = _Row(handle, n, Detokenizer(self.decode_ids, self.stop_strings + tuple(req.stop), self.byte_token_ids),
+               limit, content, keys[:len(hits)], hits, reserved, filled=len(hits) * ps)
+    try:
+      row.embeds = self._embed(ids, pixels, sizes, videos, image_keys)
+    except Exception:
+      for page in hits:
+        self.pages.release(page)
+      raise
+    with self.lock:
+      self.stats["prefix_hit_tokens"] += row.filled
+      self.stats["prefills"] += 1
     self.rows[i] = row
-    self._advance(i, row.token)
+    self.prefilling.append(i)
+    return True
+
+  def _embed(self, ids, pixels, sizes, videos, image_keys):
+    """The prompt's input embeddings [1, T', D] (T' >= T + prefill_chunk, so every chunk slices in range); each
+    image's features from the cache or the tower."""
+    padded = round_up(len(ids) + self.prefill_chunk, self.prompt_bucket)
+    input_ids = np.full((1, padded), self.pad_id, np.int32)
+    input_ids[0, :len(ids)] = ids
+    images = image_inputs(self.model, input_ids, pixels, None, sizes, videos)
+    features = None
+    if pixels is not None:
+      per_image = []
+      for key, p in zip(image_keys, pixels):
+        f = self.features.get(key)
+        if f is None:
+          f = image_features(self.graphdef, self.state, jnp.asarray(p.reshape(-1, *p.shape[-3:])))
+          self.features.put(key, f)
+        per_image.append(f)
+      features = jnp.concatenate(per_image)
+    return embed_prompt(self.graphdef, self.state, jnp.asarray(input_ids), images, features)
+
+  def _grow(self, pages: int):
+    self.pools = grow_pools(self.pools, pages=pages)
+    log.info("KV pool grown to %d pages of %d positions", pages, self.page_size)
+
+  def _slot(self, r: _Row, position: int) -> int:
+    """The flat pool slot of row r's `position`, taking a new page when it starts one."""
+    page = position // self.page_size
+    if page == len(r.pages):
+      r.pages.append(self.pages.allocate())
+    return r.pages[page] * self.page_size + position % self.page_size
+
+  def _register(self, r: _Row):
+    """Keys the row's pages that are now full, so a later prompt that begins the same reuses them."""
+    while len(r.keys) < r.filled // self.page_size:
+      k = len(r.keys)
+      key = chain_key(r.keys[-1] if r.keys else ROOT_KEY, r.content[k * self.page_size:(k + 1) * self.page_size])
+      r.keys.append(key)
+      self.pages.register(r.pages[k], key)
+
+  def _page_table(self, rows: list) -> np.ndarray:
+    """The rows' page tables, padded with page 0 to a power-of-two count (bounded compiles)."""
+    table = np.zeros((len(rows), pow2(max(len(r.pages) if r else 1 for r in rows))), np.int32)
+    for b, r in enumerate(rows):
+      if r is not None:
+        table[b, :len(r.pages)] = r.pages
+    return table
+
+  def _prefill_chunk(self):
+    """The next chunk of the first prefilling row's prompt; its first token once the prompt is all in."""
+    i = self.prefilling[0]
+    r = self.rows[i]
+    if r.handle.cancelled.is_set():
+      return self._finish(i, "cancelled")
+    left = r.prompt_tokens - r.filled
+    length = min(self.prefill_chunk, pow2(left))
+    real = min(left, length)
+    positions = np.full((1, length), r.filled + real - 1, np.int32)
+    positions[0, :real] = np.arange(r.filled, r.filled + real)
+    slots = np.zeros((1, length), np.int32)  # padding writes to page 0
+    slots[0, :real] = [self._slot(r, p) for p in range(r.filled, r.filled + real)]
+    embeds = slice_tokens(r.embeds, jnp.int32(r.filled), length=length)
+    token, self.pools = prefill_chunk(
+        self.graphdef, self.state, self.pools, embeds, jnp.asarray(positions), jnp.asarray(slots),
+        jnp.asarray(self._page_table([r])), jnp.asarray([r.filled + real], jnp.int32),
+        jnp.asarray([real - 1], jnp.int32), _settings([r.settings()]))
+    r.filled += real
+    self._register(r)
+    with self.lock:
+      self.stats["prefill_tokens"] += real
+      self.stats["prefill_chunks"] += 1
+    if r.filled < r.prompt_tokens:
+      return None
+    self.prefilling.popleft()
+    r.embeds, r.token = None, int(np.asarray(token)[0])
+    return self._advance(i, r.token)
 
   def _step(self):
+    """One token for every decoding row (prefilling and free rows ride along on page 0, their output unused)."""
     b = self.max_batch
-    tokens, positions, indices = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
-    active = [i for i, r in enumerate(self.rows) if r is not None]
+    rows = [r if r is not None and r.embeds is None else None for r in self.rows]
+    active = [i for i, r in enumerate(rows) if r is not None]
+    tokens, positions, slots = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
+    lengths = np.ones(b, np.int32)
     for i in active:
-      r = self.rows[i]
-      tokens[i], positions[i], indices[i] = r.token, r.position, r.index
-    settings = _settings([(0.0, 1.0, 0, 0, 0) if r is None else r.settings() for r in self.rows])  # free: greedy
-    new, self.caches, self.key_valid = batch_step(
-        self.graphdef, self.state, self.caches, self.key_valid, jnp.asarray(tokens), jnp.asarray(positions),
-        jnp.asarray(indices), settings)
+      r = rows[i]
+      tokens[i], positions[i], slots[i], lengths[i] = r.token, r.filled, self._slot(r, r.filled), r.filled + 1
+      r.content.append(r.token)
+    settings = _settings([(0.0, 1.0, 0, 0, 0) if r is None else r.settings() for r in rows])  # free: greedy
+    new, self.pools = decode_step(self.graphdef, self.state, self.pools, jnp.asarray(tokens),
+                                  jnp.asarray(positions), jnp.asarray(slots), jnp.asarray(self._page_table(rows)),
+                                  jnp.asarray(lengths), settings)
     new = np.asarray(new)
     with self.lock:
       self.stats["steps"] += 1
@@ -304,12 +459,12 @@ class Engine:
       steps = self.stats["steps"]
     if self.log_every and steps % self.log_every == 0:
       m = self.metrics()
-      log.info("step %d: mean rows per decode step %.2f, histogram %s, %d queued", steps,
-               m["mean_rows_per_step"], m["rows_per_step"], m["queued"])
+      log.info("step %d: mean rows per decode step %.2f, histogram %s, %d queued, %d KV pages in use", steps,
+               m["mean_rows_per_step"], m["rows_per_step"], m["queued"], m["kv_pages_in_use"])
     for i in active:
-      r = self.rows[i]
-      r.position += 1
-      r.index += 1
+      r = rows[i]
+      r.filled += 1
+      self._register(r)
       r.token = int(new[i])
       self._advance(i, r.token)
 
@@ -325,13 +480,17 @@ class Engine:
       r.handle.emit(Delta(delta))
     if r.text.stopped:
       return self._finish(i, "stop")
-    if len(r.text.ids) >= r.limit or r.index >= self.max_len:
+    if len(r.text.ids) >= r.limit or r.filled >= self.max_len:
       return self._finish(i, "length")
     return None
 
   def _finish(self, i: int, reason: str | None, failure: str | None = None):
     r = self.rows[i]
     self.rows[i] = None
+    if i in self.prefilling:
+      self.prefilling.remove(i)
+    for page in reversed(r.pages):  # the end of a prefix is the first to go from the cache, not its start
+      self.pages.release(page)
     if failure is not None:
       self._count("failed")
       r.handle.emit(Failed(failure))

@@ -17,7 +17,7 @@ import serve_tiny
 from llava_jax import generate, load_checkpoint, load_hf_checkpoint
 from llava_jax.data.synthetic import build_tokenizer
 from llava_jax.processor import Processor
-from llava_jax.serve import engine as engine_module
+from llava_jax.serve import paged as paged_module
 from llava_jax.serve.engine import Delta, Engine, Finished, QueueEvents, Request
 from llava_jax.serve.paged import PageAllocator, content_ids, image_hash, page_keys
 
@@ -82,13 +82,13 @@ class CountingTower:
   """Counts the engine's calls of the tower (`paged.image_features`)."""
 
   def __init__(self, monkeypatch):
-    self.calls, real = 0, engine_module.image_features
+    self.calls, real = 0, paged_module.image_features
 
     def counted(*args):
       self.calls += 1
       return real(*args)
 
-    monkeypatch.setattr(engine_module, "image_features", counted)
+    monkeypatch.setattr(paged_module, "image_features", counted)
 
 
 @pytest.mark.parametrize("family", ["llava", "next"])

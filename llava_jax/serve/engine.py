@@ -31,11 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.decoding import Detokenizer, Sampling, image_inputs
+from llava_jax.decoding import Detokenizer, Sampling
 from llava_jax.padding import round_up
-from llava_jax.serve.paged import (ROOT_KEY, FeatureCache, PageAllocator, chain_key, content_ids, decode_step,
-                                   embed_prompt, grow_pools, image_features, image_hash, init_pools, page_keys,
-                                   pow2, prefill_chunk, slice_tokens)
+from llava_jax.serve.paged import (FeatureCache, KVMemory, RowPages, content_ids, decode_step, image_hash, pow2,
+                                   prefill_chunk, prompt_embeddings, slice_tokens)
 
 log = logging.getLogger("llava_jax.serve")
 
@@ -120,13 +119,9 @@ class _Row:
   prompt_tokens: int
   text: Detokenizer     # the reply's ids and the text already emitted as deltas
   limit: int            # the reply's most tokens: max_tokens, lowered to what the model's context leaves
-  content: list         # what each written (or to be written) position holds: the prompt's content ids, then tokens
-  keys: list            # the chain keys of the row's full pages, in order
-  pages: list           # the page table: page i holds positions [i * page_size, (i + 1) * page_size)
-  reserved: int         # the most pages the row will hold (prompt + reply, within max_len)
-  filled: int = 0       # positions whose K/V are in the pages
+  kv: RowPages          # its pages, and the positions filled
   embeds: object = None  # the prompt's input embeddings while it is being prefilled, else None
-  token: int = 0        # the last sampled token, not yet in the cache (at position `filled`)
+  token: int = 0        # the last sampled token, not yet in the cache (at position `kv.filled`)
 
   def settings(self) -> tuple:
     """`llava_jax.decoding`'s per-request sampling settings; the counter is the next token's index."""
@@ -169,11 +164,6 @@ class Engine:
     if max_len % prompt_bucket or max_len <= prompt_bucket:
       raise ValueError(f"max_len {max_len} must be a multiple of prompt_bucket {prompt_bucket} and larger than it")
     max_kv_tokens = max_kv_tokens or max_batch * max_len
-    row_pages = -(-max_len // page_size)
-    max_pages = pow2(-(-max_kv_tokens // page_size))  # one of them the padding's
-    if max_pages - 1 < row_pages:
-      raise ValueError(f"max_kv_tokens {max_kv_tokens} cannot hold one row of max_len {max_len} (in pages of "
-                       f"{page_size}, a power-of-two count of them, one for padding)")
     cache_tokens = max_kv_tokens // 2 if prefix_cache_tokens is None else prefix_cache_tokens
     self.model, self.max_batch, self.max_len, self.prompt_bucket = model, max_batch, max_len, prompt_bucket
     self.page_size, self.prefill_chunk, self.context = page_size, prefill_chunk, context
@@ -181,13 +171,10 @@ class Engine:
     self.stop_strings, self.log_every = tuple(s for s in stop_strings if s), log_every
     self.byte_token_ids = frozenset(int(i) for i in byte_token_ids)
     self.graphdef, self.state = nnx.split(model)
-    capacity = min(max_pages, pow2(max(initial_pages, 2)))
-    self.pools = init_pools(model, capacity, page_size)
-    self.pages = PageAllocator(capacity, max_pages, cache_tokens // page_size, grow=self._grow)
+    self.kv = KVMemory(model, page_size=page_size, max_tokens=max_kv_tokens, row_tokens=max_len,
+                       cache_tokens=cache_tokens, initial_pages=initial_pages)
+    self.token_bytes = self.kv.token_bytes
     self.features = FeatureCache(image_cache)
-    t = model.config.text
-    self.token_bytes = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * jnp.dtype(
-        model.config.dtype).itemsize
     self.rows: list[_Row | None] = [None] * max_batch
     self.prefilling: collections.deque[int] = collections.deque()  # rows whose prompt is not all in the pages
     self.next_handle: Handle | None = None  # the queue's head, waiting for pages
@@ -245,22 +232,13 @@ class Engine:
       steps = self.stats["steps"]
       hist = dict(sorted(self.stats["rows_per_step"].items()))
       rows = sum(k * v for k, v in hist.items())
-      held: dict[int, int] = {}  # page -> positions filled in it, by any row that holds it
-      for r in self.rows:
-        if r is not None:
-          for i, page in enumerate(r.pages):
-            held[page] = max(held.get(page, 0), min(self.page_size, r.filled - i * self.page_size))
-      page_bytes = self.page_size * self.token_bytes
+      kv = self.kv.usage([r.kv for r in self.rows if r is not None])
       return {**{k: v for k, v in self.stats.items() if k != "rows_per_step"},
               "rows_per_step": {str(k): v for k, v in hist.items()},
               "mean_rows_per_step": rows / steps if steps else 0.0, "max_batch": self.max_batch,
               "max_len": self.max_len, "active_rows": sum(r is not None for r in self.rows),
-              "queued": self.waiting.qsize() + (self.next_handle is not None),
-              "kv_pages_in_use": self.pages.in_use, "kv_bytes_in_use": self.pages.in_use * page_bytes,
-              "kv_bytes_allocated": self.pages.capacity * page_bytes,
-              "kv_token_bytes": sum(held.values()) * self.token_bytes, "kv_pages_cached": len(self.pages.idle),
-              "kv_page_evictions": self.pages.evictions, "image_cache_hits": self.features.hits,
-              "page_size": self.page_size}
+              "queued": self.waiting.qsize() + (self.next_handle is not None), **kv,
+              "image_cache_hits": self.features.hits}
 
   def pause(self):
     """Stops taking requests from the queue (after the step in progress) until `resume`; for maintenance and to
@@ -327,7 +305,7 @@ class Engine:
   def _start(self, i: int, handle: Handle) -> bool:
     """Row i takes the request: its cached prefix pages, its pages reserved, its embeddings. False (nothing
     changed) when the pool cannot reserve its pages while the rows in flight hold theirs."""
-    req, ps = handle.request, self.page_size
+    req = handle.request
     ids = np.asarray(req.input_ids, np.int32)
     n = len(ids)
     pixels = None if req.pixel_values is None else np.asarray(req.pixel_values, np.float32)
@@ -338,75 +316,26 @@ class Engine:
     cfg = self.model.config
     content = content_ids(ids, [(cfg.image_token_index, image_keys),
                                 (cfg.video_token_index, [] if videos is None else [image_hash(v) for v in videos])])
-    keys = page_keys(content, ps)[:(n - 1) // ps]  # at least one prompt token is prefilled: it gives the logits
     limit = self.reply_limit(req)
-    reserved = -(-min(n + limit, self.max_len) // ps)
-    hits = self.pages.lookup(keys)
-    outstanding = sum(r.reserved - len(r.pages) for r in self.rows if r is not None)
-    if outstanding + reserved - len(hits) > self.pages.available():
-      for page in hits:
-        self.pages.release(page)
+    kv = self.kv.admit(content, n, min(n + limit, self.max_len), [r.kv for r in self.rows if r is not None])
+    if kv is None:
       return False
     row = _Row(handle, n, Detokenizer(self.decode_ids, self.stop_strings + tuple(req.stop), self.byte_token_ids),
-               limit, content, keys[:len(hits)], hits, reserved, filled=len(hits) * ps)
-    try:
-      row.embeds = self._embed(ids, pixels, sizes, videos, image_keys)
+               limit, kv)
+    try:  # right-padded so that every chunk slices in range; one compile per bucket
+      input_ids = np.full((1, round_up(n + self.prefill_chunk, self.prompt_bucket)), self.pad_id, np.int32)
+      input_ids[0, :n] = ids
+      row.embeds = prompt_embeddings(self.model, self.graphdef, self.state, input_ids, pixels, sizes, videos,
+                                     image_keys, self.features)
     except Exception:
-      for page in hits:
-        self.pages.release(page)
+      self.kv.release(kv)
       raise
     with self.lock:
-      self.stats["prefix_hit_tokens"] += row.filled
+      self.stats["prefix_hit_tokens"] += kv.filled
       self.stats["prefills"] += 1
     self.rows[i] = row
     self.prefilling.append(i)
     return True
-
-  def _embed(self, ids, pixels, sizes, videos, image_keys):
-    """The prompt's input embeddings [1, T', D] (T' >= T + prefill_chunk, so every chunk slices in range); each
-    image's features from the cache or the tower."""
-    padded = round_up(len(ids) + self.prefill_chunk, self.prompt_bucket)
-    input_ids = np.full((1, padded), self.pad_id, np.int32)
-    input_ids[0, :len(ids)] = ids
-    images = image_inputs(self.model, input_ids, pixels, None, sizes, videos)
-    features = None
-    if pixels is not None:
-      per_image = []
-      for key, p in zip(image_keys, pixels):
-        f = self.features.get(key)
-        if f is None:
-          f = image_features(self.graphdef, self.state, jnp.asarray(p.reshape(-1, *p.shape[-3:])))
-          self.features.put(key, f)
-        per_image.append(f)
-      features = jnp.concatenate(per_image)
-    return embed_prompt(self.graphdef, self.state, jnp.asarray(input_ids), images, features)
-
-  def _grow(self, pages: int):
-    self.pools = grow_pools(self.pools, pages=pages)
-    log.info("KV pool grown to %d pages of %d positions", pages, self.page_size)
-
-  def _slot(self, r: _Row, position: int) -> int:
-    """The flat pool slot of row r's `position`, taking a new page when it starts one."""
-    page = position // self.page_size
-    if page == len(r.pages):
-      r.pages.append(self.pages.allocate())
-    return r.pages[page] * self.page_size + position % self.page_size
-
-  def _register(self, r: _Row):
-    """Keys the row's pages that are now full, so a later prompt that begins the same reuses them."""
-    while len(r.keys) < r.filled // self.page_size:
-      k = len(r.keys)
-      key = chain_key(r.keys[-1] if r.keys else ROOT_KEY, r.content[k * self.page_size:(k + 1) * self.page_size])
-      r.keys.append(key)
-      self.pages.register(r.pages[k], key)
-
-  def _page_table(self, rows: list) -> np.ndarray:
-    """The rows' page tables, padded with page 0 to a power-of-two count (bounded compiles)."""
-    table = np.zeros((len(rows), pow2(max(len(r.pages) if r else 1 for r in rows))), np.int32)
-    for b, r in enumerate(rows):
-      if r is not None:
-        table[b, :len(r.pages)] = r.pages
-    return table
 
   def _prefill_chunk(self):
     """The next chunk of the first prefilling row's prompt; its first token once the prompt is all in."""
@@ -414,24 +343,25 @@ class Engine:
     r = self.rows[i]
     if r.handle.cancelled.is_set():
       return self._finish(i, "cancelled")
-    left = r.prompt_tokens - r.filled
+    start = r.kv.filled
+    left = r.prompt_tokens - start
     length = min(self.prefill_chunk, pow2(left))
     real = min(left, length)
-    positions = np.full((1, length), r.filled + real - 1, np.int32)
-    positions[0, :real] = np.arange(r.filled, r.filled + real)
+    positions = np.full((1, length), start + real - 1, np.int32)
+    positions[0, :real] = np.arange(start, start + real)
     slots = np.zeros((1, length), np.int32)  # padding writes to page 0
-    slots[0, :real] = [self._slot(r, p) for p in range(r.filled, r.filled + real)]
-    embeds = slice_tokens(r.embeds, jnp.int32(r.filled), length=length)
-    token, self.pools = prefill_chunk(
-        self.graphdef, self.state, self.pools, embeds, jnp.asarray(positions), jnp.asarray(slots),
-        jnp.asarray(self._page_table([r])), jnp.asarray([r.filled + real], jnp.int32),
+    slots[0, :real] = [self.kv.slot(r.kv, p) for p in range(start, start + real)]
+    embeds = slice_tokens(r.embeds, jnp.int32(start), length=length)
+    token, self.kv.pools = prefill_chunk(
+        self.graphdef, self.state, self.kv.pools, embeds, jnp.asarray(positions), jnp.asarray(slots),
+        jnp.asarray(self.kv.page_table([r.kv])), jnp.asarray([start + real], jnp.int32),
         jnp.asarray([real - 1], jnp.int32), _settings([r.settings()]))
-    r.filled += real
-    self._register(r)
+    r.kv.filled += real
+    self.kv.register(r.kv)
     with self.lock:
       self.stats["prefill_tokens"] += real
       self.stats["prefill_chunks"] += 1
-    if r.filled < r.prompt_tokens:
+    if r.kv.filled < r.prompt_tokens:
       return None
     self.prefilling.popleft()
     r.embeds, r.token = None, int(np.asarray(token)[0])
@@ -446,12 +376,14 @@ class Engine:
     lengths = np.ones(b, np.int32)
     for i in active:
       r = rows[i]
-      tokens[i], positions[i], slots[i], lengths[i] = r.token, r.filled, self._slot(r, r.filled), r.filled + 1
-      r.content.append(r.token)
+      tokens[i], positions[i], slots[i] = r.token, r.kv.filled, self.kv.slot(r.kv, r.kv.filled)
+      lengths[i] = r.kv.filled + 1
+      r.kv.content.append(r.token)
     settings = _settings([(0.0, 1.0, 0, 0, 0) if r is None else r.settings() for r in rows])  # free: greedy
-    new, self.pools = decode_step(self.graphdef, self.state, self.pools, jnp.asarray(tokens),
-                                  jnp.asarray(positions), jnp.asarray(slots), jnp.asarray(self._page_table(rows)),
-                                  jnp.asarray(lengths), settings)
+    table = self.kv.page_table([None if r is None else r.kv for r in rows])
+    new, self.kv.pools = decode_step(self.graphdef, self.state, self.kv.pools, jnp.asarray(tokens),
+                                     jnp.asarray(positions), jnp.asarray(slots), jnp.asarray(table),
+                                     jnp.asarray(lengths), settings)
     new = np.asarray(new)
     with self.lock:
       self.stats["steps"] += 1
@@ -463,8 +395,8 @@ class Engine:
                m["mean_rows_per_step"], m["rows_per_step"], m["queued"], m["kv_pages_in_use"])
     for i in active:
       r = rows[i]
-      r.filled += 1
-      self._register(r)
+      r.kv.filled += 1
+      self.kv.register(r.kv)
       r.token = int(new[i])
       self._advance(i, r.token)
 
@@ -480,7 +412,7 @@ class Engine:
       r.handle.emit(Delta(delta))
     if r.text.stopped:
       return self._finish(i, "stop")
-    if len(r.text.ids) >= r.limit or r.filled >= self.max_len:
+    if len(r.text.ids) >= r.limit or r.kv.filled >= self.max_len:
       return self._finish(i, "length")
     return None
 
@@ -489,8 +421,7 @@ class Engine:
     self.rows[i] = None
     if i in self.prefilling:
       self.prefilling.remove(i)
-    for page in reversed(r.pages):  # the end of a prefix is the first to go from the cache, not its start
-      self.pages.release(page)
+    self.kv.release(r.kv)
     if failure is not None:
       self._count("failed")
       r.handle.emit(Failed(failure))

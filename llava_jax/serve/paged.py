@@ -16,8 +16,10 @@ power-of-two count of pages, a prefill chunk is a power of two tokens long or `p
 from __future__ import annotations
 
 import collections
+import dataclasses
 import functools
 import hashlib
+import logging
 from typing import Callable, Hashable, Sequence
 
 import jax
@@ -25,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.decoding import _sample_requests
+from llava_jax.decoding import _sample_requests, image_inputs
 from llava_jax.models.llama import PagedKV
 
 ROOT_KEY = b"llava-jax pages"
+log = logging.getLogger("llava_jax.serve")
 
 
 def pow2(n: int) -> int:
@@ -200,6 +203,98 @@ class FeatureCache:
       self.items.popitem(last=False)
 
 
+# -- a row's pages, and the memory that holds every row's -------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RowPages:
+  """One row's share of the memory: what each position holds (prompt content ids, then reply tokens as they are
+  written), the chain keys of its full pages, its page table, the most pages it will hold, positions filled."""
+  content: list
+  keys: list
+  pages: list
+  reserved: int
+  filled: int = 0
+
+
+class KVMemory:
+  """The page pools (device) and their allocator (host) for a model: rows admitted with their cached prefix and
+  their pages reserved, a slot per written position, full pages registered, pages released.
+
+  max_tokens: the pool's bound (rounded up to a power-of-two page count, one page for padding); row_tokens: the
+  most positions one row holds (the pool must hold one row); cache_tokens: positions of idle pages kept."""
+
+  def __init__(self, model, *, page_size: int, max_tokens: int, row_tokens: int, cache_tokens: int,
+               initial_pages: int):
+    max_pages = pow2(-(-max_tokens // page_size))
+    if max_pages - 1 < -(-row_tokens // page_size):
+      raise ValueError(f"max_kv_tokens {max_tokens} cannot hold one row of max_len {row_tokens} (in pages of "
+                       f"{page_size}, a power-of-two count of them, one for padding)")
+    capacity = min(max_pages, pow2(max(initial_pages, 2)))
+    self.page_size, self.pools = page_size, init_pools(model, capacity, page_size)
+    self.allocator = PageAllocator(capacity, max_pages, cache_tokens // page_size, grow=self._grow)
+    t = model.config.text
+    self.token_bytes = 2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim * jnp.dtype(
+        model.config.dtype).itemsize
+
+  def _grow(self, pages: int):
+    self.pools = grow_pools(self.pools, pages=pages)
+    log.info("KV pool grown to %d pages of %d positions", pages, self.page_size)
+
+  def admit(self, content: list, prompt_tokens: int, most_tokens: int, rows: Sequence[RowPages]) -> RowPages | None:
+    """A row for a prompt: its longest cached prefix (at least its last token left to prefill: it gives the
+    logits) and `most_tokens` positions' pages reserved, or None when the pool cannot hold them beside what
+    `rows` (those in flight) may still take."""
+    ps, pages = self.page_size, self.allocator
+    keys = page_keys(content[:prompt_tokens - 1], ps)
+    hits = pages.lookup(keys)
+    reserved = -(-most_tokens // ps)
+    if sum(r.reserved - len(r.pages) for r in rows) + reserved - len(hits) > pages.available():
+      for page in hits:
+        pages.release(page)
+      return None
+    return RowPages(list(content), keys[:len(hits)], hits, reserved, len(hits) * ps)
+
+  def slot(self, row: RowPages, position: int) -> int:
+    """The flat pool slot of the row's `position`, taking a new page when it starts one."""
+    page = position // self.page_size
+    if page == len(row.pages):
+      row.pages.append(self.allocator.allocate())
+    return row.pages[page] * self.page_size + position % self.page_size
+
+  def register(self, row: RowPages) -> None:
+    """Keys the row's pages that are now full, so a later prompt that begins the same reuses them."""
+    ps = self.page_size
+    while len(row.keys) < row.filled // ps:
+      k = len(row.keys)
+      row.keys.append(chain_key(row.keys[-1] if row.keys else ROOT_KEY, row.content[k * ps:(k + 1) * ps]))
+      self.allocator.register(row.pages[k], row.keys[-1])
+
+  def release(self, row: RowPages) -> None:
+    for page in reversed(row.pages):  # the end of a prefix is the first to go from the cache, not its start
+      self.allocator.release(page)
+    row.pages = []
+
+  def page_table(self, rows: Sequence[RowPages | None]) -> np.ndarray:
+    """The rows' page tables, padded with page 0 to a power-of-two count (bounded compiles); None: page 0."""
+    table = np.zeros((len(rows), pow2(max(len(r.pages) if r else 1 for r in rows))), np.int32)
+    for b, r in enumerate(rows):
+      if r is not None:
+        table[b, :len(r.pages)] = r.pages
+    return table
+
+  def usage(self, rows: Sequence[RowPages]) -> dict:
+    """The metrics of the memory: pages and bytes in use, allocated, and the K/V of the positions rows hold."""
+    held: dict[int, int] = {}  # page -> positions filled in it, by any row that holds it
+    for r in rows:
+      for i, page in enumerate(list(r.pages)):
+        held[page] = max(held.get(page, 0), min(self.page_size, r.filled - i * self.page_size))
+    pages, page_bytes = self.allocator, self.page_size * self.token_bytes
+    return {"kv_pages_in_use": pages.in_use, "kv_bytes_in_use": pages.in_use * page_bytes,
+            "kv_bytes_allocated": pages.capacity * page_bytes, "kv_token_bytes": sum(held.values()) * self.token_bytes,
+            "kv_pages_cached": len(pages.idle), "kv_page_evictions": pages.evictions, "page_size": self.page_size}
+
+
 # -- compiled: the pool, the embeddings, a forward pass over pages --------------------------------------------------
 
 
@@ -233,6 +328,24 @@ def embed_prompt(graphdef, state, input_ids, images: dict, features):
 def slice_tokens(embeds, start, *, length: int):
   """embeds[:, start:start + length] (the array is padded so that it is always in range)."""
   return jax.lax.dynamic_slice_in_dim(embeds, start, length, axis=1)
+
+
+def prompt_embeddings(model, graphdef, state, input_ids, pixels, sizes, videos, image_keys: Sequence[str],
+                      features: FeatureCache):
+  """A prompt's input embeddings [1, T, D] for input_ids [1, T] (padded as the caller likes), each image's features
+  from `features` (keyed by `image_keys`) or the tower (then kept there); videos always through the tower."""
+  images = image_inputs(model, input_ids, pixels, None, sizes, videos)
+  computed = None
+  if pixels is not None:
+    per_image = []
+    for key, p in zip(image_keys, pixels):
+      f = features.get(key)
+      if f is None:
+        f = image_features(graphdef, state, jnp.asarray(p.reshape(-1, *p.shape[-3:])))
+        features.put(key, f)
+      per_image.append(f)
+    computed = jnp.concatenate(per_image)
+  return embed_prompt(graphdef, state, jnp.asarray(input_ids), images, computed)
 
 
 def paged_mask(positions, lengths, key_count: int, sliding_window=None):

@@ -195,6 +195,23 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_a_row_decodes(llava):
   assert names[:names.index("long")].count("short") >= chunks
 
 
+def test_a_sliding_window_model_matches_generate_across_turns(tmp_path):
+  """Mistral v0.1's window (8 positions) on pages of 4 and chunks of 8: the mask reads positions, not slots."""
+  hf_tiny.llava_model(text=hf_tiny.mistral_text_config(sliding_window=8), seed=2).save_pretrained(tmp_path)
+  model = load_hf_checkpoint(str(tmp_path))
+  prompt = list(np.random.default_rng(0).integers(1, 59, 29))
+  engine = make_engine(model, page_size=4, prefill_chunk=8)
+  try:
+    reply = ask(engine, prompt)
+    turn2 = prompt + reply + [5, 6, 7]
+    replies = [reply, ask(engine, turn2)]
+    hits = engine.metrics()["prefix_hit_tokens"]
+  finally:
+    engine.close()
+  assert replies == [reference(model, prompt), reference(model, turn2)]
+  assert hits == (len(prompt) + NEW - 1) // 4 * 4
+
+
 def test_precomputed_features_give_the_plain_embeddings(llava):
   model, proc = llava
   ids, pixels, _ = first_turn(proc, "What?", serve_tiny.image(1))

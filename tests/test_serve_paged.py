@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from PIL import Image
 
 import hf_tiny
 import serve_tiny

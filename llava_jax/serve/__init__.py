@@ -92,5 +92,5 @@ def check_limits(*, max_batch: int = 8, max_len: int | None = None, max_tokens: 
     raise ValueError(f"allow_local_images {allow_local_images!r} is not a directory")
 
 
-__all__ = ["MEMORY_SETTINGS", "BadRequest", "Delta", "Engine", "Failed", "Finished", "QueueEvents", "QueueFull", "Request", "check_limits",
-           "load", "serve_model"]
+__all__ = ["MEMORY_SETTINGS", "BadRequest", "Delta", "Engine", "Failed", "Finished", "QueueEvents", "QueueFull",
+           "Request", "check_limits", "load", "serve_model"]

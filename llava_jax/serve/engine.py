@@ -4,11 +4,12 @@ The batch has a fixed number of rows (`max_batch`); their K/V live in a paged po
 row holds a table of fixed-size pages, a page full of the same content (same tokens, same images, same beginning)
 is shared between rows and kept after its row finished, so a prompt that starts like an earlier one (the next turn
 of a chat) prefills only what is new. A request's prompt embeddings are computed once when it takes a row (each
-image's features from a cache or the tower), then prefilled in chunks of `prefill_chunk` tokens, one chunk per
-engine iteration between decode steps, so the rows already decoding keep producing tokens while a long prompt
-comes in. One compiled step advances every decoding row by one token, reading only the pages in use (a
-power-of-two page count). Each request samples as row 0 of its own with its seed (`llava_jax.decoding`'s keys), so
-it gets what `generate(..., seed=...)` gives, and its text streams through `llava_jax.decoding.Detokenizer`. New
+image's features from a cache or the tower), then prefilled in chunks, up to `prefill_chunk` tokens per engine
+iteration between decode steps, so the rows already decoding keep producing tokens while a long prompt comes in
+(several short prompts share an iteration's budget). One compiled step advances every decoding row by one token,
+reading only the pages in use (a power-of-two page count). Each request samples as row 0 of its own with its seed
+(`llava_jax.decoding`'s keys), so it gets what `generate(..., seed=...)` gives, and its text streams through
+`llava_jax.decoding.Detokenizer`. New
 requests join and finished ones leave at step boundaries; compiled shapes stay bounded (prompt buckets, chunk
 lengths, page-count buckets and pool sizes are powers of two or fixed).
 
@@ -263,8 +264,7 @@ class Engine:
         continue
       try:
         self._admit()
-        if self.prefilling:
-          self._prefill_chunk()
+        self._prefill()
         if any(r is not None and r.embeds is None for r in self.rows):
           self._step()
         elif not self.prefilling:
@@ -337,12 +337,25 @@ class Engine:
     self.prefilling.append(i)
     return True
 
+  def _prefill(self):
+    """Prompt chunks up to `prefill_chunk` tokens in all (at least one chunk), first come first served: a long
+    prompt takes one chunk per iteration, several short ones share an iteration."""
+    spent = 0
+    while self.prefilling:
+      r = self.rows[self.prefilling[0]]
+      real = min(r.prompt_tokens - r.kv.filled, self.prefill_chunk)
+      if spent and spent + real > self.prefill_chunk:
+        return
+      self._prefill_chunk()
+      spent += real
+
   def _prefill_chunk(self):
     """The next chunk of the first prefilling row's prompt; its first token once the prompt is all in."""
     i = self.prefilling[0]
     r = self.rows[i]
     if r.handle.cancelled.is_set():
-      return self._finish(i, "cancelled")
+      self._finish(i, "cancelled")
+      return
     start = r.kv.filled
     left = r.prompt_tokens - start
     length = min(self.prefill_chunk, pow2(left))
@@ -362,10 +375,10 @@ class Engine:
       self.stats["prefill_tokens"] += real
       self.stats["prefill_chunks"] += 1
     if r.kv.filled < r.prompt_tokens:
-      return None
+      return
     self.prefilling.popleft()
     r.embeds, r.token = None, int(np.asarray(token)[0])
-    return self._advance(i, r.token)
+    self._advance(i, r.token)
 
   def _step(self):
     """One token for every decoding row (prefilling and free rows ride along on page 0, their output unused)."""

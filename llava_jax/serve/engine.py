@@ -9,9 +9,8 @@ iteration between decode steps, so the rows already decoding keep producing toke
 (several short prompts share an iteration's budget). One compiled step advances every decoding row by one token,
 reading only the pages in use (a power-of-two page count). Each request samples as row 0 of its own with its seed
 (`llava_jax.decoding`'s keys), so it gets what `generate(..., seed=...)` gives, and its text streams through
-`llava_jax.decoding.Detokenizer`. New
-requests join and finished ones leave at step boundaries; compiled shapes stay bounded (prompt buckets, chunk
-lengths, page-count buckets and pool sizes are powers of two or fixed).
+`llava_jax.decoding.Detokenizer`. New requests join and finished ones leave at step boundaries; compiled shapes
+stay bounded (prompt buckets, chunk lengths, page-count buckets and pool sizes are powers of two or fixed).
 
 The engine runs in its own thread; callers `submit` a `Request` and receive `Delta` / `Finished` events through a
 callback (thread-safe queue for plain threads, `loop.call_soon_threadsafe` for asyncio).

@@ -89,6 +89,19 @@ def choose(logits, sampling: Sampling, seeds, counter):
   return sample(logits, *sampling.rows(b), keys)
 
 
+TOP_LOGPROBS = 20  # the most top_logprobs a request may ask for (OpenAI's bound): one static shape for all
+
+
+def token_logprobs(logits, tokens, top_n: int = TOP_LOGPROBS):
+  """The model's log-probabilities for the tokens chosen: log_softmax of the raw logits [B, V] in fp32, before
+  temperature / top-k / top-p (what vLLM returns by default, its "raw_logprobs"). Returns (the chosen tokens'
+  log-probabilities [B], the `top_n` most likely ids [B, N] and their log-probabilities [B, N], descending)."""
+  logprobs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+  chosen = jnp.take_along_axis(logprobs, tokens[:, None].astype(jnp.int32), axis=-1)[:, 0]
+  top, ids = jax.lax.top_k(logprobs, min(top_n, logprobs.shape[-1]))
+  return chosen, ids.astype(jnp.int32), top
+
+
 def seed_array(seed: int):
   """A seed as the traced uint32 the compiled functions take (any int; one compile for every seed)."""
   return jnp.uint32(int(seed) % 2**32)
@@ -142,7 +155,7 @@ def image_inputs(model: Llava, input_ids, pixel_values=None, image_mask=None, im
   return images
 
 
-# -- compiled: the whole loop (generate, eval), prefill + step (stream), a row of a shared batch (the engine) -------
+# -- compiled: the whole loop (generate, eval), prefill + step (stream); the engine's are in serve/paged.py ---------
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "pad_id"))
@@ -188,35 +201,10 @@ def step_sample(graphdef, state, token, caches, key_valid, position, index, seed
 
 
 def _sample_requests(logits, settings):
-  """Each row is row 0 of its own request: settings = (temperature, top_p, top_k, seed, counter), all [B]."""
+  """Each row is row 0 of its own request: settings = (temperature, top_p, top_k, seed, counter), all [B] (the
+  serving engine's steps, serve/paged.py)."""
   temperature, top_p, top_k, seeds, counters = settings
   return sample(logits, temperature, top_p, top_k, row_keys(seeds, jnp.zeros_like(counters), counters))
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("caches", "key_valid"))
-def prefill_into_row(graphdef, state, caches, key_valid, row, input_ids, attention_mask, images, settings):
-  """Prefills one prompt [1, T] into row `row` of a shared batch cache and samples its first token (`settings`
-  as `_sample_requests`, each [1]). Returns (token, caches, key_valid, next position)."""
-  logits, row_caches, row_valid, position = prefill(nnx.merge(graphdef, state), input_ids, attention_mask, images,
-                                                    key_valid.shape[1])
-  caches = [(k.at[row].set(rk[0]), v.at[row].set(rv[0])) for (k, v), (rk, rv) in zip(caches, row_caches)]
-  return _sample_requests(logits, settings)[0], caches, key_valid.at[row].set(row_valid[0]), position[0]
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("caches", "key_valid"))
-def batch_step(graphdef, state, caches, key_valid, tokens, positions, indices, settings):
-  """`decode_step` mapped over the rows of a shared batch (`jax.vmap`: each row writes its own cache slot
-  `indices[r]`), then each row's token. Returns (tokens [B], caches, key_valid)."""
-  model = nnx.merge(graphdef, state)
-
-  def one_row(token, row_caches, row_valid, position, index):
-    batched = [(k[None], v[None]) for k, v in row_caches]
-    logits, new_caches, new_valid = decode_step(model, token[None], batched, row_valid[None], position[None],
-                                                index)
-    return logits[0], [(k[0], v[0]) for k, v in new_caches], new_valid[0]
-
-  logits, caches, key_valid = jax.vmap(one_row)(tokens, caches, key_valid, positions, indices)
-  return _sample_requests(logits, settings), caches, key_valid
 
 
 # -- text: stop strings and incremental detokenization -----------------------------------------------------------

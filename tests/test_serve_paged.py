@@ -211,6 +211,40 @@ def test_a_sliding_window_model_matches_generate_across_turns(tmp_path):
   assert hits == (len(prompt) + NEW - 1) // 4 * 4
 
 
+def test_logprobs_after_a_prefix_hit_are_those_of_a_full_prefill(llava):
+  """Turn 2's reply log-probabilities with turn 1's pages reused equal those of an engine that caches nothing."""
+  model, proc = llava
+  ids, pixels, _ = first_turn(proc, "What is in the image?", serve_tiny.image(4))
+
+  def run(engine, prompts):
+    out = []
+    for prompt in prompts:
+      events = QueueEvents()
+      engine.submit(Request(np.asarray(prompt, np.int32), pixel_values=pixels, max_tokens=NEW, logprobs=3), events)
+      out.append([e for e in events if isinstance(e, Finished)][0])
+    return out, engine.metrics()
+
+  cached = make_engine(model)
+  try:
+    reply = [int(t) for t in run(cached, [ids])[0][0].text.split()]
+    ids2 = next_turn(proc, ids, reply, "And the colours?")
+    (hit,), m_hit = run(cached, [ids2])
+  finally:
+    cached.close()
+  fresh = make_engine(model, prefix_cache_tokens=0, image_cache=0)
+  try:
+    _, m_fresh = run(fresh, [ids])
+    (full,), m_fresh = run(fresh, [ids2])
+  finally:
+    fresh.close()
+  assert m_hit["prefix_hit_tokens"] > len(ids) // 2 and m_fresh["prefix_hit_tokens"] == 0
+  assert m_fresh["image_cache_hits"] == 0 and m_fresh["kv_pages_cached"] == 0
+  assert [e.token for e in hit.logprobs] == [e.token for e in full.logprobs]
+  np.testing.assert_allclose([e.logprob for e in hit.logprobs], [e.logprob for e in full.logprobs], atol=1e-4)
+  np.testing.assert_allclose([[p for _, p in e.top] for e in hit.logprobs],
+                             [[p for _, p in e.top] for e in full.logprobs], atol=1e-4)
+
+
 def test_precomputed_features_give_the_plain_embeddings(llava):
   model, proc = llava
   ids, pixels, _ = first_turn(proc, "What?", serve_tiny.image(1))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import time
 import uuid
 from typing import Any
@@ -22,6 +23,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from llava_jax.data.layout import OneVisionLayout
+from llava_jax.decoding import TOP_LOGPROBS
 from llava_jax.serve.chat import build_request, max_prompt_chars, parse_messages, stop_list
 from llava_jax.serve.engine import BadRequest, Delta, Engine, Failed, Finished, QueueFull
 
@@ -32,7 +34,7 @@ BODY_TIMEOUT_S = 60  # a body that has not arrived in full by then is a 408
 DISCONNECT_POLL_S = 0.25  # how often a plain request checks that its client is still there
 
 KNOWN_PARAMETERS = {"model", "messages", "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop",
-                    "stream", "stream_options", "seed", "n", "user",
+                    "stream", "stream_options", "seed", "n", "user", "logprobs", "top_logprobs",
                     "ignore_eos", "top_k"}  # vLLM's extensions
 
 
@@ -53,6 +55,7 @@ class Served:
     self.max_prompt_chars = max_prompt_chars(processor.tokenizer, limit)
     self.max_tiles = processor.anyres.max_tiles if processor.anyres is not None else None  # one static tile count for NeXT
     self.max_images = default_max_images(processor, limit) if max_images is None else max_images
+    self.token_text = TokenText(processor.tokenizer)
 
   def request_from_body(self, body: Any):
     """Validates an OpenAI chat-completions body; returns (Request, stream, include_usage)."""
@@ -83,14 +86,46 @@ class Served:
       seed = uuid.uuid4().int % 2**32
     if not isinstance(seed, int) or isinstance(seed, bool):
       raise BadRequest("seed must be an integer")
+    logprobs = _typed(body, "logprobs", bool, False)
+    top_logprobs = body.get("top_logprobs")
+    if top_logprobs is not None:
+      if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, int) or top_logprobs > TOP_LOGPROBS \
+          or top_logprobs < 0:
+        raise BadRequest(f"top_logprobs must be an integer from 0 to {TOP_LOGPROBS}")
+      if not logprobs:
+        raise BadRequest("top_logprobs requires logprobs to be true")
     conversation = parse_messages(body.get("messages"), self.allow_local_images, self.processor,
                                   self.max_prompt_chars)
     request = build_request(self.processor, conversation, max_images=self.max_images, max_tiles=self.max_tiles,
                             max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=max(top_k, 0),
                             seed=seed % 2**32, stop=stop_list(body.get("stop")),
-                            ignore_eos=_typed(body, "ignore_eos", bool, False))
+                            ignore_eos=_typed(body, "ignore_eos", bool, False),
+                            logprobs=(top_logprobs or 0) if logprobs else None)
     self.engine.check(request)
     return request, stream, bool(options.get("include_usage"))
+
+
+class TokenText:
+  """Token ids -> OpenAI's logprobs entries. A token's text is the tokenizer's decoding of that one id (as vLLM
+  gives it; SentencePiece drops a word's leading space there), its bytes that text's UTF-8, except for a
+  byte-fallback token (<0x0A>), whose bytes are the one byte it stands for."""
+
+  def __init__(self, tokenizer):
+    self.tokenizer, self.pieces = tokenizer, {}
+
+  def piece(self, token: int) -> dict:
+    if token not in self.pieces:
+      text = self.tokenizer.decode([token])
+      byte = re.fullmatch(r"<0x([0-9A-Fa-f]{2})>", self.tokenizer.convert_ids_to_tokens(token) or "")
+      self.pieces[token] = {"token": text, "bytes": [int(byte.group(1), 16)] if byte else list(text.encode())}
+    return self.pieces[token]
+
+  def entries(self, logprobs) -> list[dict]:
+    """`engine.TokenLogprob`s -> [{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}]."""
+    def entry(token, logprob):
+      piece = self.piece(token)
+      return {"token": piece["token"], "logprob": logprob, "bytes": piece["bytes"]}
+    return [{**entry(t.token, t.logprob), "top_logprobs": [entry(i, lp) for i, lp in t.top]} for t in logprobs]
 
 
 def default_max_images(processor, limit: int) -> int:
@@ -227,9 +262,10 @@ async def _complete(served, http, handle, events, completion_id, created, error)
       if isinstance(event, Failed):
         return error(500, event.message, kind="server_error")
       if isinstance(event, Finished):
+        logprobs = None if event.logprobs is None else {"content": served.token_text.entries(event.logprobs)}
         return {"id": completion_id, "object": "chat.completion", "created": created, "model": served.model_name,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": event.text},
-                             "finish_reason": event.reason, "logprobs": None}],
+                             "finish_reason": event.reason, "logprobs": logprobs}],
                 "usage": _usage(event)}
   finally:
     handle.cancel()  # a no-op once finished; frees the row if this coroutine was cancelled mid-way
@@ -241,9 +277,14 @@ def _usage(event: Finished) -> dict:
 
 
 async def _sse(served, handle, events, completion_id, created, include_usage):
-  def chunk(delta: dict, finish_reason=None, usage=None):
+  """Each chunk carries the logprobs entries of the tokens whose text it carries; the final one those of tokens
+  whose text never showed (held back and cut at a stop string)."""
+  sent = 0  # logprobs entries sent so far
+
+  def chunk(delta: dict, finish_reason=None, usage=None, logprobs=None):
+    content = None if logprobs is None else {"content": served.token_text.entries(logprobs)}
     body = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": served.model_name,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]}
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": content}]}
     if usage is not None:
       body["choices"], body["usage"] = [], usage
     return f"data: {json.dumps(body)}\n\n"
@@ -253,12 +294,13 @@ async def _sse(served, handle, events, completion_id, created, include_usage):
     while True:
       event = await events.get()
       if isinstance(event, Delta):
-        yield chunk({"content": event.text})
+        sent += len(event.logprobs or ())
+        yield chunk({"content": event.text}, logprobs=event.logprobs)
       elif isinstance(event, Failed):
         yield f"data: {json.dumps(error_body(event.message, 'server_error'))}\n\n"
         break
       elif isinstance(event, Finished):
-        yield chunk({}, finish_reason=event.reason)
+        yield chunk({}, finish_reason=event.reason, logprobs=None if event.logprobs is None else event.logprobs[sent:])
         if include_usage:
           yield chunk({}, usage=_usage(event))
         break

@@ -25,13 +25,13 @@ import logging
 import queue
 import threading
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.decoding import Detokenizer, Sampling
+from llava_jax.decoding import TOP_LOGPROBS, Detokenizer, Sampling
 from llava_jax.padding import round_up
 from llava_jax.serve.paged import (FeatureCache, KVMemory, RowPages, content_ids, decode_step, image_hash, pow2,
                                    prefill_chunk, prompt_embeddings, slice_tokens)
@@ -61,11 +61,21 @@ class Request:
   seed: int = 0
   stop: Sequence[str] = ()
   ignore_eos: bool = False  # vLLM's extension: replies of exactly max_tokens (benchmarks)
+  logprobs: int | None = None  # None: no log-probabilities; n: each reply token's and its n most likely (0..20)
+
+
+class TokenLogprob(NamedTuple):
+  """One reply token's log-probability under the model (`llava_jax.decoding.token_logprobs`) and the `n` most
+  likely tokens' (id, log-probability), most likely first."""
+  token: int
+  logprob: float
+  top: tuple
 
 
 @dataclasses.dataclass
 class Delta:
   text: str
+  logprobs: list | None = None  # the TokenLogprobs of the tokens this text completes (held-back ones included)
 
 
 @dataclasses.dataclass
@@ -74,6 +84,7 @@ class Finished:
   reason: str               # "stop" (EOS or a stop string), "length" (max_tokens or the context), "cancelled"
   prompt_tokens: int
   completion_tokens: int
+  logprobs: list | None = None  # every reply token's TokenLogprob (one per completion token; EOS is none)
 
 
 @dataclasses.dataclass
@@ -122,6 +133,8 @@ class _Row:
   kv: RowPages          # its pages, and the positions filled
   embeds: object = None  # the prompt's input embeddings while it is being prefilled, else None
   token: int = 0        # the last sampled token, not yet in the cache (at position `kv.filled`)
+  logprobs: list | None = None  # the reply's TokenLogprobs when asked for; `shown` of them went out with deltas
+  shown: int = 0
 
   def settings(self) -> tuple:
     """`llava_jax.decoding`'s per-request sampling settings; the counter is the next token's index."""
@@ -202,6 +215,8 @@ class Engine:
                        f"than this server's context of {self.max_len} tokens allows")
     if request.max_tokens < 1:
       raise BadRequest(f"max_tokens must be at least 1, got {request.max_tokens}")
+    if request.logprobs is not None and not 0 <= request.logprobs <= TOP_LOGPROBS:
+      raise BadRequest(f"top_logprobs must be from 0 to {TOP_LOGPROBS}, got {request.logprobs}")
     try:
       Sampling(request.temperature, request.top_p, request.top_k)
     except ValueError as e:
@@ -320,7 +335,7 @@ class Engine:
     if kv is None:
       return False
     row = _Row(handle, n, Detokenizer(self.decode_ids, self.stop_strings + tuple(req.stop), self.byte_token_ids),
-               limit, kv)
+               limit, kv, logprobs=None if req.logprobs is None else [])
     try:  # right-padded so that every chunk slices in range; one compile per bucket
       input_ids = np.full((1, round_up(n + self.prefill_chunk, self.prompt_bucket)), self.pad_id, np.int32)
       input_ids[0, :n] = ids
@@ -364,7 +379,7 @@ class Engine:
     slots = np.zeros((1, length), np.int32)  # padding writes to page 0
     slots[0, :real] = [self.kv.slot(r.kv, p) for p in range(start, start + real)]
     embeds = slice_tokens(r.embeds, jnp.int32(start), length=length)
-    token, self.kv.pools = prefill_chunk(
+    token, self.kv.pools, logprobs = prefill_chunk(
         self.graphdef, self.state, self.kv.pools, embeds, jnp.asarray(positions), jnp.asarray(slots),
         jnp.asarray(self.kv.page_table([r.kv])), jnp.asarray([start + real], jnp.int32),
         jnp.asarray([real - 1], jnp.int32), _settings([r.settings()]))
@@ -377,7 +392,7 @@ class Engine:
       return
     self.prefilling.popleft()
     r.embeds, r.token = None, int(np.asarray(token)[0])
-    self._advance(i, r.token)
+    self._advance(i, r.token, tuple(np.asarray(x)[0] for x in logprobs))
 
   def _step(self):
     """One token for every decoding row (prefilling and free rows ride along on page 0, their output unused)."""
@@ -393,10 +408,12 @@ class Engine:
       r.kv.content.append(r.token)
     settings = _settings([(0.0, 1.0, 0, 0, 0) if r is None else r.settings() for r in rows])  # free: greedy
     table = self.kv.page_table([None if r is None else r.kv for r in rows])
-    new, self.kv.pools = decode_step(self.graphdef, self.state, self.kv.pools, jnp.asarray(tokens),
-                                     jnp.asarray(positions), jnp.asarray(slots), jnp.asarray(table),
-                                     jnp.asarray(lengths), settings)
+    want_logprobs = any(rows[i].logprobs is not None for i in active)
+    new, self.kv.pools, logprobs = decode_step(self.graphdef, self.state, self.kv.pools, jnp.asarray(tokens),
+                                               jnp.asarray(positions), jnp.asarray(slots), jnp.asarray(table),
+                                               jnp.asarray(lengths), settings, logprobs=want_logprobs)
     new = np.asarray(new)
+    logprobs = [np.asarray(x) for x in logprobs] if want_logprobs else None
     with self.lock:
       self.stats["steps"] += 1
       self.stats["rows_per_step"][len(active)] += 1
@@ -410,18 +427,23 @@ class Engine:
       r.kv.filled += 1
       self.kv.register(r.kv)
       r.token = int(new[i])
-      self._advance(i, r.token)
+      self._advance(i, r.token, None if logprobs is None else tuple(x[i] for x in logprobs))
 
-  def _advance(self, i: int, token: int):
-    """Takes row i's newly sampled token: emits text, or finishes the row (EOS, stop string, limits, cancel)."""
+  def _advance(self, i: int, token: int, logprobs: tuple | None = None):
+    """Takes row i's newly sampled token (and its `token_logprobs` row): emits text, or finishes the row (EOS,
+    stop string, limits, cancel)."""
     r = self.rows[i]
     if r.handle.cancelled.is_set():
       return self._finish(i, "cancelled")
     if self.eos_id is not None and token == self.eos_id and not r.handle.request.ignore_eos:
       return self._finish(i, "stop")
+    if r.logprobs is not None:
+      chosen, ids, top = logprobs
+      n = r.handle.request.logprobs
+      r.logprobs.append(TokenLogprob(token, float(chosen), tuple(zip(ids[:n].tolist(), top[:n].tolist()))))
     delta = r.text.add(token)
     if delta:
-      r.handle.emit(Delta(delta))
+      r.handle.emit(Delta(delta, self._unshown(r)))
     if r.text.stopped:
       return self._finish(i, "stop")
     if len(r.text.ids) >= r.limit or r.kv.filled >= self.max_len:
@@ -440,11 +462,19 @@ class Engine:
       return
     rest = r.text.finish()
     if reason != "cancelled" and rest:
-      r.handle.emit(Delta(rest))
+      r.handle.emit(Delta(rest, self._unshown(r)))
     with self.lock:
       self.stats["completed" if reason != "cancelled" else "cancelled"] += 1
       self.stats["generated_tokens"] += len(r.text.ids)
-    r.handle.emit(Finished(r.text.text, reason, r.prompt_tokens, len(r.text.ids)))
+    r.handle.emit(Finished(r.text.text, reason, r.prompt_tokens, len(r.text.ids), r.logprobs))
+
+  @staticmethod
+  def _unshown(r: _Row) -> list | None:
+    """The row's TokenLogprobs not yet sent with a delta (None when the request did not ask for them)."""
+    if r.logprobs is None:
+      return None
+    unshown, r.shown = r.logprobs[r.shown:], len(r.logprobs)
+    return unshown
 
   def _count(self, key: str):
     with self.lock:

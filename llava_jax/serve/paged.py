@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.decoding import _sample_requests, image_inputs
+from llava_jax.decoding import _sample_requests, image_inputs, token_logprobs
 from llava_jax.models.llama import PagedKV
 
 ROOT_KEY = b"llava-jax pages"
@@ -359,28 +359,34 @@ def paged_mask(positions, lengths, key_count: int, sliding_window=None):
   return mask[:, None]
 
 
-def _forward(model, pools, embeds, positions, write_slots, read_pages, lengths, last, settings):
+def _forward(model, pools, embeds, positions, write_slots, read_pages, lengths, last, settings, logprobs: bool):
   key_count = read_pages.shape[1] * pools[0][0].shape[1]
   mask = paged_mask(positions, lengths, key_count, model.config.text.sliding_window)
   caches = [PagedKV(k, v, write_slots, read_pages) for k, v in pools]
   out = model.decode(embeds, positions, mask, caches=caches)
   hidden = jnp.take_along_axis(out.hidden, last[:, None, None], axis=1)[:, 0]
   logits = model.logits_from_hidden(hidden).astype(jnp.float32)
-  return _sample_requests(logits, settings), [(c.k_pool, c.v_pool) for c in out.caches]
+  tokens = _sample_requests(logits, settings)
+  return (tokens, [(c.k_pool, c.v_pool) for c in out.caches],
+          token_logprobs(logits, tokens) if logprobs else None)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("pools",))
 def prefill_chunk(graphdef, state, pools, embeds, positions, write_slots, read_pages, lengths, last, settings):
   """A chunk of prompt embeddings [B, T, D] at `positions` [B, T] written at `write_slots` [B, T]; the token
-  sampled from each row's query `last` [B] (used after a prompt's final chunk). Returns (tokens [B], pools)."""
+  sampled from each row's query `last` [B] (used after a prompt's final chunk). Returns (tokens [B], pools, the
+  tokens' `token_logprobs`: a few rows' top-k is cheap next to a prefill, so always computed)."""
   return _forward(nnx.merge(graphdef, state), pools, embeds, positions, write_slots, read_pages, lengths, last,
-                  settings)
+                  settings, True)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("pools",))
-def decode_step(graphdef, state, pools, tokens, positions, write_slots, read_pages, lengths, settings):
-  """Every row's token [B] at its position [B], written at its slot [B]; returns (next tokens [B], pools)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "logprobs"), donate_argnames=("pools",))
+def decode_step(graphdef, state, pools, tokens, positions, write_slots, read_pages, lengths, settings,
+                logprobs: bool = False):
+  """Every row's token [B] at its position [B], written at its slot [B]; returns (next tokens [B], pools, their
+  `token_logprobs` or None): the top-k over the vocabulary only in the variant compiled for steps where a row
+  asked for them."""
   model = nnx.merge(graphdef, state)
   embeds = model.language_model.embed_tokens(tokens[:, None])  # a sampled image-token id is a plain token here
   return _forward(model, pools, embeds, positions[:, None], write_slots[:, None], read_pages, lengths,
-                  jnp.zeros_like(tokens), settings)
+                  jnp.zeros_like(tokens), settings, logprobs)

@@ -288,6 +288,11 @@ def test_pages_are_counted_cached_and_evicted_least_recently_used_first():
   extra.register(p, b"p"), extra.register(q, b"q")
   extra.release(p), extra.release(q)
   assert list(extra.idle) == [q] and extra.evictions == 1  # past the cache's bound: the older goes
+  grown = []
+  small = PageAllocator(2, 8, cache_pages=4, grow=grown.append)
+  p = small.allocate()
+  small.register(p, b"p"), small.release(p)
+  assert small.allocate() == p and small.evictions == 1 and grown == []  # a cached page goes before the pool grows
 
 
 def test_keys_tell_images_apart_where_the_tokens_are_the_same():

@@ -37,6 +37,7 @@ from llava_jax.serve.paged import (FeatureCache, KVMemory, RowPages, content_ids
                                    prefill_chunk, prompt_embeddings, slice_tokens)
 
 log = logging.getLogger("llava_jax.serve")
+MIN_CHUNK = 16  # the shortest prefill chunk compiled (a next turn's few new tokens): fewer shapes to compile
 
 
 class QueueFull(Exception):
@@ -164,16 +165,16 @@ class Engine:
                context: int | None = None, page_size: int = 16, max_kv_tokens: int | None = None,
                prefix_cache_tokens: int | None = None, image_cache: int = 64, prefill_chunk: int = 256,
                initial_pages: int = 16):
-    for name, value in (("max_batch", max_batch), ("max_len", max_len), ("prompt_bucket", prompt_bucket),
-                        ("max_queue", max_queue), ("page_size", page_size), ("prefill_chunk", prefill_chunk),
-                        ("max_kv_tokens", 1 if max_kv_tokens is None else max_kv_tokens),
-                        ("initial_pages", initial_pages)):
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:  # a zero would hang, divide by zero
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    for name, value in (("prefix_cache_tokens", 0 if prefix_cache_tokens is None else prefix_cache_tokens),
-                        ("image_cache", image_cache)):
-      if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+    # A zero batch, bucket, page or chunk would hang or divide by zero; 0 turns the two caches off.
+    for name, value, low in (("max_batch", max_batch, 1), ("max_len", max_len, 1), ("prompt_bucket", prompt_bucket, 1),
+                             ("max_queue", max_queue, 1), ("page_size", page_size, 1),
+                             ("prefill_chunk", prefill_chunk, 1), ("max_kv_tokens", max_kv_tokens, 1),
+                             ("initial_pages", initial_pages, 1), ("prefix_cache_tokens", prefix_cache_tokens, 0),
+                             ("image_cache", image_cache, 0)):
+      if value is None and name in ("max_kv_tokens", "prefix_cache_tokens"):  # their defaults
+        continue
+      if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if max_len % prompt_bucket or max_len <= prompt_bucket:
       raise ValueError(f"max_len {max_len} must be a multiple of prompt_bucket {prompt_bucket} and larger than it")
     max_kv_tokens = max_kv_tokens or max_batch * max_len
@@ -372,7 +373,7 @@ class Engine:
       return
     start = r.kv.filled
     left = r.prompt_tokens - start
-    length = min(self.prefill_chunk, pow2(left))
+    length = min(self.prefill_chunk, pow2(max(left, MIN_CHUNK)))
     real = min(left, length)
     positions = np.full((1, length), start + real - 1, np.int32)
     positions[0, :real] = np.arange(start, start + real)

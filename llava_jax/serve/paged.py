@@ -7,7 +7,7 @@ on the host) and its token j sits at slot j % page_size of page j // page_size, 
 keyed by a hash chain over its row's content (token ids; an image placeholder carries its image's content hash
 and its index within the image), so a later prompt with the same beginning reuses the pages instead of
 prefilling them again. Pages nobody references stay cached (least recently used first out) until the allocator
-needs them or the cache's bound is reached. Page 0 is never handed out: padded queries write their K/V there.
+needs them (before the pool grows) or the cache's bound is reached. Page 0 is never handed out: padded queries write their K/V there.
 
 Compiled shapes stay bounded: pool sizes are powers of two (the pool doubles when pages run out), a step reads a
 power-of-two count of pages, a prefill chunk is a power of two tokens long or `prefill_chunk`.
@@ -45,8 +45,8 @@ def pow2(n: int) -> int:
 class PageAllocator:
   """Pages 1..capacity-1 of a pool that can grow to `max_pages`. A page is free, in use (referenced by rows:
   `refs`), or idle (registered under a content key, referenced by nobody: kept for a later prefix hit, evicted
-  least recently used first when a page is needed and the pool cannot grow, or when more than `cache_pages` are
-  idle). `grow(new_capacity)` is called to double the device pool."""
+  least recently used first when a page is needed and none is free, or when more than `cache_pages` are idle).
+  `grow(new_capacity)` is called to double the device pool."""
 
   def __init__(self, capacity: int, max_pages: int, cache_pages: int, grow: Callable[[int], None] | None = None):
     if capacity < 2 or capacity > max_pages or cache_pages < 0:
@@ -68,16 +68,17 @@ class PageAllocator:
     return self.max_pages - 1 - len(self.refs)
 
   def allocate(self) -> int:
-    """A page for a row to write (reference count 1): a free one, else the pool grows, else the least recently
-    used idle page is evicted. RuntimeError when every page is in use (the engine reserves pages so it is not)."""
+    """A page for a row to write (reference count 1): a free one, else the least recently used idle page is
+    evicted, else the pool grows (so it grows with the pages in use, not with the cache, and recompiles seldom).
+    RuntimeError when every page is in use (the engine reserves pages so it is not)."""
+    if not self.free and self.idle:
+      self._evict(next(iter(self.idle)))
     if not self.free and self.capacity < self.max_pages:
       new = min(self.capacity * 2, self.max_pages)
       if self.grow is not None:
         self.grow(new)
       self.free = list(range(new - 1, self.capacity - 1, -1))
       self.capacity = new
-    if not self.free and self.idle:
-      self._evict(next(iter(self.idle)))
     if not self.free:
       raise RuntimeError(f"all {self.max_pages - 1} KV pages are in use")
     page = self.free.pop()

@@ -154,24 +154,25 @@ class Engine:
   --max-new-tokens to what the prompt leaves of it. prompt_bucket: a prompt's embeddings are computed at a length
   rounded up to it (one compile per bucket).
 
-  The KV memory (serve/paged.py): pages of `page_size` positions in a pool that starts at `initial_pages` and
-  doubles up to `max_kv_tokens` (default: max_batch x max_len, what a static cache would take); up to
-  `prefix_cache_tokens` (default: half of max_kv_tokens) of pages no row uses stay cached for prefix reuse;
-  `image_cache` images' features are kept; prompts are prefilled `prefill_chunk` tokens per engine iteration."""
+  The KV memory (serve/paged.py): pages of `page_size` positions in a pool that starts at `initial_pages` (default:
+  one row of max_len, so one request never makes it grow) and doubles up to `max_kv_tokens` (default: max_batch x
+  max_len, what a static cache would take); up to `prefix_cache_tokens` (default: half of max_kv_tokens) of pages
+  no row uses stay cached for prefix reuse; `image_cache` images' features are kept; prompts are prefilled up to
+  `prefill_chunk` tokens per engine iteration."""
 
   def __init__(self, model, *, max_batch: int = 8, max_len: int = 1024, prompt_bucket: int = 32,
                max_queue: int = 64, eos_id: int | None = None, pad_id: int = 0, decode: Callable | None = None,
                stop_strings: Sequence[str] = (), byte_token_ids: Sequence[int] = (), log_every: int = 100,
                context: int | None = None, page_size: int = 16, max_kv_tokens: int | None = None,
                prefix_cache_tokens: int | None = None, image_cache: int = 64, prefill_chunk: int = 256,
-               initial_pages: int = 16):
+               initial_pages: int | None = None):
     # A zero batch, bucket, page or chunk would hang or divide by zero; 0 turns the two caches off.
     for name, value, low in (("max_batch", max_batch, 1), ("max_len", max_len, 1), ("prompt_bucket", prompt_bucket, 1),
                              ("max_queue", max_queue, 1), ("page_size", page_size, 1),
                              ("prefill_chunk", prefill_chunk, 1), ("max_kv_tokens", max_kv_tokens, 1),
                              ("initial_pages", initial_pages, 1), ("prefix_cache_tokens", prefix_cache_tokens, 0),
                              ("image_cache", image_cache, 0)):
-      if value is None and name in ("max_kv_tokens", "prefix_cache_tokens"):  # their defaults
+      if value is None and name in ("max_kv_tokens", "prefix_cache_tokens", "initial_pages"):  # their defaults
         continue
       if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -186,7 +187,7 @@ class Engine:
     self.byte_token_ids = frozenset(int(i) for i in byte_token_ids)
     self.graphdef, self.state = nnx.split(model)
     self.kv = KVMemory(model, page_size=page_size, max_tokens=max_kv_tokens, row_tokens=max_len,
-                       cache_tokens=cache_tokens, initial_pages=initial_pages)
+                       cache_tokens=cache_tokens, initial_pages=initial_pages or -(-max_len // page_size) + 1)
     self.token_bytes = self.kv.token_bytes
     self.features = FeatureCache(image_cache)
     self.rows: list[_Row | None] = [None] * max_batch

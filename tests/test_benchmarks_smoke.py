@@ -22,7 +22,8 @@ def _run(*args, timeout=120):
                         env=env, check=True).stdout
 
 
-@pytest.mark.parametrize("script", ["compare_torch.py", "aot_scale.py", "data_pipeline.py", "attention_speed.py"])
+@pytest.mark.parametrize("script", ["compare_torch.py", "aot_scale.py", "data_pipeline.py", "attention_speed.py",
+                                    "serve_load.py"])
 def test_help(script):
   assert "usage" in _run(os.path.join(BENCH, script), "--help")
 

@@ -18,7 +18,7 @@ from llava_jax import load_checkpoint
 from llava_jax.processor import Processor
 from llava_jax.serve import QueueEvents, Request, serve_model
 from llava_jax.serve.api import create_app
-from llava_jax.serve.engine import Delta, Finished
+from llava_jax.serve.engine import Finished
 
 TOL = 1e-4
 MAX_TOKENS = 8

@@ -397,9 +397,12 @@ class Engine:
     self._advance(i, r.token, tuple(np.asarray(x)[0] for x in logprobs))
 
   def _step(self):
-    """One token for every decoding row (prefilling and free rows ride along on page 0, their output unused)."""
-    b = self.max_batch
-    rows = [r if r is not None and r.embeds is None else None for r in self.rows]
+    """One token for every decoding row. The step runs the rows up to the last decoding one, their count rounded up
+    to a power of two (new requests take the lowest free row, so a light load runs a small step); prefilling and
+    free rows among them ride along on page 0, their output unused."""
+    decoding = [i for i, r in enumerate(self.rows) if r is not None and r.embeds is None]
+    b = min(pow2(decoding[-1] + 1), self.max_batch)
+    rows = [r if r is not None and r.embeds is None else None for r in self.rows[:b]]
     active = [i for i, r in enumerate(rows) if r is not None]
     tokens, positions, slots = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
     lengths = np.ones(b, np.int32)

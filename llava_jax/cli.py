@@ -214,8 +214,17 @@ def _serve_flags(p):
   p.add_argument("--port", type=_port, default=8000)
   p.add_argument("--max-batch", type=_positive_int, default=8, help="rows decoded together in one compiled step")
   p.add_argument("--max-tokens", type=_positive_int, default=512, help="cap (and default) of a reply's max_tokens")
-  p.add_argument("--max-len", type=_positive_int, help="KV cache slots per row: prompt + reply (default: the "
+  p.add_argument("--max-len", type=_positive_int, help="positions per row: prompt + reply (default: the "
                  "model's context, at most 2048, + --max-tokens)")
+  p.add_argument("--page-size", type=_positive_int, help="positions per KV page (default 16)")
+  p.add_argument("--max-kv-tokens", type=_positive_int, help="the KV pool's most positions, all rows and the prefix "
+                 "cache together; it starts small and doubles up to this (default: --max-batch x --max-len)")
+  p.add_argument("--prefix-cache-tokens", type=_non_negative_int, help="positions of finished rows' pages kept for "
+                 "prompts that begin the same, e.g. a chat's next turn (default: half of --max-kv-tokens; 0: off)")
+  p.add_argument("--image-cache", type=_non_negative_int, help="images whose features are kept for the next turn "
+                 "(default 64; 0: off)")
+  p.add_argument("--prefill-chunk", type=_positive_int, help="prompt tokens prefilled per engine iteration, between "
+                 "decode steps (default 256)")
   p.add_argument("--prompt-bucket", type=_positive_int, default=32, help="prompts are padded to a multiple of this "
                  "(one compiled prefill per bucket)")
   p.add_argument("--max-queue", type=_positive_int, default=64, help="requests waiting for a row; more get 429")
@@ -240,7 +249,8 @@ def _serve(args, web: bool = False):
   served = serve.load(args.ckpt, max_batch=args.max_batch, max_len=args.max_len, max_tokens=args.max_tokens,
                       prompt_bucket=args.prompt_bucket, max_queue=args.max_queue, template=args.template,
                       dtype=args.dtype, allow_local_images=getattr(args, "allow_local_images", None),
-                      model_name=args.model_name, max_body_bytes=args.max_body_bytes)
+                      model_name=args.model_name, max_body_bytes=args.max_body_bytes,
+                      **{name: getattr(args, name) for name in serve.MEMORY_SETTINGS})
   if web:
     from llava_jax.serve.web import create_web_app
 

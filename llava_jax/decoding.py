@@ -192,7 +192,7 @@ def image_inputs(model: Llava, input_ids, pixel_values=None, image_mask=None, im
   return images
 
 
-# -- compiled: the whole loop (generate, eval), prefill + step (stream), a row of a shared batch (the engine) -------
+# -- compiled: the whole loop (generate, eval), prefill + step (stream); the engine's are in serve/paged.py ---------
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "sampling", "eos_ids", "pad_id"))
@@ -251,40 +251,10 @@ def step_sample(graphdef, state, token, caches, key_valid, position, index, seed
 
 
 def _sample_requests(logits, settings):
-  """Each row is row 0 of its own request: settings = (temperature, top_p, top_k, seed, counter), all [B]."""
+  """Each row is row 0 of its own request: settings = (temperature, top_p, top_k, seed, counter), all [B] (the
+  serving engine's steps, serve/paged.py)."""
   temperature, top_p, top_k, seeds, counters = settings
   return sample(logits, temperature, top_p, top_k, row_keys(seeds, jnp.zeros_like(counters), counters))
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("caches", "key_valid"))
-def prefill_into_row(graphdef, state, caches, key_valid, row, input_ids, attention_mask, images, settings):
-  """Prefills one prompt [1, T] into row `row` of a shared batch cache and samples its first token (`settings`
-  as `_sample_requests`, each [1]). Returns (token, caches, key_valid, next position, the token's
-  `token_logprobs` for row 0: one row's top-k is cheap next to a prefill, so it is always computed)."""
-  logits, row_caches, row_valid, position = prefill(nnx.merge(graphdef, state), input_ids, attention_mask, images,
-                                                    key_valid.shape[1])
-  caches = [(k.at[row].set(rk[0]), v.at[row].set(rv[0])) for (k, v), (rk, rv) in zip(caches, row_caches)]
-  tokens = _sample_requests(logits, settings)
-  logprobs = tuple(x[0] for x in token_logprobs(logits, tokens))
-  return tokens[0], caches, key_valid.at[row].set(row_valid[0]), position[0], logprobs
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "logprobs"), donate_argnames=("caches", "key_valid"))
-def batch_step(graphdef, state, caches, key_valid, tokens, positions, indices, settings, logprobs: bool = False):
-  """`decode_step` mapped over the rows of a shared batch (`jax.vmap`: each row writes its own cache slot
-  `indices[r]`), then each row's token. Returns (tokens [B], caches, key_valid, each token's `token_logprobs` or
-  None): the top-k over the vocabulary only in the variant compiled for steps where a row asked for them."""
-  model = nnx.merge(graphdef, state)
-
-  def one_row(token, row_caches, row_valid, position, index):
-    batched = [(k[None], v[None]) for k, v in row_caches]
-    logits, new_caches, new_valid = decode_step(model, token[None], batched, row_valid[None], position[None],
-                                                index)
-    return logits[0], [(k[0], v[0]) for k, v in new_caches], new_valid[0]
-
-  logits, caches, key_valid = jax.vmap(one_row)(tokens, caches, key_valid, positions, indices)
-  new = _sample_requests(logits, settings)
-  return new, caches, key_valid, token_logprobs(logits, new) if logprobs else None
 
 
 # -- text: stop strings and incremental detokenization -----------------------------------------------------------

@@ -3,11 +3,13 @@ llama3), grouped-query attention, SwiGLU MLP. Attribute names mirror transformer
 table stays short.
 
 A layer optionally reads and writes a static-size KV cache (for generation): `cache = (k, v)`, each
-[B, S_max, K, D], written at `cache_index`.
+[B, S_max, K, D], written at `cache_index`; or a `PagedKV` (the serving engine's page pool, serve/paged.py).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import NamedTuple
 
@@ -75,6 +77,34 @@ def apply_rope(x, cos, sin):
   return x * cos[:, :, None] + rotated * sin[:, :, None]
 
 
+# -- the paged KV cache hook ----------------------------------------------------------------------------------
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["k_pool", "v_pool", "write_slots", "read_pages"],
+                   meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class PagedKV:
+  """One layer's share of a paged KV pool: k_pool, v_pool [num_pages, page_size, K, D]; the new tokens' flat slots
+  (page * page_size + offset) write_slots int32 [B, T]; each row's pages in order read_pages int32 [B, P]. The
+  layer writes, then attends to its row's pages as one [B, P * page_size] sequence (key j at position j): the
+  caller's mask says which of those keys each query sees."""
+  k_pool: jax.Array
+  v_pool: jax.Array
+  write_slots: jax.Array
+  read_pages: jax.Array
+
+  def write_and_read(self, k, v):
+    """Scatters k, v [B, T, K, D] into the pools; returns (the updated PagedKV, keys, values [B, P * page, K, D])."""
+    pools = []
+    for pool, new in ((self.k_pool, k), (self.v_pool, v)):
+      flat = pool.reshape(-1, *pool.shape[2:])
+      flat = flat.at[self.write_slots.reshape(-1)].set(new.reshape(-1, *new.shape[2:]).astype(pool.dtype))
+      pools.append(flat.reshape(pool.shape))
+    b, p = self.read_pages.shape
+    read = [pool[self.read_pages].reshape(b, p * pool.shape[1], *pool.shape[2:]) for pool in pools]
+    return dataclasses.replace(self, k_pool=pools[0], v_pool=pools[1]), read[0], read[1]
+
+
 # -- layers ----------------------------------------------------------------------------------------------------
 
 
@@ -97,7 +127,9 @@ class LlamaAttention(nnx.Module):
     q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
     k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
     v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-    if cache is not None:
+    if isinstance(cache, PagedKV):
+      cache, k, v = cache.write_and_read(k, v)
+    elif cache is not None:
       k_cache, v_cache = cache
       start = (0, cache_index, 0, 0)
       k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), start)

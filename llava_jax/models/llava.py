@@ -138,7 +138,7 @@ class Llava(nnx.Module):
 
   def embed(self, input_ids, pixel_values=None, image_mask=None, image_feature_rows=None, images_by_row=False,
             image_feature_weights=None, pixel_values_videos=None, video_feature_rows=None,
-            video_feature_weights=None):
+            video_feature_weights=None, precomputed_features=None):
     """Token embeddings with image features scattered, in order, into the image-token positions.
 
     pixel_values: [N, H, W, C] (or [B, M, H, W, C], flattened row-major); image_mask [N] (or [B, M]) marks
@@ -155,6 +155,9 @@ class Llava(nnx.Module):
     features only, so the splice stays split with the batch on a mesh (the batch-wide gather makes every device
     hold every row's features). The train step uses it. Videos then come [B, F, H, W, C], row b's own (zero
     frames where it has none), their rows counted within the row as well.
+
+    `precomputed_features`: what `image_features` gives for pixel_values (flattened to [N * P, H, W, C]), computed
+    before (the serving engine caches them per image); pixel_values then give only their shape.
     """
     image_token, video_token = self.config.image_token_index, self.config.video_token_index
     is_image = input_ids == image_token
@@ -176,13 +179,13 @@ class Llava(nnx.Module):
     if pixel_values_videos is not None:
       return self._embed_with_videos(embeds, is_image, is_video, pixel_values, image_feature_rows,
                                      image_feature_weights, pixel_values_videos, video_feature_rows,
-                                     video_feature_weights, images_by_row)
+                                     video_feature_weights, images_by_row, precomputed_features)
     if image_layout(self.config).places_features:
       return self._embed_tiles(embeds, is_image, pixel_values, image_feature_rows, images_by_row,
-                               image_feature_weights)
+                               image_feature_weights, precomputed_features)
     groups = embeds.shape[0] if images_by_row else 1  # each row gathers from its own images, or the batch's
     slots = pixel_values.reshape(groups, -1, *pixel_values.shape[-3:])  # [G, M, H, W, C]
-    features = self.image_features(slots.reshape(-1, *slots.shape[2:]))
+    features = self._features(slots.reshape(-1, *slots.shape[2:]), precomputed_features)
     features = features.reshape(*slots.shape[:2], *features.shape[1:])  # [G, M, F, D]
     per_image, dim = features.shape[2:]
     real = jnp.ones(slots.shape[:2], bool) if image_mask is None else image_mask.reshape(groups, -1).astype(bool)
@@ -198,13 +201,23 @@ class Llava(nnx.Module):
     spliced = jnp.take_along_axis(flat, index[..., None], axis=1).reshape(embeds.shape)
     return jnp.where(is_image[..., None], spliced, embeds)
 
-  def _embed_tiles(self, embeds, is_image, pixel_values, image_feature_rows, images_by_row=False, weights=None):
+  def _features(self, pixel_values, precomputed=None):
+    """`image_features` of pixel_values [N, H, W, C], or the `precomputed` ones [N, F, D] (`embed`)."""
+    if precomputed is None:
+      return self.image_features(pixel_values)
+    if precomputed.shape[0] != pixel_values.shape[0]:
+      raise ValueError(f"precomputed_features hold {precomputed.shape[0]} images' features, pixel_values "
+                       f"{pixel_values.shape[0]} images (tiles)")
+    return precomputed
+
+  def _embed_tiles(self, embeds, is_image, pixel_values, image_feature_rows, images_by_row=False, weights=None,
+                   precomputed=None):
     """LLaVA-NeXT: every tile through the tower and projector (blank tiles too: fixed shapes), then one gather
     from [tile features..., image_newline] by the host-computed rows (per row with `images_by_row`); OneVision's
     rows carry taps, mixed by `weights` (its bilinear shrink and pooling, after the projector as transformers)."""
     if image_feature_rows is None:
       raise ValueError("a LLaVA-NeXT model needs image_sizes (or image_feature_rows) with pixel_values")
-    features = self.image_features(pixel_values.reshape(-1, *pixel_values.shape[-3:]))
+    features = self._features(pixel_values.reshape(-1, *pixel_values.shape[-3:]), precomputed)
     groups = embeds.shape[0] if images_by_row else 1
     features = features.reshape(groups, -1, features.shape[-1])
     taps = image_feature_rows.shape[2:]  # () for one row a token, (K,) for K taps
@@ -214,7 +227,7 @@ class Llava(nnx.Module):
     return jnp.where(is_image[..., None], spliced.astype(embeds.dtype).reshape(embeds.shape), embeds)
 
   def _embed_with_videos(self, embeds, is_image, is_video, pixel_values, image_rows, image_weights, videos,
-                         video_rows, video_weights, images_by_row):
+                         video_rows, video_weights, images_by_row, precomputed=None):
     """OneVision with videos: every frame through the tower and projector as an image tile; one weighted gather
     from [image slot features..., video frame features..., image_newline], the host's image rows (newline one
     past the images) and video rows (newline one past the videos) moved onto that one table. `images_by_row`:
@@ -229,7 +242,8 @@ class Llava(nnx.Module):
       if image_rows is None or image_weights is None:
         raise ValueError("a LLaVA-OneVision model needs image_sizes (or image_feature_rows and "
                          "image_feature_weights) with pixel_values")
-      tables.append(self.image_features(pixel_values.reshape(-1, *pixel_values.shape[-3:])).reshape(groups, -1, dim))
+      image_table = self._features(pixel_values.reshape(-1, *pixel_values.shape[-3:]), precomputed)
+      tables.append(image_table.reshape(groups, -1, dim))
     tables.append(self.image_features(videos.reshape(-1, *videos.shape[-3:])).reshape(groups, -1, dim))
     n_image = tables[0].shape[1] if pixel_values is not None else 0
     n_video, total = tables[-1].shape[1], sum(t.shape[1] for t in tables)

@@ -1,14 +1,16 @@
 """One engine owns the model and batches concurrent requests into one compiled decode step (continuous batching).
 
-The batch has a fixed number of rows (`max_batch`) and a static KV cache of `max_len` slots per row. A request is
-prefilled alone (one compile per prompt bucket, with or without images) straight into a free row of the batch
-cache; then one compiled step advances every row by one token. Rows sit at different lengths, so the step takes
-per-row cache slots, positions and sampling settings: `llava_jax.decoding.batch_step` maps the one decode step over
-the rows (`jax.vmap`), which turns the cache write at a scalar slot into a per-row scatter. Each request samples as
-row 0 of its own with its seed (`llava_jax.decoding`'s keys), so it gets what `generate(..., seed=...)` gives, and
-its text streams through `llava_jax.decoding.Detokenizer`. New requests join and finished ones leave at step
-boundaries; compiled shapes stay bounded (prompt buckets x image/no-image, OneVision also x its image count, and
-one step).
+The batch has a fixed number of rows (`max_batch`); their K/V live in a paged pool (`llava_jax.serve.paged`): each
+row holds a table of fixed-size pages, a page full of the same content (same tokens, same images, same beginning)
+is shared between rows and kept after its row finished, so a prompt that starts like an earlier one (the next turn
+of a chat) prefills only what is new. A request's prompt embeddings are computed once when it takes a row (each
+image's features from a cache or the tower), then prefilled in chunks, up to `prefill_chunk` tokens per engine
+iteration between decode steps, so the rows already decoding keep producing tokens while a long prompt comes in
+(several short prompts share an iteration's budget). One compiled step advances every decoding row by one token,
+reading only the pages in use (a power-of-two page count). Each request samples as row 0 of its own with its seed
+(`llava_jax.decoding`'s keys), so it gets what `generate(..., seed=...)` gives, and its text streams through
+`llava_jax.decoding.Detokenizer`. New requests join and finished ones leave at step boundaries; compiled shapes
+stay bounded (prompt buckets, chunk lengths, page-count buckets and pool sizes are powers of two or fixed).
 
 The engine runs in its own thread; callers `submit` a `Request` and receive `Delta` / `Finished` events through a
 callback (thread-safe queue for plain threads, `loop.call_soon_threadsafe` for asyncio).
@@ -29,11 +31,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.decoding import (TOP_LOGPROBS, Detokenizer, Sampling, batch_step, image_inputs, init_cache,
-                                prefill_into_row)
-from llava_jax.padding import left_pad, round_up
+from llava_jax.decoding import TOP_LOGPROBS, Detokenizer, Sampling
+from llava_jax.padding import round_up
+from llava_jax.serve.paged import (FeatureCache, KVMemory, RowPages, content_ids, decode_step, image_hash, pow2,
+                                   prefill_chunk, prompt_embeddings, slice_tokens)
 
 log = logging.getLogger("llava_jax.serve")
+MIN_CHUNK = 16  # the shortest prefill chunk compiled (a next turn's few new tokens): fewer shapes to compile
 
 
 class QueueFull(Exception):
@@ -125,11 +129,11 @@ class QueueEvents:
 class _Row:
   handle: Handle
   prompt_tokens: int
-  token: int            # the last sampled token, not yet in the cache
-  position: int         # its position
-  index: int            # its cache slot
   text: Detokenizer     # the reply's ids and the text already emitted as deltas
-  limit: int = 0        # the reply's most tokens: max_tokens, lowered to what the model's context leaves
+  limit: int            # the reply's most tokens: max_tokens, lowered to what the model's context leaves
+  kv: RowPages          # its pages, and the positions filled
+  embeds: object = None  # the prompt's input embeddings while it is being prefilled, else None
+  token: int = 0        # the last sampled token, not yet in the cache (at position `kv.filled`)
   logprobs: list | None = None  # the reply's TokenLogprobs when asked for; `shown` of them went out with deltas
   shown: int = 0
 
@@ -142,37 +146,59 @@ class _Row:
 class Engine:
   """Owns the model; serves `Request`s from a bounded queue in one background thread.
 
-  max_batch: rows decoded together. max_len: KV cache slots per row (prompt, padded to `prompt_bucket`, plus the
-  reply). max_queue: requests waiting for a row before `submit` raises QueueFull. eos_id: ends a reply;
-  stop_strings: the template's stop text, added to every request's `stop`. byte_token_ids: SentencePiece's
-  byte-fallback tokens (<0x..>), whose decoding a following byte can still rewrite, so streaming holds them back.
-  context: the model's positions (`text.max_position_embeddings`); a reply stops there with "length", as
-  `llava-jax generate` lowers --max-new-tokens to what the prompt leaves of it."""
+  max_batch: rows decoded together. max_len: the most positions a row holds (prompt plus reply). max_queue:
+  requests waiting for a row before `submit` raises QueueFull. eos_id: ends a reply; stop_strings: the template's
+  stop text, added to every request's `stop`. byte_token_ids: SentencePiece's byte-fallback tokens (<0x..>), whose
+  decoding a following byte can still rewrite, so streaming holds them back. context: the model's positions
+  (`text.max_position_embeddings`); a reply stops there with "length", as `llava-jax generate` lowers
+  --max-new-tokens to what the prompt leaves of it. prompt_bucket: a prompt's embeddings are computed at a length
+  rounded up to it (one compile per bucket).
+
+  The KV memory (serve/paged.py): pages of `page_size` positions in a pool that starts at `initial_pages` (default:
+  one row of max_len, so one request never makes it grow) and doubles up to `max_kv_tokens` (default: max_batch x
+  max_len, what a static cache would take); up to `prefix_cache_tokens` (default: half of max_kv_tokens) of pages
+  no row uses stay cached for prefix reuse; `image_cache` images' features are kept; prompts are prefilled up to
+  `prefill_chunk` tokens per engine iteration."""
 
   def __init__(self, model, *, max_batch: int = 8, max_len: int = 1024, prompt_bucket: int = 32,
                max_queue: int = 64, eos_id: int | None = None, pad_id: int = 0, decode: Callable | None = None,
                stop_strings: Sequence[str] = (), byte_token_ids: Sequence[int] = (), log_every: int = 100,
-               context: int | None = None):
-    for name, value in (("max_batch", max_batch), ("max_len", max_len), ("prompt_bucket", prompt_bucket),
-                        ("max_queue", max_queue)):  # a zero would hang every request, divide by zero or unbound
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+               context: int | None = None, page_size: int = 16, max_kv_tokens: int | None = None,
+               prefix_cache_tokens: int | None = None, image_cache: int = 64, prefill_chunk: int = 256,
+               initial_pages: int | None = None):
+    # A zero batch, bucket, page or chunk would hang or divide by zero; 0 turns the two caches off.
+    for name, value, low in (("max_batch", max_batch, 1), ("max_len", max_len, 1), ("prompt_bucket", prompt_bucket, 1),
+                             ("max_queue", max_queue, 1), ("page_size", page_size, 1),
+                             ("prefill_chunk", prefill_chunk, 1), ("max_kv_tokens", max_kv_tokens, 1),
+                             ("initial_pages", initial_pages, 1), ("prefix_cache_tokens", prefix_cache_tokens, 0),
+                             ("image_cache", image_cache, 0)):
+      if value is None and name in ("max_kv_tokens", "prefix_cache_tokens", "initial_pages"):  # their defaults
+        continue
+      if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     if max_len % prompt_bucket or max_len <= prompt_bucket:
       raise ValueError(f"max_len {max_len} must be a multiple of prompt_bucket {prompt_bucket} and larger than it")
+    max_kv_tokens = max_kv_tokens or max_batch * max_len
+    cache_tokens = max_kv_tokens // 2 if prefix_cache_tokens is None else prefix_cache_tokens
     self.model, self.max_batch, self.max_len, self.prompt_bucket = model, max_batch, max_len, prompt_bucket
-    self.context = context
+    self.page_size, self.prefill_chunk, self.context = page_size, prefill_chunk, context
     self.eos_id, self.pad_id, self.decode_ids = eos_id, pad_id, decode or (lambda ids: "")
     self.stop_strings, self.log_every = tuple(s for s in stop_strings if s), log_every
     self.byte_token_ids = frozenset(int(i) for i in byte_token_ids)
     self.graphdef, self.state = nnx.split(model)
-    self.caches = init_cache(model, max_batch, max_len)
-    self.key_valid = jnp.zeros((max_batch, max_len), bool)
+    self.kv = KVMemory(model, page_size=page_size, max_tokens=max_kv_tokens, row_tokens=max_len,
+                       cache_tokens=cache_tokens, initial_pages=initial_pages or -(-max_len // page_size) + 1)
+    self.token_bytes = self.kv.token_bytes
+    self.features = FeatureCache(image_cache)
     self.rows: list[_Row | None] = [None] * max_batch
+    self.prefilling: collections.deque[int] = collections.deque()  # rows whose prompt is not all in the pages
+    self.next_handle: Handle | None = None  # the queue's head, waiting for pages
     self.waiting: queue.Queue = queue.Queue(maxsize=max_queue)
     self.wake = threading.Event()
     self.ids = itertools.count()
     self.stats = {"steps": 0, "rows_per_step": collections.Counter(), "prefills": 0, "completed": 0,
-                  "cancelled": 0, "failed": 0, "generated_tokens": 0, "rejected": 0}
+                  "cancelled": 0, "failed": 0, "generated_tokens": 0, "rejected": 0, "prefix_hit_tokens": 0,
+                  "prefill_tokens": 0, "prefill_chunks": 0}
     self.lock = threading.Lock()
     self.stopping = False
     self.running = threading.Event()
@@ -223,11 +249,13 @@ class Engine:
       steps = self.stats["steps"]
       hist = dict(sorted(self.stats["rows_per_step"].items()))
       rows = sum(k * v for k, v in hist.items())
+      kv = self.kv.usage([r.kv for r in self.rows if r is not None])
       return {**{k: v for k, v in self.stats.items() if k != "rows_per_step"},
               "rows_per_step": {str(k): v for k, v in hist.items()},
               "mean_rows_per_step": rows / steps if steps else 0.0, "max_batch": self.max_batch,
               "max_len": self.max_len, "active_rows": sum(r is not None for r in self.rows),
-              "queued": self.waiting.qsize()}
+              "queued": self.waiting.qsize() + (self.next_handle is not None), **kv,
+              "image_cache_hits": self.features.hits}
 
   def pause(self):
     """Stops taking requests from the queue (after the step in progress) until `resume`; for maintenance and to
@@ -252,9 +280,10 @@ class Engine:
         continue
       try:
         self._admit()
-        if any(r is not None for r in self.rows):
+        self._prefill()
+        if any(r is not None and r.embeds is None for r in self.rows):
           self._step()
-        else:
+        elif not self.prefilling:
           self.wake.wait(timeout=0.5)
           self.wake.clear()
       except Exception as e:  # pylint: disable=broad-except
@@ -265,55 +294,129 @@ class Engine:
             self._finish(i, None, failure=f"internal error: {e}")
 
   def _admit(self):
-    """Prefills waiting requests into free rows (a step boundary)."""
+    """Starts waiting requests in free rows while their pages can be reserved (a step boundary)."""
     for i in range(self.max_batch):
       if self.rows[i] is not None:
         continue
-      try:
-        handle = self.waiting.get_nowait()
-      except queue.Empty:
-        return
+      handle = self.next_handle
+      if handle is None:
+        try:
+          handle = self.waiting.get_nowait()
+        except queue.Empty:
+          return
+      self.next_handle = None
       if handle.cancelled.is_set():
         self._count("cancelled")
         handle.emit(Finished("", "cancelled", len(handle.request.input_ids), 0))
         continue
       try:
-        self._prefill(i, handle)
+        if not self._start(i, handle):
+          self.next_handle = handle  # first in line once pages are released
+          return
       except Exception as e:  # pylint: disable=broad-except
         log.exception("prefill failed")
         self._count("failed")
         handle.emit(Failed(f"could not process the prompt: {e}"))
 
-  def _prefill(self, i: int, handle: Handle):
+  def _start(self, i: int, handle: Handle) -> bool:
+    """Row i takes the request: its cached prefix pages, its pages reserved, its embeddings. False (nothing
+    changed) when the pool cannot reserve its pages while the rows in flight hold theirs."""
     req = handle.request
-    input_ids, mask = left_pad([np.asarray(req.input_ids, np.int32)], self.pad_id, self.prompt_bucket)
+    ids = np.asarray(req.input_ids, np.int32)
+    n = len(ids)
     pixels = None if req.pixel_values is None else np.asarray(req.pixel_values, np.float32)
     videos = None if req.pixel_values_videos is None else np.asarray(req.pixel_values_videos, np.float32)
-    # OneVision: the feature rows and their tap weights, from the (padded) ids and the image sizes
-    images = image_inputs(self.model, input_ids, pixels, None, req.image_sizes, videos)
-    row = _Row(handle, len(req.input_ids), 0, 0, input_ids.shape[1],
-               Detokenizer(self.decode_ids, self.stop_strings + tuple(req.stop), self.byte_token_ids),
-               self.reply_limit(req), None if req.logprobs is None else [])
-    token, self.caches, self.key_valid, position, logprobs = prefill_into_row(
-        self.graphdef, self.state, self.caches, self.key_valid, jnp.int32(i), jnp.asarray(input_ids),
-        jnp.asarray(mask), images, _settings([row.settings()]))
-    self._count("prefills")
-    row.token, row.position = int(token), int(position)
+    sizes = None if req.image_sizes is None else np.asarray(req.image_sizes)
+    image_keys = [] if pixels is None else [image_hash(p, None if sizes is None else sizes[k])
+                                            for k, p in enumerate(pixels)]
+    cfg = self.model.config
+    content = content_ids(ids, [(cfg.image_token_index, image_keys),
+                                (cfg.video_token_index, [] if videos is None else [image_hash(v) for v in videos])])
+    limit = self.reply_limit(req)
+    kv = self.kv.admit(content, n, min(n + limit, self.max_len), [r.kv for r in self.rows if r is not None])
+    if kv is None:
+      return False
+    row = _Row(handle, n, Detokenizer(self.decode_ids, self.stop_strings + tuple(req.stop), self.byte_token_ids),
+               limit, kv, logprobs=None if req.logprobs is None else [])
+    try:  # right-padded so that every chunk slices in range; one compile per bucket
+      input_ids = np.full((1, round_up(n + self.prefill_chunk, self.prompt_bucket)), self.pad_id, np.int32)
+      input_ids[0, :n] = ids
+      row.embeds = prompt_embeddings(self.model, self.graphdef, self.state, input_ids, pixels, sizes, videos,
+                                     image_keys, self.features)
+    except Exception:
+      self.kv.release(kv)
+      raise
+    with self.lock:
+      self.stats["prefix_hit_tokens"] += kv.filled
+      self.stats["prefills"] += 1
     self.rows[i] = row
-    self._advance(i, row.token, tuple(np.asarray(x) for x in logprobs))
+    self.prefilling.append(i)
+    return True
+
+  def _prefill(self):
+    """Prompt chunks up to `prefill_chunk` tokens in all (at least one chunk), first come first served: a long
+    prompt takes one chunk per iteration, several short ones share an iteration."""
+    spent = 0
+    while self.prefilling:
+      r = self.rows[self.prefilling[0]]
+      real = min(r.prompt_tokens - r.kv.filled, self.prefill_chunk)
+      if spent and spent + real > self.prefill_chunk:
+        return
+      self._prefill_chunk()
+      spent += real
+
+  def _prefill_chunk(self):
+    """The next chunk of the first prefilling row's prompt; its first token once the prompt is all in."""
+    i = self.prefilling[0]
+    r = self.rows[i]
+    if r.handle.cancelled.is_set():
+      self._finish(i, "cancelled")
+      return
+    start = r.kv.filled
+    left = r.prompt_tokens - start
+    length = min(self.prefill_chunk, pow2(max(left, MIN_CHUNK)))
+    real = min(left, length)
+    positions = np.full((1, length), start + real - 1, np.int32)
+    positions[0, :real] = np.arange(start, start + real)
+    slots = np.zeros((1, length), np.int32)  # padding writes to page 0
+    slots[0, :real] = [self.kv.slot(r.kv, p) for p in range(start, start + real)]
+    embeds = slice_tokens(r.embeds, jnp.int32(start), length=length)
+    token, self.kv.pools, logprobs = prefill_chunk(
+        self.graphdef, self.state, self.kv.pools, embeds, jnp.asarray(positions), jnp.asarray(slots),
+        jnp.asarray(self.kv.page_table([r.kv])), jnp.asarray([start + real], jnp.int32),
+        jnp.asarray([real - 1], jnp.int32), _settings([r.settings()]))
+    r.kv.filled += real
+    self.kv.register(r.kv)
+    with self.lock:
+      self.stats["prefill_tokens"] += real
+      self.stats["prefill_chunks"] += 1
+    if r.kv.filled < r.prompt_tokens:
+      return
+    self.prefilling.popleft()
+    r.embeds, r.token = None, int(np.asarray(token)[0])
+    self._advance(i, r.token, tuple(np.asarray(x)[0] for x in logprobs))
 
   def _step(self):
-    b = self.max_batch
-    tokens, positions, indices = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
-    active = [i for i, r in enumerate(self.rows) if r is not None]
+    """One token for every decoding row. The step runs the rows up to the last decoding one, their count rounded up
+    to a power of two (new requests take the lowest free row, so a light load runs a small step); prefilling and
+    free rows among them ride along on page 0, their output unused."""
+    decoding = [i for i, r in enumerate(self.rows) if r is not None and r.embeds is None]
+    b = min(pow2(decoding[-1] + 1), self.max_batch)
+    rows = [r if r is not None and r.embeds is None else None for r in self.rows[:b]]
+    active = [i for i, r in enumerate(rows) if r is not None]
+    tokens, positions, slots = np.zeros(b, np.int32), np.zeros(b, np.int32), np.zeros(b, np.int32)
+    lengths = np.ones(b, np.int32)
     for i in active:
-      r = self.rows[i]
-      tokens[i], positions[i], indices[i] = r.token, r.position, r.index
-    settings = _settings([(0.0, 1.0, 0, 0, 0) if r is None else r.settings() for r in self.rows])  # free: greedy
-    want_logprobs = any(self.rows[i].logprobs is not None for i in active)
-    new, self.caches, self.key_valid, logprobs = batch_step(
-        self.graphdef, self.state, self.caches, self.key_valid, jnp.asarray(tokens), jnp.asarray(positions),
-        jnp.asarray(indices), settings, logprobs=want_logprobs)
+      r = rows[i]
+      tokens[i], positions[i], slots[i] = r.token, r.kv.filled, self.kv.slot(r.kv, r.kv.filled)
+      lengths[i] = r.kv.filled + 1
+      r.kv.content.append(r.token)
+    settings = _settings([(0.0, 1.0, 0, 0, 0) if r is None else r.settings() for r in rows])  # free: greedy
+    table = self.kv.page_table([None if r is None else r.kv for r in rows])
+    want_logprobs = any(rows[i].logprobs is not None for i in active)
+    new, self.kv.pools, logprobs = decode_step(self.graphdef, self.state, self.kv.pools, jnp.asarray(tokens),
+                                               jnp.asarray(positions), jnp.asarray(slots), jnp.asarray(table),
+                                               jnp.asarray(lengths), settings, logprobs=want_logprobs)
     new = np.asarray(new)
     logprobs = [np.asarray(x) for x in logprobs] if want_logprobs else None
     with self.lock:
@@ -322,12 +425,12 @@ class Engine:
       steps = self.stats["steps"]
     if self.log_every and steps % self.log_every == 0:
       m = self.metrics()
-      log.info("step %d: mean rows per decode step %.2f, histogram %s, %d queued", steps,
-               m["mean_rows_per_step"], m["rows_per_step"], m["queued"])
+      log.info("step %d: mean rows per decode step %.2f, histogram %s, %d queued, %d KV pages in use", steps,
+               m["mean_rows_per_step"], m["rows_per_step"], m["queued"], m["kv_pages_in_use"])
     for i in active:
-      r = self.rows[i]
-      r.position += 1
-      r.index += 1
+      r = rows[i]
+      r.kv.filled += 1
+      self.kv.register(r.kv)
       r.token = int(new[i])
       self._advance(i, r.token, None if logprobs is None else tuple(x[i] for x in logprobs))
 
@@ -348,13 +451,16 @@ class Engine:
       r.handle.emit(Delta(delta, self._unshown(r)))
     if r.text.stopped:
       return self._finish(i, "stop")
-    if len(r.text.ids) >= r.limit or r.index >= self.max_len:
+    if len(r.text.ids) >= r.limit or r.kv.filled >= self.max_len:
       return self._finish(i, "length")
     return None
 
   def _finish(self, i: int, reason: str | None, failure: str | None = None):
     r = self.rows[i]
     self.rows[i] = None
+    if i in self.prefilling:
+      self.prefilling.remove(i)
+    self.kv.release(r.kv)
     if failure is not None:
       self._count("failed")
       r.handle.emit(Failed(failure))

@@ -317,17 +317,23 @@ def load_levels(url: str, hf, proc, levels: list[int], requests: int, max_tokens
 def long_prompt(url: str, proc, decoders: int, decode_tokens: int, long_tokens: int) -> dict:
   """Gaps between the decoding rows' content chunks while a `long_tokens` prompt is admitted."""
   http = client()
-  stream(http, url, body([user(prompt_text(proc, long_tokens, 7_000))], 2))  # warm-up: its compile
-  outs = [{} for _ in range(decoders)]
-  payloads = [body([user(f"Tell me a long story, number {i}.")], decode_tokens) for i in range(decoders)]
-  threads = in_threads(url, payloads, outs)
-  while not all(len(o.get("times", ())) >= 5 or o.get("done") for o in outs):
-    time.sleep(0.01)
-  long_body = body([user(prompt_text(proc, long_tokens, 7_100))], 4)
-  submitted = time.perf_counter()
-  long = stream(http, url, long_body)
+
+  def admit_while_decoding(seed: int):
+    """`decoders` rows decoding, then the long prompt: the scene, so the warm-up compiles its shapes (the step
+    with the long row beside the decoding ones included)."""
+    outs = [{} for _ in range(decoders)]
+    payloads = [body([user(f"Tell me a long story, number {seed + i}.")], decode_tokens) for i in range(decoders)]
+    threads = in_threads(url, payloads, outs)
+    while not all(len(o.get("times", ())) >= 5 or o.get("done") for o in outs):
+      time.sleep(0.01)
+    submitted = time.perf_counter()
+    long = stream(http, url, body([user(prompt_text(proc, long_tokens, seed))], 4))
+    join(threads, outs)
+    return outs, long, submitted
+
+  admit_while_decoding(7_000)  # warm-up: other content, the same shapes
+  outs, long, submitted = admit_while_decoding(7_100)
   admitted = long["times"][0] if long["times"] else long["end"]
-  join(threads, outs)
   gaps, window = [], []
   for o in outs:
     times = np.asarray(o["times"])

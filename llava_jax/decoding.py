@@ -250,7 +250,7 @@ def step_sample(graphdef, state, token, caches, key_valid, position, index, seed
   return choose(logits, sampling, jnp.full(token.shape, seed, jnp.uint32), counter), caches, key_valid
 
 
-def _sample_requests(logits, settings):
+def sample_requests(logits, settings):
   """Each row is row 0 of its own request: settings = (temperature, top_p, top_k, seed, counter), all [B] (the
   serving engine's steps, serve/paged.py)."""
   temperature, top_p, top_k, seeds, counters = settings

@@ -262,3 +262,43 @@ def left_padded_rows(rows, image_token: int, tokens_of) -> tuple[np.ndarray, np.
   for i, ids in enumerate(ids_rows):
     input_ids[i, t - len(ids):], mask[i, t - len(ids):] = ids, 1
   return input_ids, mask, sizes
+
+
+def left_padded(rows, pad: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """Token rows -> left-padded input_ids and attention_mask (int64), as transformers' batched generate takes them."""
+  t = max(map(len, rows))
+  ids, mask = np.full((len(rows), t), pad, np.int64), np.zeros((len(rows), t), np.int64)
+  for i, r in enumerate(rows):
+    ids[i, t - len(r):], mask[i, t - len(r):] = r, 1
+  return ids, mask
+
+
+def greedy_generate(hf, ids, mask, px, n: int, eos=None, pad: int = 0) -> np.ndarray:
+  """transformers' greedy `generate`: the n new tokens [B, n] (pixels [N, H, W, C] or None)."""
+  kwargs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
+                max_new_tokens=n, min_new_tokens=0, eos_token_id=eos, pad_token_id=pad)
+  if px is not None:  # transformers crashes on pixel_values=None: leave it out
+    kwargs["pixel_values"] = to_torch_pixels(px)
+  with torch.no_grad():
+    return hf.generate(**kwargs)[:, ids.shape[1]:].numpy()
+
+
+def next_checkpoint(folder: str):
+  """A random transformers NeXT model saved in `folder` with a tokenizer that has "<image>" and the 56-px anyres
+  processor; returns (it, ours loaded from the folder, our processor)."""
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+
+  from llava_jax import load_hf_checkpoint  # pylint: disable=import-outside-toplevel
+  from llava_jax.data.synthetic import build_tokenizer  # pylint: disable=import-outside-toplevel
+  from llava_jax.processor import Processor  # pylint: disable=import-outside-toplevel
+
+  build_tokenizer(folder, special_tokens=["<image>"])
+  tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+  hf = llava_next_model(text=text_config(vocab_size=len(tokenizer), max_position_embeddings=512),
+                        image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
+  hf.save_pretrained(folder)
+  with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
+    json.dump(NEXT_PROCESSOR_56, f)
+  model = load_hf_checkpoint(folder)
+  return hf, model, Processor.from_model(model)

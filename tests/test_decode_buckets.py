@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 from flax import nnx
 
 import hf_tiny
@@ -63,21 +62,6 @@ def models(tmp_path_factory):
   return hf, load_hf_checkpoint(str(d))
 
 
-def left_padded(rows):
-  t = max(map(len, rows))
-  ids, mask = np.full((len(rows), t), PAD, np.int64), np.zeros((len(rows), t), np.int64)
-  for i, r in enumerate(rows):
-    ids[i, t - len(r):], mask[i, t - len(r):] = r, 1
-  return ids, mask
-
-
-def hf_generate(hf, ids, mask, px, n, eos=None):
-  with torch.no_grad():
-    return hf.generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
-                       pixel_values=hf_tiny.to_torch_pixels(px), do_sample=False, max_new_tokens=n, min_new_tokens=0,
-                       eos_token_id=eos, pad_token_id=PAD)[:, ids.shape[1]:].numpy()
-
-
 def test_the_compiled_loop_attends_over_each_cache_size(models):
   """One while loop per size of the schedule, each carrying (so attending over) caches of exactly that size."""
   _, ours = models
@@ -93,9 +77,9 @@ def test_the_compiled_loop_attends_over_each_cache_size(models):
 
 def test_greedy_across_cache_sizes_equals_transformers(models):
   hf, ours = models
-  ids, mask = left_padded(ROWS)
+  ids, mask = hf_tiny.left_padded(ROWS)
   px = hf_tiny.pixels(3, seed=4)
-  ref = hf_generate(hf, ids, mask, px, NEW)
+  ref = hf_tiny.greedy_generate(hf, ids, mask, px, NEW)
   got = generate(ours, ids, jnp.asarray(px), mask, max_new_tokens=NEW, eos_token_id=(), pad_token_id=PAD)
   np.testing.assert_array_equal(got, ref)
   streamed = np.stack(list(stream(ours, ids, jnp.asarray(px), mask, max_new_tokens=NEW, eos_token_id=())), axis=1)
@@ -108,12 +92,12 @@ def test_eos_inside_a_cache_size(models, rows, lo, hi):
   come from the first size, 33..64 the second, 65..99 the third); the row alone stops in the second, so the loop
   ends there and the cache never grows to the third."""
   hf, ours = models
-  ids, mask = left_padded(rows)
+  ids, mask = hf_tiny.left_padded(rows)
   px = hf_tiny.pixels(len(rows), seed=4)
   free = generate(ours, ids, jnp.asarray(px), mask, max_new_tokens=NEW, eos_token_id=(), pad_token_id=PAD)[0]
   firsts = {int(tok): k for k, tok in reversed(list(enumerate(free)))}  # each token's first index in row 0
   eos, first = max(((tok, k) for tok, k in firsts.items() if lo < k <= hi), key=lambda item: item[1])
-  ref = hf_generate(hf, ids, mask, px, NEW, eos=eos)
+  ref = hf_tiny.greedy_generate(hf, ids, mask, px, NEW, eos=eos)
   got = generate(ours, ids, jnp.asarray(px), mask, max_new_tokens=NEW, eos_token_id=eos, pad_token_id=PAD)
   np.testing.assert_array_equal(got[:, :ref.shape[1]], ref)
   assert (got[:, ref.shape[1]:] == PAD).all()

@@ -2,39 +2,24 @@
 answer of a mixed batch (image and text-only questions, padded rows, two devices) is what transformers'
 LlavaNextForConditionalGeneration answers to that question alone."""
 
-import json
 import os
 
 import jax
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import hf_tiny
 from eval_tiny_data import write_task_data
-from llava_jax import load_hf_checkpoint
-from llava_jax.data.synthetic import build_tokenizer
 from llava_jax.eval import evaluate, get_task, read_answers
-from llava_jax.processor import Processor
 
 NEW_TOKENS = 4
 
 
 @pytest.fixture(scope="module")
 def next_model(tmp_path_factory):
-  """A random transformers NeXT model saved with a tokenizer that has "<image>" and the 56-px anyres processor,
-  and ours loaded from that folder."""
-  folder = str(tmp_path_factory.mktemp("next_ckpt"))
-  build_tokenizer(folder, special_tokens=["<image>"])
-  tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-  hf = hf_tiny.llava_next_model(text=hf_tiny.text_config(vocab_size=len(tokenizer), max_position_embeddings=512),
-                                image_token_index=tokenizer.convert_tokens_to_ids("<image>"))
-  hf.save_pretrained(folder)
-  with open(os.path.join(folder, "preprocessor_config.json"), "w") as f:
-    json.dump(hf_tiny.NEXT_PROCESSOR_56, f)
-  model = load_hf_checkpoint(folder)
-  return hf, model, Processor.from_model(model)
+  """LLaVA-NeXT (anyres, 56-px tiles): transformers\' model, ours and our processor (hf_tiny.next_checkpoint)."""
+  return hf_tiny.next_checkpoint(str(tmp_path_factory.mktemp("next_ckpt")))
 
 
 def transformers_answer(hf, proc, question) -> str:

@@ -25,23 +25,6 @@ def models(tmp_path_factory):
   return hf, load_hf_checkpoint(str(d))
 
 
-def left_padded(rows):
-  t = max(map(len, rows))
-  ids, mask = np.full((len(rows), t), PAD, np.int64), np.zeros((len(rows), t), np.int64)
-  for i, r in enumerate(rows):
-    ids[i, t - len(r):], mask[i, t - len(r):] = r, 1
-  return ids, mask
-
-
-def hf_generate(hf, ids, mask, px, n, eos=None):
-  kwargs = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,
-                max_new_tokens=n, min_new_tokens=0, eos_token_id=eos, pad_token_id=PAD)
-  if px is not None:  # transformers crashes on pixel_values=None: leave it out
-    kwargs["pixel_values"] = hf_tiny.to_torch_pixels(px)
-  with torch.no_grad():
-    return hf.generate(**kwargs)[:, ids.shape[1]:].numpy()
-
-
 PROMPTS = {
     "one_image": [[1, 5, 7] + [IMAGE_TOKEN] * N_IMG + [9, 10, 11]],
     "batch_of_different_lengths": [[1, 5, 7, 8, 9] + [IMAGE_TOKEN] * N_IMG + [9, 10, 11],
@@ -54,10 +37,10 @@ PROMPTS = {
 @pytest.mark.parametrize("name", list(PROMPTS))
 def test_greedy_equals_transformers(models, name):
   hf, ours = models
-  ids, mask = left_padded(PROMPTS[name])
+  ids, mask = hf_tiny.left_padded(PROMPTS[name])
   n_images = int((ids == IMAGE_TOKEN).sum()) // N_IMG
   px = hf_tiny.pixels(n_images, seed=4) if n_images else None
-  ref = hf_generate(hf, ids, mask, px, 32)
+  ref = hf_tiny.greedy_generate(hf, ids, mask, px, 32)
   got = generate(ours, ids, None if px is None else jnp.asarray(px), mask, max_new_tokens=32,
                  eos_token_id=(), pad_token_id=PAD)
   np.testing.assert_array_equal(got, ref)
@@ -65,11 +48,11 @@ def test_greedy_equals_transformers(models, name):
 
 def test_stops_at_eos_and_pads_like_transformers(models):
   hf, ours = models
-  ids, mask = left_padded(PROMPTS["batch_of_different_lengths"])
+  ids, mask = hf_tiny.left_padded(PROMPTS["batch_of_different_lengths"])
   px = hf_tiny.pixels(3, seed=4)
   free = generate(ours, ids, jnp.asarray(px), mask, max_new_tokens=32, eos_token_id=())
   eos = int(free[0, 5])  # a token row 0 really produces, so generation stops there
-  ref = hf_generate(hf, ids, mask, px, 32, eos=eos)
+  ref = hf_tiny.greedy_generate(hf, ids, mask, px, 32, eos=eos)
   got = generate(ours, ids, jnp.asarray(px), mask, max_new_tokens=32, eos_token_id=eos, pad_token_id=PAD)
   np.testing.assert_array_equal(got[:, :ref.shape[1]], ref)
   assert (got[:, ref.shape[1]:] == PAD).all()
@@ -79,7 +62,7 @@ def test_stops_at_eos_and_pads_like_transformers(models):
 
 def test_stream_equals_generate_and_decode_compiles_once_per_cache_size(models):
   _, ours = models
-  ids, mask = left_padded(PROMPTS["batch_of_different_lengths"])
+  ids, mask = hf_tiny.left_padded(PROMPTS["batch_of_different_lengths"])
   px = jnp.asarray(hf_tiny.pixels(3, seed=4))
   before = decoding.step_sample._cache_size()
   streamed = np.stack(list(stream(ours, ids, px, mask, max_new_tokens=40, eos_token_id=())), axis=1)
@@ -98,7 +81,7 @@ def test_stream_equals_generate_and_decode_compiles_once_per_cache_size(models):
 
 def test_sampling_is_reproducible(models):
   _, ours = models
-  ids, mask = left_padded(PROMPTS["text_only_batch"])
+  ids, mask = hf_tiny.left_padded(PROMPTS["text_only_batch"])
   kw = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, eos_token_id=())
   a = generate(ours, ids, None, mask, seed=3, **kw)
   np.testing.assert_array_equal(a, generate(ours, ids, None, mask, seed=3, **kw))
@@ -148,7 +131,7 @@ def test_tensor_parallel_generation_equals_single_device(tmp_path):
                                                     intermediate_size=128), seed=2)
   hf.save_pretrained(tmp_path)
   model = load_hf_checkpoint(str(tmp_path))
-  ids, mask = left_padded(PROMPTS["batch_of_different_lengths"])
+  ids, mask = hf_tiny.left_padded(PROMPTS["batch_of_different_lengths"])
   px = jnp.asarray(hf_tiny.pixels(3, seed=4))
   expected = generate(model, ids, px, mask, max_new_tokens=12, eos_token_id=())
 

@@ -220,6 +220,13 @@ def test_a_half_sent_body_is_quiet(setup, tracebacks):
     (["--max-body-bytes", "0"], "--max-body-bytes: 0 is not a positive integer"),
     (["--port", "70000"], "--port: 70000 is not a TCP port"),
     (["--max-len", "32"], "max_len 32 leaves no room"),
+    # the paged KV memory's flags
+    (["--page-size", "0"], "--page-size: 0 is not a positive integer"),
+    (["--prefill-chunk", "0"], "--prefill-chunk: 0 is not a positive integer"),
+    (["--max-kv-tokens", "0"], "--max-kv-tokens: 0 is not a positive integer"),
+    (["--prefix-cache-tokens", "-1"], "--prefix-cache-tokens: -1 is not 0 or more"),
+    (["--image-cache", "-1"], "--image-cache: -1 is not 0 or more"),
+    (["--max-len", "256", "--max-kv-tokens", "128"], "max_kv_tokens 128 cannot hold one row of max_len 256"),
     (["--allow-local-images", "/no/such/folder"], "is not a directory"),
     (["--host", ""], "--host must name an address"),
 ])

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.decoding import _sample_requests, image_inputs, token_logprobs
+from llava_jax.decoding import sample_requests, image_inputs, token_logprobs
 from llava_jax.models.llama import PagedKV
 
 ROOT_KEY = b"llava-jax pages"
@@ -367,7 +367,7 @@ def _forward(model, pools, embeds, positions, write_slots, read_pages, lengths, 
   out = model.decode(embeds, positions, mask, caches=caches)
   hidden = jnp.take_along_axis(out.hidden, last[:, None, None], axis=1)[:, 0]
   logits = model.logits_from_hidden(hidden).astype(jnp.float32)
-  tokens = _sample_requests(logits, settings)
+  tokens = sample_requests(logits, settings)
   return (tokens, [(c.k_pool, c.v_pool) for c in out.caches],
           token_logprobs(logits, tokens) if logprobs else None)
 

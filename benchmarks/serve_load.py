@@ -21,10 +21,13 @@ a step's matmuls outweigh the Python per step and a 3,000-token prefill takes se
 stalled decode shows), small enough for the whole run to take minutes there. The server runs as a subprocess
 (`python -m llava_jax.cli serve`, so its engine does not share the GIL with the 32 client threads); metrics
 the engine lacks print "n/a". Every part first sends warm-up requests of the same shapes but other content
-(compiles; no prefix or image cache hit on the measured ones).
+(compiles; no prefix or image cache hit on the measured ones). `--size mid` takes LLaVA-1.5's proportions instead
+(CLIP ViT-B at 336 px, 576 image tokens; LLaMA 8 x 1024), for the multi-turn part, where on the load model a
+turn's fixed costs (HTTP, rendering, preprocessing) outweigh the prefill that prefix reuse saves.
 
   python benchmarks/serve_load.py                  # the full run (~6 min on 2 cores at load average 11)
   python benchmarks/serve_load.py --quick          # every part, smaller (~2 min there)
+  python benchmarks/serve_load.py --size mid --parts turns   # turn 2 against turn 1 at LLaVA-1.5's proportions
   python benchmarks/serve_load.py --serve-arg=--prefill-chunk=128 --serve-arg=--page-size=16   # engine flags
 """
 
@@ -47,10 +50,20 @@ import time
 
 import numpy as np
 
-TEXT = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4,
-            max_position_embeddings=4096)
-VISION = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, image_size=224,
-              patch_size=14)
+# The load test's model, and one with LLaVA-1.5's proportions (CLIP at 336 px: 576 image tokens through a 12-layer
+# ViT-B; a 1024-wide, 8-layer LLaMA, compare_torch.py's "mid"), where the tower and the prefill, not the request's
+# fixed costs, make turn 1's time, as they do for the published models.
+SIZES = {
+    "load": dict(text=dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
+                           num_key_value_heads=4, max_position_embeddings=4096),
+                 vision=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                             image_size=224, patch_size=14)),
+    "mid": dict(text=dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=8,
+                          num_key_value_heads=8, max_position_embeddings=4096),
+                vision=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                            image_size=336, patch_size=14)),
+}
+PARTS = ("turns", "levels", "long", "kv")
 WORDS = ("the a cat dog red blue house tree river light small large old new quick slow green bright dark cold warm "
          "stone water field road city window door table chair book paper music garden morning evening story king "
          "queen ship sea mountain cloud rain snow fire bird fish horse apple bread milk coffee friend teacher "
@@ -64,7 +77,7 @@ KV_LENGTHS = (56, 248, 760, 1496)  # rendered prompt tokens, each 8 short of a 3
 QUICK_KV_LENGTHS = (56, 120, 248, 504)
 
 
-def build(root: str):
+def build(root: str, text: dict, vision: dict):
   """The random transformers model (for its side) and its converted checkpoint (for the server)."""
   import torch
   import transformers
@@ -82,7 +95,7 @@ def build(root: str):
   tokenizer.add_tokens([transformers.AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
   tokenizer.save_pretrained(hf_dir)
   vocab = len(tokenizer)
-  hf = hf_tiny.llava_model(vision=hf_tiny.vision_config(**VISION), text=hf_tiny.text_config(vocab_size=vocab, **TEXT))
+  hf = hf_tiny.llava_model(vision=hf_tiny.vision_config(**vision), text=hf_tiny.text_config(vocab_size=vocab, **text))
   hf.config.image_token_id = hf.config.image_token_index = vocab - 1
   # Zero output rows for SentencePiece's byte-fallback and the special tokens: their logit is then 0, below the
   # largest of ~340 random logits, so greedy replies are whole pieces that stream one per step (a random model
@@ -91,7 +104,7 @@ def build(root: str):
     silent = sorted(byte_token_ids(tokenizer)) + tokenizer.all_special_ids + [vocab - 1]
     hf.get_output_embeddings().weight[silent] = 0
   hf.save_pretrained(hf_dir)
-  size = VISION["image_size"]
+  size = vision["image_size"]
   with open(os.path.join(hf_dir, "preprocessor_config.json"), "w") as f:
     json.dump({"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": size},
                "crop_size": {"height": size, "width": size}, "do_resize": True, "do_center_crop": True,
@@ -458,9 +471,16 @@ def main(argv=None):
   parser.add_argument("--max-len", type=int, default=3136, help="serve --max-len: room for the long prompt")
   parser.add_argument("--serve-arg", action="append", default=[], help="an extra `llava-jax serve` flag, passed "
                       "verbatim (repeat it), e.g. --serve-arg=--prefill-chunk=128; a later flag overrides these")
+  parser.add_argument("--size", default="load", choices=sorted(SIZES), help="the model: `load` (the default, "
+                      "for every part) or `mid` (LLaVA-1.5's proportions; for the multi-turn part: --parts turns)")
+  parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated parts to run, of {','.join(PARTS)}")
   parser.add_argument("--threads", type=int, default=1, help="CPU threads for each side: torch.set_num_threads and "
                       "the server's XLA intra-op pool (0: the libraries' defaults)")
   args = parser.parse_args(argv)
+  parts = set(args.parts.split(","))
+  if not parts <= set(PARTS):
+    parser.error(f"--parts: {', '.join(sorted(parts - set(PARTS)))} is not one of {', '.join(PARTS)}")
+  text, vision = SIZES[args.size]["text"], SIZES[args.size]["vision"]
   if args.quick:
     args.requests, args.max_tokens, args.conversations, args.decode_tokens = 16, 8, 2, 48
 
@@ -478,19 +498,19 @@ def main(argv=None):
   signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that `finally` stops the server
   started = time.time()
   with tempfile.TemporaryDirectory() as root:
-    hf, ckpt = build(root)
+    hf, ckpt = build(root, text, vision)
     model = load_checkpoint(ckpt)
     proc = Processor.from_model(model)
     t = model.config.text
     bytes_per_token = (t.num_hidden_layers * 2 * t.num_key_value_heads * t.head_dim
                        * np.dtype(model.config.dtype).itemsize)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), env.get("PYTHONPATH", "")) if p)
-    image_tokens = (VISION["image_size"] // VISION["patch_size"]) ** 2
+    image_tokens = (vision["image_size"] // vision["patch_size"]) ** 2
     print(f"## serve_load: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch "
           f"{torch.__version__}, {args.threads or 'default'} thread(s) each side; load average "
-          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n\nmodel: LLaMA {TEXT['num_hidden_layers']} x "
-          f"{TEXT['hidden_size']} ({TEXT['num_key_value_heads']} KV heads, {bytes_per_token} KV bytes per token), "
-          f"CLIP {VISION['image_size']} px / {VISION['patch_size']} ({image_tokens} image tokens); serve --max-batch "
+          f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}\n\nmodel: LLaMA {text['num_hidden_layers']} x "
+          f"{text['hidden_size']} ({text['num_key_value_heads']} KV heads, {bytes_per_token} KV bytes per token), "
+          f"CLIP {vision['num_hidden_layers']} x {vision['hidden_size']}, {vision['image_size']} px / {vision['patch_size']} ({image_tokens} image tokens); serve --max-batch "
           f"{args.max_batch} --max-len {args.max_len} "
           f"{' '.join(args.serve_arg)}; {args.max_tokens} tokens per reply{' (--quick)' if args.quick else ''}",
           flush=True)
@@ -499,12 +519,16 @@ def main(argv=None):
       # The engine's first prefill compiles against its fresh cache and again once the cache is a step's output:
       # one request first, so that no measured request pays for that.
       stream(client(), url, body([user("Hello there.")], 2))
-      part("multi-turn", print_turns, multi_turn, url, args.conversations, args.max_tokens)
-      part("load levels", print_levels, load_levels, url, hf, proc, [int(c) for c in args.clients.split(",")],
-           args.requests, args.max_tokens)
-      part("long prompt", print_long, long_prompt, url, proc, 8, args.decode_tokens, args.long_tokens)
-      part("KV memory", print_kv, kv_memory, url, proc, 32, min(4 * args.decode_tokens, MAX_REPLY),
-           bytes_per_token, args.max_batch, args.max_len, QUICK_KV_LENGTHS if args.quick else KV_LENGTHS)
+      if "turns" in parts:
+        part("multi-turn", print_turns, multi_turn, url, args.conversations, args.max_tokens)
+      if "levels" in parts:
+        part("load levels", print_levels, load_levels, url, hf, proc, [int(c) for c in args.clients.split(",")],
+             args.requests, args.max_tokens)
+      if "long" in parts:
+        part("long prompt", print_long, long_prompt, url, proc, 8, args.decode_tokens, args.long_tokens)
+      if "kv" in parts:
+        part("KV memory", print_kv, kv_memory, url, proc, 32, min(4 * args.decode_tokens, MAX_REPLY),
+             bytes_per_token, args.max_batch, args.max_len, QUICK_KV_LENGTHS if args.quick else KV_LENGTHS)
       final = metrics(url)
     finally:
       server.terminate()

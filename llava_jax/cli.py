@@ -225,6 +225,9 @@ def _serve_flags(p):
                  "(default 64; 0: off)")
   p.add_argument("--prefill-chunk", type=_positive_int, help="prompt tokens prefilled per engine iteration, between "
                  "decode steps (default 256)")
+  p.add_argument("--decode-prefill-chunk", type=_positive_int, help="the same while other rows are decoding: each "
+                 "chunk delays their next token by its time, but small chunks slow every new request under load (default: "
+                 "--prefill-chunk)")
   p.add_argument("--prompt-bucket", type=_positive_int, default=32, help="prompts are padded to a multiple of this "
                  "(one compiled prefill per bucket)")
   p.add_argument("--max-queue", type=_positive_int, default=64, help="requests waiting for a row; more get 429")

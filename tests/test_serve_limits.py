@@ -223,6 +223,7 @@ def test_a_half_sent_body_is_quiet(setup, tracebacks):
     # the paged KV memory's flags
     (["--page-size", "0"], "--page-size: 0 is not a positive integer"),
     (["--prefill-chunk", "0"], "--prefill-chunk: 0 is not a positive integer"),
+    (["--decode-prefill-chunk", "0"], "--decode-prefill-chunk: 0 is not a positive integer"),
     (["--max-kv-tokens", "0"], "--max-kv-tokens: 0 is not a positive integer"),
     (["--prefix-cache-tokens", "-1"], "--prefix-cache-tokens: -1 is not 0 or more"),
     (["--image-cache", "-1"], "--image-cache: -1 is not 0 or more"),

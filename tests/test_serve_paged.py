@@ -160,7 +160,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_a_row_decodes(llava):
       events(event)
     return emit
 
-  engine = make_engine(model)
+  engine = make_engine(model, prefill_chunk=64, decode_prefill_chunk=16)  # 64 alone, 16 beside a decoding row
   try:
     ask(engine, short, new=2), ask(engine, warm, new=2)  # compiled: what follows is not held up by compiles
     first, second = QueueEvents(), QueueEvents()
@@ -168,6 +168,7 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_a_row_decodes(llava):
     engine.submit(Request(np.asarray(short, np.int32), max_tokens=60), sink("short", first))
     while not any(name == "short" for name, _ in order):
       threading.Event().wait(0.01)
+    middle = engine.metrics()  # the short prompt is in: what follows is the long one's
     engine.submit(Request(np.asarray(long, np.int32), max_tokens=NEW), sink("long", second))
     replies = [[int(t) for t in [e for e in s if isinstance(e, Finished)][0].text.split()] for s in (first, second)]
     after = engine.metrics()
@@ -175,7 +176,9 @@ def test_a_long_prompt_is_prefilled_in_chunks_while_a_row_decodes(llava):
     engine.close()
   assert replies == [reference(model, short, new=60), reference(model, long)]
   chunks = after["prefill_chunks"] - before["prefill_chunks"] - 1  # the short prompt's: one (cached but its end)
-  assert chunks >= 4
+  long_chunks = after["prefill_chunks"] - middle["prefill_chunks"]
+  long_tokens = after["prefill_tokens"] - middle["prefill_tokens"]
+  assert long_chunks >= 4 and long_tokens <= 16 * long_chunks, (long_chunks, long_tokens)  # chunks of 16, not 64
   names = [name for name, e in order if isinstance(e, Delta)]
   # One chunk per engine iteration, a decode step after each: the short row kept going while the long one came in.
   assert names[:names.index("long")].count("short") >= chunks
@@ -302,6 +305,7 @@ def test_keys_tell_images_apart_where_the_tokens_are_the_same():
 def test_the_engine_refuses_memory_settings_it_cannot_run_with(llava):
   model = llava[0]
   for kw, words in [({"page_size": 0}, "page_size"), ({"prefix_cache_tokens": -1}, "prefix_cache_tokens"),
-                    ({"max_kv_tokens": 64}, "cannot hold one row"), ({"image_cache": 1.5}, "image_cache")]:
+                    ({"max_kv_tokens": 64}, "cannot hold one row"), ({"image_cache": 1.5}, "image_cache"),
+                    ({"decode_prefill_chunk": 0}, "decode_prefill_chunk")]:
     with pytest.raises(ValueError, match=words):
       Engine(model, **{"max_len": 64, "prompt_bucket": 32, **kw})

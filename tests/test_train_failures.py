@@ -8,6 +8,7 @@ import shutil
 import signal
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache as jax_cache
 import numpy as np
 import pytest
 
@@ -30,6 +31,9 @@ def compilation_cache(tmp_path_factory):
   yield
   jax.config.update("jax_compilation_cache_dir", before[0])
   jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+  # The cache, once initialised, keeps its folder whatever the config says: without a reset every later test in
+  # the session would write its executables there too (one such write crashed jaxlib in a full run).
+  jax_cache.reset_cache()
 
 
 def quiet(**overrides):

@@ -21,7 +21,8 @@ def load(ckpt: str, *, max_batch: int = 8, max_len: int | None = None, max_token
 
   `max_len` (positions per row) defaults to room for a prompt as long as the model's context allows, up to
   2048, plus `max_tokens`, rounded up to the prompt bucket. `memory`: the engine's KV and cache settings
-  (`MEMORY_SETTINGS`: page_size, max_kv_tokens, prefix_cache_tokens, image_cache, prefill_chunk)."""
+  (`MEMORY_SETTINGS`: page_size, max_kv_tokens, prefix_cache_tokens, image_cache, prefill_chunk,
+  decode_prefill_chunk)."""
   from llava_jax.checkpoint import load_checkpoint
   from llava_jax.processor import Processor
 
@@ -63,7 +64,7 @@ def serve_model(model, processor, *, max_batch: int = 8, max_len: int | None = N
 
 # The engine's KV memory settings (`Engine`'s keywords; None: its default) and whether 0 is allowed.
 MEMORY_SETTINGS = {"page_size": False, "max_kv_tokens": False, "prefix_cache_tokens": True, "image_cache": True,
-                   "prefill_chunk": False}
+                   "prefill_chunk": False, "decode_prefill_chunk": False}
 
 
 def check_limits(*, max_batch: int = 8, max_len: int | None = None, max_tokens: int = 512, prompt_bucket: int = 32,

@@ -158,21 +158,25 @@ class Engine:
   one row of max_len, so one request never makes it grow) and doubles up to `max_kv_tokens` (default: max_batch x
   max_len, what a static cache would take); up to `prefix_cache_tokens` (default: half of max_kv_tokens) of pages
   no row uses stay cached for prefix reuse; `image_cache` images' features are kept; prompts are prefilled up to
-  `prefill_chunk` tokens per engine iteration."""
+  `prefill_chunk` tokens per engine iteration, `decode_prefill_chunk` (default: the same) while other rows decode
+  (a chunk delays every decoding row's next token by its time: small chunks keep their gaps near a step's, but
+  slow the admission of every new request under load)."""
 
   def __init__(self, model, *, max_batch: int = 8, max_len: int = 1024, prompt_bucket: int = 32,
                max_queue: int = 64, eos_id: int | None = None, pad_id: int = 0, decode: Callable | None = None,
                stop_strings: Sequence[str] = (), byte_token_ids: Sequence[int] = (), log_every: int = 100,
                context: int | None = None, page_size: int = 16, max_kv_tokens: int | None = None,
                prefix_cache_tokens: int | None = None, image_cache: int = 64, prefill_chunk: int = 256,
-               initial_pages: int | None = None):
+               initial_pages: int | None = None, decode_prefill_chunk: int | None = None):
     # A zero batch, bucket, page or chunk would hang or divide by zero; 0 turns the two caches off.
     for name, value, low in (("max_batch", max_batch, 1), ("max_len", max_len, 1), ("prompt_bucket", prompt_bucket, 1),
                              ("max_queue", max_queue, 1), ("page_size", page_size, 1),
-                             ("prefill_chunk", prefill_chunk, 1), ("max_kv_tokens", max_kv_tokens, 1),
+                             ("prefill_chunk", prefill_chunk, 1), ("decode_prefill_chunk", decode_prefill_chunk, 1),
+                             ("max_kv_tokens", max_kv_tokens, 1),
                              ("initial_pages", initial_pages, 1), ("prefix_cache_tokens", prefix_cache_tokens, 0),
                              ("image_cache", image_cache, 0)):
-      if value is None and name in ("max_kv_tokens", "prefix_cache_tokens", "initial_pages"):  # their defaults
+      if value is None and name in ("max_kv_tokens", "prefix_cache_tokens", "initial_pages",
+                                    "decode_prefill_chunk"):  # their defaults
         continue
       if not isinstance(value, int) or isinstance(value, bool) or value < low:
         raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
@@ -182,6 +186,7 @@ class Engine:
     cache_tokens = max_kv_tokens // 2 if prefix_cache_tokens is None else prefix_cache_tokens
     self.model, self.max_batch, self.max_len, self.prompt_bucket = model, max_batch, max_len, prompt_bucket
     self.page_size, self.prefill_chunk, self.context = page_size, prefill_chunk, context
+    self.decode_prefill_chunk = decode_prefill_chunk or prefill_chunk
     self.eos_id, self.pad_id, self.decode_ids = eos_id, pad_id, decode or (lambda ids: "")
     self.stop_strings, self.log_every = tuple(s for s in stop_strings if s), log_every
     self.byte_token_ids = frozenset(int(i) for i in byte_token_ids)
@@ -339,7 +344,8 @@ class Engine:
     row = _Row(handle, n, Detokenizer(self.decode_ids, self.stop_strings + tuple(req.stop), self.byte_token_ids),
                limit, kv, logprobs=None if req.logprobs is None else [])
     try:  # right-padded so that every chunk slices in range; one compile per bucket
-      input_ids = np.full((1, round_up(n + self.prefill_chunk, self.prompt_bucket)), self.pad_id, np.int32)
+      input_ids = np.full((1, round_up(n + max(self.prefill_chunk, self.decode_prefill_chunk),
+                                           self.prompt_bucket)), self.pad_id, np.int32)
       input_ids[0, :n] = ids
       row.embeds = prompt_embeddings(self.model, self.graphdef, self.state, input_ids, pixels, sizes, videos,
                                      image_keys, self.features)
@@ -354,19 +360,23 @@ class Engine:
     return True
 
   def _prefill(self):
-    """Prompt chunks up to `prefill_chunk` tokens in all (at least one chunk), first come first served: a long
-    prompt takes one chunk per iteration, several short ones share an iteration."""
+    """Prompt chunks up to `prefill_chunk` tokens in all (`decode_prefill_chunk` while rows decode; at least one
+    chunk; the smaller of the two), first come first served: a long prompt takes one chunk per iteration, several
+    short ones share one."""
+    decoding = any(r is not None and r.embeds is None for r in self.rows)
+    budget = min(self.decode_prefill_chunk, self.prefill_chunk) if decoding else self.prefill_chunk
     spent = 0
     while self.prefilling:
       r = self.rows[self.prefilling[0]]
-      real = min(r.prompt_tokens - r.kv.filled, self.prefill_chunk)
-      if spent and spent + real > self.prefill_chunk:
+      real = min(r.prompt_tokens - r.kv.filled, budget)
+      if spent and spent + real > budget:
         return
-      self._prefill_chunk()
+      self._prefill_chunk(budget)
       spent += real
 
-  def _prefill_chunk(self):
-    """The next chunk of the first prefilling row's prompt; its first token once the prompt is all in."""
+  def _prefill_chunk(self, budget: int):
+    """The next chunk (at most `budget` tokens) of the first prefilling row's prompt; its first token once the
+    prompt is all in."""
     i = self.prefilling[0]
     r = self.rows[i]
     if r.handle.cancelled.is_set():
@@ -374,7 +384,7 @@ class Engine:
       return
     start = r.kv.filled
     left = r.prompt_tokens - start
-    length = min(self.prefill_chunk, pow2(max(left, MIN_CHUNK)))
+    length = min(budget, pow2(max(left, MIN_CHUNK)))
     real = min(left, length)
     positions = np.full((1, length), start + real - 1, np.int32)
     positions[0, :real] = np.arange(start, start + real)

@@ -8,7 +8,6 @@ import shutil
 import signal
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache as jax_cache
 import numpy as np
 import pytest
 
@@ -20,20 +19,6 @@ from llava_jax.checkpoint_files import CONFIG_NAME, CheckpointError, read_config
 from llava_jax.train import batches, checkpointing, cli, loop, run_config
 from llava_jax.train.metrics import NONFINITE_EXIT_CODE, NonfiniteGuard, NonfiniteLossError
 from llava_jax.train.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE, Preemption
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-  """The runs here compile the same tiny train step: a persistent cache compiles it once."""
-  before = (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs)
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  yield
-  jax.config.update("jax_compilation_cache_dir", before[0])
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
-  # The cache, once initialised, keeps its folder whatever the config says: without a reset every later test in
-  # the session would write its executables there too (one such write crashed jaxlib in a full run).
-  jax_cache.reset_cache()
 
 
 def quiet(**overrides):

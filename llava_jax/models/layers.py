@@ -41,43 +41,6 @@ def zeros_init(key, shape, dtype):
   return jnp.zeros(shape, dtype)
 
 
-@jax.custom_vjp
-def dense_dot(x, kernel):
-  """x [..., in] @ kernel [in, out], with a backward that keeps XLA:CPU's weight gradient on its fast path.
-
-  The weight gradient x^T @ dy contracts the leading (token) dimension of both operands. XLA:CPU's YNNPACK dot
-  path does not take that form, so autodiff's version runs as an Eigen dot, and XLA first copies dy (or x) into a
-  transposed layout, recomputing the fusion that produced dy a second time to do so (the SiLU gradient, the q/k
-  reshapes and RoPE gradients: about a fifth of the CPU stage-2 step). On CPU the backward here copies x^T once,
-  behind an optimization barrier so XLA cannot fold the copy back into the dot, and multiplies it as a plain
-  [in, tokens] @ [tokens, out] product (docs/PERFORMANCE.md, "The backward's layout copies"). Other backends get
-  autodiff's own products. The same function and the same products' sums: the gradients agree to rounding."""
-  return jnp.dot(x, kernel)
-
-
-def _dense_dot_fwd(x, kernel):
-  return jnp.dot(x, kernel), (x, kernel)
-
-
-def _weight_grad(x2, dy2):
-  return jax.lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())))
-
-
-def _weight_grad_cpu(x2, dy2):
-  return jnp.dot(jax.lax.optimization_barrier(x2.T), dy2)
-
-
-def _dense_dot_bwd(res, dy):
-  x, kernel = res
-  dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
-  x2, dy2 = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
-  dk = jax.lax.platform_dependent(x2, dy2, cpu=_weight_grad_cpu, default=_weight_grad)
-  return dx.astype(x.dtype), dk.astype(kernel.dtype)
-
-
-dense_dot.defvjp(_dense_dot_fwd, _dense_dot_bwd)
-
-
 class Dense(nnx.Module):
   """y = x @ kernel (+ bias); kernel is [in, out] (the transpose of torch's weight)."""
 
@@ -90,7 +53,7 @@ class Dense(nnx.Module):
     self.adapter = None  # optional module added to the output, adapter(x); LoRA attaches one in training
 
   def __call__(self, x):
-    y = dense_dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     if self.adapter is not None:

@@ -1,6 +1,7 @@
 """Test set-up: 8 fake CPU devices for JAX (before it is imported), fp32 matmuls, and the fixtures that several
 modules build identically (a module that needs another tokenizer defines its own under the same name)."""
 
+import gc
 import os
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
@@ -16,6 +17,17 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 def pytest_configure(config):
   config.addinivalue_line("markers", "slow: heavier tests, run in CI only when the budget allows")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_compiled_state():
+  """Each test module starts without the executables earlier modules compiled (jax's caches cleared, their
+  objects collected): the session's memory stays at one module's, and no module's compiles depend on what ran
+  before it (a full run once crashed XLA:CPU's compiler in a late module whose tests pass alone)."""
+  yield
+  gc.collect()
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(scope="module")

@@ -22,8 +22,9 @@ def pytest_configure(config):
 @pytest.fixture(scope="module", autouse=True)
 def fresh_compiled_state():
   """Each test module starts without the executables earlier modules compiled (jax's caches cleared, their
-  objects collected): the session's memory stays at one module's, and no module's compiles depend on what ran
-  before it (a full run once crashed XLA:CPU's compiler in a late module whose tests pass alone)."""
+  objects collected). Every XLA:CPU executable holds a few memory mappings until it is freed; a session that keeps
+  them all reaches the kernel's vm.max_map_count (65,530), where the compiler's mmap fails and the process
+  segfaults (docs/DESIGN_NOTES.md, "The test session starts each module afresh")."""
   yield
   gc.collect()
   jax.clear_caches()

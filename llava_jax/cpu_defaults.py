@@ -16,8 +16,8 @@ import os
 from llava_jax.host_memory import cpu_only_run
 
 SWITCH = "LLAVA_JAX_CPU_FLAGS"
-# Empty: on the AMD EPYC machines (cpu family 26) no option of jaxlib 0.10.2 beat XLA's own defaults (YNNPACK
-# dots, 256-bit vectors, the concurrency scheduler) on the train step; the matmul cells moved within the noise. A
+# Empty: on the AMD EPYC machines (cpu families 25 and 26) no option of jaxlib 0.10.2 beat XLA's own defaults
+# (YNNPACK dots, 256-bit vectors, the concurrency scheduler) on the train step by more than the noise. A
 # flag that wins on another CPU kind goes here (chosen by the CPU's vendor, if the kinds disagree), with its
 # `benchmarks/cpu_flags.py` table in the docs.
 DEFAULT_FLAGS: tuple[str, ...] = ()

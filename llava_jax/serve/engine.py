@@ -186,7 +186,7 @@ class Engine:
     cache_tokens = max_kv_tokens // 2 if prefix_cache_tokens is None else prefix_cache_tokens
     self.model, self.max_batch, self.max_len, self.prompt_bucket = model, max_batch, max_len, prompt_bucket
     self.page_size, self.prefill_chunk, self.context = page_size, prefill_chunk, context
-    self.decode_prefill_chunk = decode_prefill_chunk or prefill_chunk
+    self.decode_prefill_chunk = min(decode_prefill_chunk or prefill_chunk, prefill_chunk)  # never the larger
     self.eos_id, self.pad_id, self.decode_ids = eos_id, pad_id, decode or (lambda ids: "")
     self.stop_strings, self.log_every = tuple(s for s in stop_strings if s), log_every
     self.byte_token_ids = frozenset(int(i) for i in byte_token_ids)
@@ -344,8 +344,7 @@ class Engine:
     row = _Row(handle, n, Detokenizer(self.decode_ids, self.stop_strings + tuple(req.stop), self.byte_token_ids),
                limit, kv, logprobs=None if req.logprobs is None else [])
     try:  # right-padded so that every chunk slices in range; one compile per bucket
-      input_ids = np.full((1, round_up(n + max(self.prefill_chunk, self.decode_prefill_chunk),
-                                           self.prompt_bucket)), self.pad_id, np.int32)
+      input_ids = np.full((1, round_up(n + self.prefill_chunk, self.prompt_bucket)), self.pad_id, np.int32)
       input_ids[0, :n] = ids
       row.embeds = prompt_embeddings(self.model, self.graphdef, self.state, input_ids, pixels, sizes, videos,
                                      image_keys, self.features)
@@ -361,10 +360,9 @@ class Engine:
 
   def _prefill(self):
     """Prompt chunks up to `prefill_chunk` tokens in all (`decode_prefill_chunk` while rows decode; at least one
-    chunk; the smaller of the two), first come first served: a long prompt takes one chunk per iteration, several
-    short ones share one."""
+    chunk), first come first served: a long prompt takes one chunk per iteration, several short ones share one."""
     decoding = any(r is not None and r.embeds is None for r in self.rows)
-    budget = min(self.decode_prefill_chunk, self.prefill_chunk) if decoding else self.prefill_chunk
+    budget = self.decode_prefill_chunk if decoding else self.prefill_chunk
     spent = 0
     while self.prefilling:
       r = self.rows[self.prefilling[0]]
